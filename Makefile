@@ -1,0 +1,70 @@
+# nlplatform: every task is a make target. `make train` and `make test` set everything up on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+RECIPE ?= recipes/transformer/tiny.yaml
+ARGS   ?=
+PYTEST_ARGS ?=
+MLFLOW_PORT ?= 5000
+
+# Every cache stays inside the workspace; MLflow does not phone home.
+export HF_HOME                 := $(CURDIR)/.cache/huggingface
+export XDG_CACHE_HOME          := $(CURDIR)/.cache
+export MPLCONFIGDIR            := $(CURDIR)/.cache/matplotlib
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/torchinductor
+export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
+export MLFLOW_DISABLE_TELEMETRY := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup data train test test-gpu lint format ui bench clean
+
+help: ## list the targets
+	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first and pinned: torch==2.13.0 is a CPU wheel here; any looser spec pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[kernels,eval,sweep,dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the project (editable) with all extras
+
+data: $(STAMP) ## fetch the embedded default corpus (Shakespeare) and build its token cache
+	$(PY) -m nlplatform data
+
+train: $(STAMP) ## train RECIPE (default: the tiny default recipe) with ARGS="key=value ..." overrides
+	$(PY) -m nlplatform train $(RECIPE) $(ARGS)
+
+test: $(STAMP) data ## run the test suite (CPU, offline), slowest tests listed at the end
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: $(STAMP) ## run the GPU-only tests (needs CUDA)
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+ui: $(STAMP) ## serve the MLflow UI for sqlite:///mlruns.db on http://127.0.0.1:$(MLFLOW_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db} \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/results/)
+	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+clean: ## remove run outputs, caches and the tracking database (keeps .venv)
+	rm -rf runs mlruns mlruns.db mlartifacts .cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

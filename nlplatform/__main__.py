@@ -1,0 +1,5 @@
+import sys
+
+from nlplatform.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""``nlplatform <command>``: the command line (also ``python -m nlplatform``).
+
+Bad input (a recipe, a path, a corpus, a checkpoint) is reported in one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nlplatform.errors import TrainingDiverged, UserError
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nlplatform.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)  # bad recipes fail before the heavy imports below
+    from nlplatform.train.run import train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        s = result.summary
+        print(
+            f"done: {s['steps']} steps, {s['tokens_seen']:,} tokens, val loss {s['val_loss']:.4f}, "
+            f"val ppl {s['val_ppl']:.3f} (unigram {s['unigram_ppl']:.2f}), {s['tokens_per_sec']:,.0f} tokens/s, "
+            f"{s['wall_s']:.0f} s"
+        )
+        print(result.run_dir.resolve())  # the contract: the run folder is the last line of stdout
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from nlplatform.config import RecipeConfig, load_recipe
+    from nlplatform.data import TextDataModule
+
+    cfg = load_recipe(args.recipe, args.overrides) if args.recipe else RecipeConfig()
+    data = TextDataModule(cfg.data, seed=cfg.seed)
+    data.prepare_data()
+    data.setup("fit")
+    counts = ", ".join(f"{k} {v:,}" for k, v in data.num_tokens.items())
+    print(f"corpus ready: tokenizer {cfg.data.tokenizer} (vocab {data.vocab_size}); tokens: {counts}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from nlplatform.checkpoint import load_checkpoint
+    from nlplatform.generate import generate
+
+    loaded = load_checkpoint(args.checkpoint)
+    tok = loaded.tokenizer
+    prompt_ids = tok.encode(args.prompt)
+    if not prompt_ids:
+        raise UserError("--prompt is empty after tokenisation; give some text")
+    try:
+        new = generate(
+            loaded.model,
+            prompt_ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            eos_id=tok.eot_id,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlplatform", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one recipe; prints the run folder as the last line")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/transformer/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. optim.lr=1e-3 trainer.max_steps=50")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="fetch the default corpus (or a recipe's corpus) and build its token caches")
+    p.add_argument("recipe", nargs="?", help="optional recipe whose data section to prepare")
+    p.add_argument("overrides", nargs="*", help="recipe overrides as key=value")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint")
+    p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 on an unknown command or option
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The recipe schema and its loader.
+
+A recipe is a YAML file of deviations from the dataclass defaults below, plus ``key=value`` overrides from the
+command line. Loading is strict: an unknown key fails with a "Did you mean" hint, a value of the wrong type fails
+with the key's name, and every dataclass checks its own values in ``__post_init__``.
+
+The ``model`` section is two-stage. ``model.name`` picks a family in the registry, ``model.preset`` picks one of that
+family's named sizes, and the remaining ``model.*`` keys override fields of the family's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nlplatform.errors import ConfigError
+
+
+def _positive(section: str, **values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {value}")
+
+
+def _non_negative(section: str, **values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Fields every model family shares; each family subclasses this with its own sizes (see ``registry``)."""
+
+    name: str = "transformer"  # registry key: transformer, deltanet, gated_deltanet, titans, hope
+    preset: str = "tiny"  # a named size of the family: tiny (CPU minutes), 340m, 760m, 1.3b
+    vocab_size: int | None = None  # filled from the tokenizer when unset, so one recipe serves any tokenizer
+    kernel_backend: Literal["auto", "triton", "reference"] = "auto"  # auto = Triton on CUDA, reference otherwise
+    variant: str | None = None  # family sub-architecture (Titans lmm/mac/mag/mal, HOPE hope/attention)
+
+    def __post_init__(self) -> None:
+        _positive("model", vocab_size=self.vocab_size)
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 256  # tokens per training window; in-context state is reset at every window
+    batch_size: int = 16  # windows per micro-batch on each device
+    tokenizer: str = "bytes"  # bytes (257 ids), bpe (trained on the train split, cached) or file:PATH/tokenizer.json
+    bpe_vocab_size: int = 4096  # vocabulary of the bpe tokenizer, end-of-text token included
+    paths: list[str] = field(default_factory=list)  # local txt/jsonl/json/parquet/arrow files or folders (replace default)
+    hf_dataset: str | None = None  # a Hugging Face dataset name or saved folder (replaces the default corpus)
+    hf_config: str | None = None  # the dataset's configuration name, when it has several
+    hf_split: str = "train"  # split read from hf_dataset before our own train/val/test split
+    text_field: str = "text"  # column holding the document text in user corpora
+    val_fraction: float = 0.05  # share of documents held out for validation (at least one document)
+    test_fraction: float = 0.05  # share of documents held out for the test split (at least one document)
+    split_seed: int = 0  # seed of the document split; kept apart from `seed` so model seeds do not move the split
+    val_batches: int = 16  # validation micro-batches per evaluation (0 = the whole validation split)
+    num_workers: int = 0  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
+
+    def __post_init__(self) -> None:
+        _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size)
+        _non_negative("data", val_batches=self.val_batches, num_workers=self.num_workers)
+        if not (self.tokenizer in ("bytes", "bpe") or self.tokenizer.startswith("file:")):
+            raise ConfigError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {self.tokenizer!r}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ConfigError(f"data.{name} must be in (0, 0.5), got {value}")
+        if self.paths and self.hf_dataset:
+            raise ConfigError("set either data.paths or data.hf_dataset, not both")
+        if self.bpe_vocab_size < 258:
+            raise ConfigError(f"data.bpe_vocab_size must be >= 258 (256 bytes + end-of-text + merges), got {self.bpe_vocab_size}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # outer optimizer; adamw now, the nested-learning optimizers join in nlplatform/optim
+    lr: float = 3e-3  # peak learning rate after warm-up
+    weight_decay: float = 0.1  # decoupled decay on matrices only (never on norms, biases or embeddings)
+    beta1: float = 0.9  # first-moment decay (the momentum level of Adam, spec §1.4)
+    beta2: float = 0.95  # second-moment decay; 0.95 is the usual LM-pretraining choice
+    eps: float = 1e-8
+    warmup_steps: int = 50  # linear warm-up from 0 to lr, in optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+    def __post_init__(self) -> None:
+        from nlplatform.optim import OPTIMIZERS
+
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optim.name {self.name!r}.{_suggest(self.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}")
+        _positive("optim", lr=self.lr, eps=self.eps)
+        _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments under their Lightning names, plus resume and checkpoint settings."""
+
+    max_steps: int = 400  # optimizer steps; the cosine schedule ends here and a final validation always runs
+    val_check_interval: int = 100  # validate (and checkpoint) every this many optimizer steps
+    accelerator: str = "auto"  # cpu, gpu, auto
+    devices: Any = 1  # number of devices, a list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto, ddp, ddp_spawn, fsdp (Lightning strategy names)
+    precision: str = "auto"  # auto = bf16-mixed on GPUs with bf16, 32-true on CPU; or any Lightning precision string
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    gradient_clip_val: float = 1.0  # global grad-norm clip (0 disables)
+    log_every_n_steps: int = 10  # metric logging period, in optimizer steps
+    resume: str | None = None  # "auto" continues the newest run of this recipe; or a checkpoint path
+    save_top_k: int = 1  # best checkpoints kept by val loss, besides last.ckpt
+    enable_progress_bar: bool = True
+    deterministic: bool = False  # torch deterministic algorithms (slower; kill-and-resume is exact without it on CPU)
+
+    def __post_init__(self) -> None:
+        _positive(
+            "trainer",
+            max_steps=self.max_steps,
+            val_check_interval=self.val_check_interval,
+            num_nodes=self.num_nodes,
+            accumulate_grad_batches=self.accumulate_grad_batches,
+            log_every_n_steps=self.log_every_n_steps,
+        )
+        _non_negative("trainer", gradient_clip_val=self.gradient_clip_val)
+        if self.save_top_k < -1:
+            raise ConfigError(f"trainer.save_top_k must be >= -1, got {self.save_top_k}")
+        if isinstance(self.devices, int) and self.devices <= 0:
+            raise ConfigError(f"trainer.devices must be > 0, got {self.devices}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow (sqlite:///mlruns.db unless MLFLOW_TRACKING_URI is set)
+    experiment: str = "nlplatform"  # MLflow experiment, and the folder under runs/
+    run_name: str | None = None  # default: <model>-<preset>-<timestamp>; also the folder name under runs/<experiment>/
+    tracking_uri: str | None = None  # overrides MLFLOW_TRACKING_URI and the sqlite default
+
+    def __post_init__(self) -> None:
+        for name in ("experiment", "run_name"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+                raise ConfigError(f"tracking.{name} must be a plain name (letters, digits, . _ -), got {value!r}")
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 1337  # global seed (model init, data order)
+    output_dir: str = "runs"  # runs are written to <output_dir>/<tracking.experiment>/<run>/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_keys(raw: Any, schema: Any, prefix: str) -> None:
+    """Fail on the first key of ``raw`` that the dataclass ``schema`` does not declare, with a suggestion."""
+    if not isinstance(raw, dict) or not is_dataclass(schema):
+        return
+    known = {f.name: f for f in fields(schema)}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            names = [f"{prefix}{k}" for k in known]
+            raise ConfigError(f"unknown recipe key '{path}'.{_suggest(path, names)}")
+        child = getattr(schema, key)
+        if is_dataclass(child):
+            if not isinstance(value, dict):
+                raise ConfigError(f"recipe key '{path}' is a section; give its keys, e.g. {path}.<key>=...")
+            _check_keys(value, child, f"{path}.")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {exc}") from None
+
+
+def _schema_for(raw: dict[str, Any]) -> RecipeConfig:
+    """The default recipe whose ``model`` is the chosen family's config, filled with the chosen preset."""
+    from nlplatform import registry
+
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError("recipe key 'model' is a section; give its keys, e.g. model.name=transformer")
+    name = model_raw.get("name", ModelConfig.name)
+    preset = model_raw.get("preset", ModelConfig.preset)
+    model_cfg = registry.model_config(str(name), str(preset))
+    return RecipeConfig(model=model_cfg)
+
+
+def _from_raw(raw: dict[str, Any]) -> RecipeConfig:
+    schema = _schema_for(raw)
+    _check_keys(raw, schema, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"recipe key '{key}': {message}" if key else f"invalid recipe: {message}") from None
+    assert isinstance(cfg, RecipeConfig)
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Load ``path`` (YAML), apply ``key=value`` overrides, validate strictly, return the typed recipe."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if Path("recipes").is_dir():
+            found = sorted(str(p) for p in Path("recipes").glob("*/*.yaml"))
+            if found:
+                hint = _suggest(str(path), found) or f" Recipes: {', '.join(found)}"
+        raise ConfigError(f"recipe file not found: {path}.{hint}")
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError, ...
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if file_cfg is None or not isinstance(file_cfg, DictConfig):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, data:, ...)")
+    merged = OmegaConf.merge(file_cfg, _parse_overrides(overrides))
+    raw = OmegaConf.to_container(merged, resolve=True)
+    return _from_raw(raw)  # type: ignore[arg-type]
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> RecipeConfig:
+    """Rebuild a recipe saved with ``recipe_to_dict`` (checkpoints, run folders), with the same strict checks."""
+    return _from_raw(raw)
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def recipe_to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``: the recipe as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+

@@ -1,0 +1,58 @@
+"""Model registry: an explicit, greppable table from ``model.name`` to the module that defines the family.
+
+Each family module defines three names: ``CONFIG`` (its config dataclass, a subclass of ``ModelConfig``), ``MODEL``
+(the ``nn.Module``, built as ``MODEL(config)``) and ``PRESETS`` (preset name -> dict of config fields). Family modules
+are imported only when a recipe asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from nlplatform.config import ModelConfig, _suggest
+from nlplatform.errors import ConfigError
+
+FAMILIES: dict[str, str] = {
+    "transformer": "nlplatform.models.transformer",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_cls: type[ModelConfig]
+    model_cls: type[nn.Module]
+    presets: dict[str, dict[str, Any]]
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model.name {name!r}.{_suggest(name, FAMILIES)} Known: {', '.join(FAMILIES)}")
+    module = importlib.import_module(FAMILIES[name])
+    return ModelSpec(name, module.CONFIG, module.MODEL, module.PRESETS)
+
+
+def model_config(name: str, preset: str, **overrides: Any) -> ModelConfig:
+    """The family's config for ``preset``, with ``overrides`` applied (validated by its ``__post_init__``)."""
+    spec = get_spec(name)
+    if preset not in spec.presets:
+        raise ConfigError(
+            f"unknown model.preset {preset!r} for {name}.{_suggest(preset, spec.presets)} "
+            f"Presets: {', '.join(spec.presets)}"
+        )
+    known = {f.name for f in fields(spec.config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown key model.{unknown[0]} for {name}.{_suggest(unknown[0], known)}")
+    return spec.config_cls(**{**spec.presets[preset], **overrides, "name": name, "preset": preset})
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the model of ``cfg`` (call under ``torch.device("meta")`` to size paper presets without memory)."""
+    if cfg.vocab_size is None:
+        raise ConfigError("model.vocab_size is unset: set it, or let the training data fill it from the tokenizer")
+    return get_spec(cfg.name).model_cls(cfg)

@@ -1,0 +1,77 @@
+"""MLflow wiring: where runs go, the Lightning logger, tags and artifacts.
+
+The default store is a serverless sqlite database in the working directory (``sqlite:///mlruns.db``; MLflow's plain
+file store is deprecated). ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` override it; ``make ui`` serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from nlplatform.config import RecipeConfig, flatten, recipe_to_dict
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+
+# import mlflow writes telemetry into ~/.config unless told not to.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri(cfg: RecipeConfig | None = None) -> str:
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str:
+    """The commit of the code that ran (with '-dirty' when the work tree has changes), or 'unknown'."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None):
+    """Lightning's MLFlowLogger for this run (continuing ``run_id`` on resume), or None when tracking is off."""
+    if not cfg.tracking.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    tags = {
+        "family": cfg.model.name,
+        "preset": cfg.model.preset,
+        "git_commit": git_commit(),
+    }
+    return MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        run_name=run_name,
+        tracking_uri=tracking_uri(cfg),
+        tags=tags if run_id is None else None,
+        run_id=run_id,
+        log_model=False,
+    )
+
+
+def recipe_params(cfg: RecipeConfig) -> dict[str, Any]:
+    """The flattened recipe as MLflow params (lists as strings, None as 'null')."""
+    out = {}
+    for key, value in flatten(recipe_to_dict(cfg)).items():
+        out[key] = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
+    return out
+
+
+def log_artifacts(logger, paths: list[Path]) -> None:
+    if logger is None:
+        return
+    for path in paths:
+        if path.exists():
+            logger.experiment.log_artifact(logger.run_id, str(path))

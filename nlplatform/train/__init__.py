@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks and the run entry point (``train``). Lightning lives here."""

@@ -1,0 +1,162 @@
+"""Callbacks of a training run: throughput, levels, loss history, the final validation, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def _accumulating(trainer: L.Trainer) -> bool:
+    """True after a micro-batch that did not end with an optimizer step (gradient accumulation)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed into place: a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class Throughput(L.Callback):
+    """Tokens per second of training (validation excluded) and, on GPUs with a known peak, model FLOPs utilisation.
+
+    MFU = achieved model FLOP/s / peak FLOP/s, with the model's FLOPs per token from ``model.flops_per_token``
+    (6 x parameters + attention) and the peak from Lightning's table of devices for the run's dtype.
+    """
+
+    def __init__(self, tokens_per_step: int, seq_len: int, log_every_n_steps: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.seq_len = seq_len
+        self.every = log_every_n_steps
+        self.train_seconds = 0.0
+        self.steps_timed = 0
+        self._window_seconds = 0.0
+        self._window_steps = 0
+        self._t0: float | None = None
+        self._peak_flops: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        self._t0 = None
+        self.train_seconds += dt
+        self._window_seconds += dt
+        if _accumulating(trainer):
+            return
+        self.steps_timed += 1
+        self._window_steps += 1
+        if trainer.global_step % self.every == 0 and self._window_seconds > 0:
+            tokens_per_sec = self._window_steps * self.tokens_per_step / self._window_seconds
+            metrics = {"perf/tokens_per_sec": tokens_per_sec}
+            flops_per_token = getattr(pl_module.model, "flops_per_token", None)
+            if self._peak_flops and flops_per_token is not None:
+                achieved = tokens_per_sec * flops_per_token(self.seq_len)
+                metrics["perf/mfu"] = achieved / (self._peak_flops * trainer.world_size)
+            pl_module.log_dict(metrics, prog_bar=False)
+            self._window_seconds, self._window_steps = 0.0, 0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.steps_timed * self.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
+
+
+class LevelMonitor(L.Callback):
+    """Prints one line per level when training starts, and logs each persistent level's update count."""
+
+    def __init__(self, log_every_n_steps: int, log_params: bool = True) -> None:
+        self.every = log_every_n_steps
+        self.log_params = log_params  # False on resume: MLflow params are write-once
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        rows = pl_module.level_table()
+        rank_zero_info(f"levels (tokens per optimizer step: {pl_module.level_scheduler.tokens_per_step}):")
+        for r in rows:
+            period = f"every {r['period_steps']} step(s)" if r["period_steps"] else "inside forward"
+            rank_zero_info(
+                f"  level {r['level']:<16} scope={r['scope']:<10} params={r['params']:>12,} "
+                f"chunk={r['chunk_tokens']:>9,} tokens  f={r['frequency']:g}  updates {period}  ({r['update_rule']})"
+            )
+        for logger in trainer.loggers if self.log_params else []:
+            logger.log_hyperparams(
+                {f"level.{r['level']}.{k}": r[k] for r in rows for k in ("scope", "chunk_tokens", "period_steps")}
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _accumulating(trainer) or trainer.global_step % self.every:
+            return
+        updates = pl_module.level_scheduler.updates
+        pl_module.log_dict({f"levels/{name}/updates": float(n) for name, n in updates.items()})
+
+
+class History(L.Callback):
+    """Keeps the loss of every optimizer step and every validation, for summary.json and the loss-curve plot.
+
+    Its state is saved in checkpoints, so a resumed run's history is the uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, float]] = []  # (optimizer step, loss)
+        self.val: list[tuple[int, float, float]] = []  # (optimizer step, loss, perplexity)
+        self._accum: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._accum.append(float(loss.detach()))
+        if _accumulating(trainer):
+            return
+        self.train.append((trainer.global_step, sum(self._accum) / len(self._accum)))
+        self._accum = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        if "val/loss" in m:
+            self.val.append((trainer.global_step, float(m["val/loss"]), float(m["val/ppl"])))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train = [tuple(x) for x in state.get("train", [])]
+        self.val = [tuple(x) for x in state.get("val", [])]
+
+
+class FinalValidation(L.Callback):
+    """Makes sure a validation (and so a checkpoint) runs at ``max_steps`` even when it is not a multiple of the
+    validation interval: asking the loop to stop at the last step makes Lightning validate before it ends."""
+
+    def __init__(self, val_every_n_steps: int) -> None:
+        self.every = val_every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _accumulating(trainer):
+            return
+        if trainer.global_step >= trainer.max_steps and trainer.global_step % self.every:
+            trainer.should_stop = True

@@ -1,0 +1,157 @@
+"""The one LightningModule every model family trains with.
+
+It owns the next-token loss, the metrics, the optimizer with its schedule, and the outer loop of the nested levels:
+Lightning keeps its automatic optimization (so gradient accumulation, clipping and data-parallel all-reduce work as
+usual) and ``on_before_optimizer_step`` hands the finished gradients to the ``LevelScheduler``, which holds back the
+gradients of persistent levels that are not due yet (spec §2, arXiv Eq. 71).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from nlplatform.config import RecipeConfig, recipe_from_dict
+from nlplatform.errors import ConfigError, TrainingDiverged
+from nlplatform.levels import LevelScheduler, check_levels
+from nlplatform.optim import build_optimizer
+from nlplatform.registry import build_model
+
+
+def tokens_per_step(cfg: RecipeConfig, world_size: int) -> int:
+    """T_step: global tokens per optimizer step (sequence length x batch x world size x accumulation)."""
+    return cfg.data.seq_len * cfg.data.batch_size * world_size * cfg.trainer.accumulate_grad_batches
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LMModule(L.LightningModule):
+    """Next-token language modelling for any registered family, with nested levels."""
+
+    def __init__(self, recipe: dict[str, Any], tokenizer: str = "bytes") -> None:
+        super().__init__()
+        # The resolved recipe (vocab size filled in) and the tokenizer spec travel inside every checkpoint, so a
+        # checkpoint alone rebuilds its model (generate, eval) and a resume can refuse a checkpoint of another model.
+        self.save_hyperparameters({"recipe": recipe, "tokenizer": tokenizer}, logger=False)
+        self.cfg: RecipeConfig = recipe_from_dict(recipe)
+        self.model: nn.Module = build_model(self.cfg.model)
+        self.val_ppl = Perplexity()
+        self.level_scheduler: LevelScheduler | None = None
+        self._pending_level_state: dict | None = None
+        self.last_val_step = -1
+
+    # ----------------------------------------------------------------------------------------------- set-up
+
+    def setup(self, stage: str) -> None:
+        levels = self.model.levels()
+        try:
+            check_levels(levels, self.model, self.cfg.data.seq_len)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.level_scheduler = LevelScheduler(levels, tokens_per_step(self.cfg, self.trainer.world_size))
+        if self._pending_level_state is not None:
+            self.level_scheduler.load_state_dict(self._pending_level_state)
+            self._pending_level_state = None
+
+    def level_table(self) -> list[dict]:
+        assert self.level_scheduler is not None
+        return self.level_scheduler.table(self.model.levels())
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        # No weight decay on embeddings, norms and biases (anything that is not a matrix of a linear map).
+        embedding_ids = {id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        groups = []
+        for level in self.model.levels():
+            if level.scope != "persistent" or not level.params:
+                continue
+            lr = level.lr if level.lr is not None else o.lr
+            decay = [p for p in level.params if p.ndim >= 2 and id(p) not in embedding_ids]
+            no_decay = [p for p in level.params if p.ndim < 2 or id(p) in embedding_ids]
+            for params, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
+                if params:
+                    groups.append({"params": params, "lr": lr, "weight_decay": wd, "level": level.name})
+        optimizer = build_optimizer(groups, o)
+        total = self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, warmup=o.warmup_steps, total=total, min_ratio=o.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- steps
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
+        logits = self.model(inputs)  # [B, T, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return loss, logits, targets
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._loss(batch)
+        # Every rank must agree, or one rank would stop while the others wait in the next all-reduce.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise TrainingDiverged(self._divergence_message(loss))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def _divergence_message(self, loss: torch.Tensor) -> str:
+        step = self.trainer.global_step + 1
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
+        where = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"
+        return (
+            f"training loss became {loss.item()} at optimizer step {step}; stopping. {where}. Lower optim.lr or "
+            "raise optim.warmup_steps, then continue from that checkpoint with trainer.resume=PATH."
+        )
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits, targets = self._loss(batch)
+        self.val_ppl.update(logits.float(), targets)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=True)
+        self.val_ppl.reset()
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.trainer.global_step
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, _, _ = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+
+    # -------------------------------------------------------------------------------------- nested levels
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called after accumulation and the data-parallel all-reduce and before clipping and the optimizer step.
+        assert self.level_scheduler is not None
+        self.level_scheduler.before_optimizer_step(self.trainer.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.level_scheduler is not None:
+            checkpoint["level_scheduler"] = self.level_scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("level_scheduler")
+        if state is None:
+            return
+        if self.level_scheduler is None:
+            self._pending_level_state = state
+        else:
+            self.level_scheduler.load_state_dict(state)

@@ -1,0 +1,105 @@
+"""Recipe loading: strict keys, types, validation, overrides, round trip, and every shipped recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from nlplatform.config import RecipeConfig, load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from nlplatform.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPES])
+def test_every_shipped_recipe_loads(path):
+    """Each file under recipes/ loads strictly and names its own family and preset."""
+    cfg = load_recipe(path)
+    assert cfg.model.name == path.parent.name
+    assert cfg.model.preset == path.stem
+
+
+def test_preset_fills_family_fields_and_keys_override_them(tmp_path):
+    """model.preset supplies the family's sizes; explicit model keys and command-line overrides win, in that order."""
+    path = write(tmp_path, "model: {name: transformer, preset: tiny, n_layers: 3}\n")
+    cfg = load_recipe(path)
+    assert cfg.model.d_model == 256 and cfg.model.n_layers == 3
+    cfg = load_recipe(path, ["model.n_layers=1", "optim.lr=1e-4", "data.paths=[a.txt,b.txt]"])
+    assert cfg.model.n_layers == 1 and cfg.optim.lr == 1e-4 and cfg.data.paths == ["a.txt", "b.txt"]
+
+
+def test_override_can_switch_preset(tmp_path):
+    """A command-line model.preset override picks the other preset's sizes."""
+    cfg = load_recipe(write(tmp_path, "model: {name: transformer}\n"), ["model.preset=340m"])
+    assert cfg.model.preset == "340m" and cfg.model.d_model == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        pytest.param("optim: {lrr: 0.1}\n", [], "Did you mean 'optim.lr'", id="typo-in-file"),
+        pytest.param("", ["trainer.max_step=5"], "Did you mean 'trainer.max_steps'", id="typo-override"),
+        pytest.param("", ["model.n_layer=2"], "Did you mean 'model.n_layers'", id="typo-family-field"),
+        pytest.param("", ["modle.name=x"], "Did you mean 'model'", id="typo-section"),
+        pytest.param("", ["model.name=transfomer"], "Did you mean 'transformer'", id="typo-family"),
+        pytest.param("", ["model.preset=tiy"], "Did you mean 'tiny'", id="typo-preset"),
+        pytest.param("", ["optim.name=adamw2"], "Did you mean 'adamw'", id="typo-optimizer"),
+    ],
+)
+def test_unknown_names_fail_with_did_you_mean(tmp_path, text, overrides, expected):
+    """Misspelt keys and names raise ConfigError with a suggestion."""
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe(write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param(["optim.lr=abc"], "optim.lr", id="wrong-type"),
+        pytest.param(["optim.lr=0"], "optim.lr must be > 0", id="zero-lr"),
+        pytest.param(["optim.lr=-1e-3"], "optim.lr must be > 0", id="negative-lr"),
+        pytest.param(["data.seq_len=0"], "data.seq_len must be > 0", id="zero-seq-len"),
+        pytest.param(["data.batch_size=-2"], "data.batch_size must be > 0", id="negative-batch"),
+        pytest.param(["trainer.max_steps=0"], "trainer.max_steps must be > 0", id="zero-steps"),
+        pytest.param(["model.d_model=-8"], "d_model", id="negative-width"),
+        pytest.param(["model.d_model=250"], "n_heads", id="width-not-divisible-by-heads"),
+        pytest.param(["data.tokenizer=words"], "data.tokenizer", id="unknown-tokenizer"),
+        pytest.param(["model.kernel_backend=cuda"], "model.kernel_backend", id="literal-choice"),
+        pytest.param(["tracking.experiment=a/b"], "plain name", id="bad-experiment-name"),
+        pytest.param(["optim=3"], "section", id="section-given-a-value"),
+        pytest.param(["optim.lr"], "key=value", id="override-without-value"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(tmp_path, overrides, expected):
+    """Wrong types and impossible values raise ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe(write(tmp_path, ""), overrides)
+
+
+def test_missing_recipe_file_is_a_config_error(tmp_path):
+    """A recipe path that does not exist raises ConfigError naming it."""
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    """A file that is not a YAML mapping raises ConfigError."""
+    with pytest.raises(ConfigError, match="YAML|mapping"):
+        load_recipe(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    """A recipe saved as a dict or YAML loads back to an equal recipe."""
+    cfg = load_recipe(ROOT / "recipes/transformer/tiny.yaml", ["model.vocab_size=257", "seed=7"])
+    assert recipe_from_dict(recipe_to_dict(cfg)) == cfg
+    again = load_recipe(write(tmp_path, recipe_to_yaml(cfg)))
+    assert again == cfg
+    assert isinstance(again, RecipeConfig)
