@@ -30,7 +30,9 @@ def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, v
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step() -> None:
         with autocast:
@@ -83,20 +85,27 @@ def main() -> None:
             row = bench_one(
                 name, preset, seq_len=args.seq_len, batch=args.batch, steps=args.steps, vocab=args.vocab, device=device
             )
-            print(f"{name:>16} {preset:>6}: {row['tokens_per_sec']:>10,.0f} tokens/s  {row['step_ms_median']:8.1f} ms/step")
+            print(
+                f"{name:>16} {preset:>6}: {row['tokens_per_sec']:>10,.0f} tokens/s  {row['step_ms_median']:8.1f} ms/step"
+            )
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     tag = device_name.replace(" ", "_")
     meta = {"device": device_name, "torch": torch.__version__, "platform": platform.platform()}
     (RESULTS / f"train_step-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = ["| family | preset | params | seq_len x batch | ms/step | tokens/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| family | preset | params | seq_len x batch | ms/step | tokens/s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         lines.append(
             f"| {r['family']} | {r['preset']} | {r['params']:,} | {r['seq_len']}x{r['batch']} | "
             f"{r['step_ms_median']:.1f} | {r['tokens_per_sec']:,.0f} | {mem} |"
         )
-    (RESULTS / f"train_step-{tag}.md").write_text(f"Device: {device_name}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n")
+    (RESULTS / f"train_step-{tag}.md").write_text(
+        f"Device: {device_name}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n"
+    )
     print(f"results: {RESULTS / f'train_step-{tag}.json'}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from nlplatform.errors import TrainingDiverged, UserError
 
@@ -41,8 +40,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
     data = TextDataModule(cfg.data, seed=cfg.seed)
     data.prepare_data()
     data.setup("fit")
-    counts = ", ".join(f"{k} {v:,}" for k, v in data.num_tokens.items())
-    print(f"corpus ready: tokenizer {cfg.data.tokenizer} (vocab {data.vocab_size}); tokens: {counts}")
+    s = data.summary()
+    print(f"corpus ready in {s['folder']} ({s['tokenizer']} tokenizer, vocab {s['vocab_size']})")
+    for split in ("train", "val", "test"):
+        print(
+            f"  {split:<5} {s['documents'][split]:>7,} documents {s['tokens'][split]:>13,} tokens "
+            f"{s['windows'][split]:>10,} windows of {s['seq_len']}"
+        )
+    print(f"  unigram perplexity of val (the baseline a model must beat): {data.unigram_perplexity():.2f}")
     return 0
 
 
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one recipe; prints the run folder as the last line")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/transformer/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. optim.lr=1e-3 trainer.max_steps=50")
+    p.add_argument(
+        "overrides", nargs="*", help="recipe overrides as key=value, e.g. optim.lr=1e-3 trainer.max_steps=50"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("data", help="fetch the default corpus (or a recipe's corpus) and build its token caches")

@@ -55,7 +55,9 @@ class DataConfig:
     batch_size: int = 16  # windows per micro-batch on each device
     tokenizer: str = "bytes"  # bytes (257 ids), bpe (trained on the train split, cached) or file:PATH/tokenizer.json
     bpe_vocab_size: int = 4096  # vocabulary of the bpe tokenizer, end-of-text token included
-    paths: list[str] = field(default_factory=list)  # local txt/jsonl/json/parquet/arrow files or folders (replace default)
+    paths: list[str] = field(
+        default_factory=list
+    )  # local txt/jsonl/json/parquet/arrow files or folders (replace default)
     hf_dataset: str | None = None  # a Hugging Face dataset name or saved folder (replaces the default corpus)
     hf_config: str | None = None  # the dataset's configuration name, when it has several
     hf_split: str = "train"  # split read from hf_dataset before our own train/val/test split
@@ -78,7 +80,9 @@ class DataConfig:
         if self.paths and self.hf_dataset:
             raise ConfigError("set either data.paths or data.hf_dataset, not both")
         if self.bpe_vocab_size < 258:
-            raise ConfigError(f"data.bpe_vocab_size must be >= 258 (256 bytes + end-of-text + merges), got {self.bpe_vocab_size}")
+            raise ConfigError(
+                f"data.bpe_vocab_size must be >= 258 (256 bytes + end-of-text + merges), got {self.bpe_vocab_size}"
+            )
 
 
 @dataclass
@@ -96,7 +100,9 @@ class OptimConfig:
         from nlplatform.optim import OPTIMIZERS
 
         if self.name not in OPTIMIZERS:
-            raise ConfigError(f"unknown optim.name {self.name!r}.{_suggest(self.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"unknown optim.name {self.name!r}.{_suggest(self.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
+            )
         _positive("optim", lr=self.lr, eps=self.eps)
         _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
         for name in ("beta1", "beta2", "min_lr_ratio"):
@@ -276,4 +282,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-

@@ -20,4 +20,6 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> tor
     """The optimizer named by ``cfg.name`` over ``param_groups`` (each group may carry its own lr / weight_decay)."""
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    raise ConfigError(f"unknown optim.name {cfg.name!r}.{_suggest(cfg.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}")
+    raise ConfigError(
+        f"unknown optim.name {cfg.name!r}.{_suggest(cfg.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
+    )

@@ -187,6 +187,7 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=t.deterministic,
+        use_distributed_sampler=False,  # the DataModule shards by rank itself (resumable, deterministic)
         default_root_dir=run_dir,
     )
 

@@ -32,9 +32,7 @@ class KillAt(L.Callback):
 
 
 def recipe(tmp_path, *overrides: str):
-    return load_recipe(
-        TINY_RECIPE, [*FAST, f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false", *overrides]
-    )
+    return load_recipe(TINY_RECIPE, [*FAST, f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false", *overrides])
 
 
 def history(run_dir) -> tuple[list, list]:
@@ -50,9 +48,8 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path, capsys):
 
     with pytest.raises(Interrupted):
         train(recipe(tmp_path, *common, "tracking.run_name=killed"), callbacks=(KillAt(8),))
-    assert torch.load(
-        tmp_path / "runs/tiny/killed/checkpoints/last.ckpt", map_location="cpu", weights_only=False
-    )["global_step"] == 8
+    killed = torch.load(tmp_path / "runs/tiny/killed/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert killed["global_step"] == 8
     capsys.readouterr()
     resumed = train(recipe(tmp_path, *common, "tracking.run_name=killed", "trainer.resume=auto"))
     err = capsys.readouterr().err

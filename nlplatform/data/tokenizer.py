@@ -1,0 +1,217 @@
+"""Tokenizers: raw UTF-8 bytes, a byte-level BPE trained on the train split, or any ``tokenizer.json`` file.
+
+All three sit behind one small ``Tokenizer`` class, so packing, training and generation never ask which kind they
+hold. Every tokenizer has an end-of-text id, written after each document when the corpus is packed.
+
+Specs (the ``data.tokenizer`` values): ``bytes``; ``bpe`` (trained, cached under
+``<root>/tokenizers/bpe-<train-split fingerprint>-<vocab>.json``); ``file:PATH`` (a Hugging Face ``tokenizers``
+JSON file). ``Tokenizer.save(dir)`` returns the spec that reloads a tokenizer with ``load_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nlplatform.data import atomic_write_text
+from nlplatform.errors import UserError
+
+EOT_TOKEN = "<|endoftext|>"
+# End-of-text tokens of common tokenizer families, in order of preference, for tokenizers loaded from files.
+EOT_CANDIDATES = (
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "[SEP]",
+    "<EOS>",
+    "[EOS]",
+)
+BYTES_VOCAB = 257  # 256 byte values + end-of-text
+BYTES_EOT = 256
+
+
+class Tokenizer:
+    """Raw bytes (``backend is None``) or a wrapped ``tokenizers.Tokenizer``.
+
+    Attributes: ``name`` (a label for logs), ``vocab_size`` (ids are ``< vocab_size``), ``eot_id`` and
+    ``fingerprint`` (changes whenever the id mapping changes; used in cache keys).
+    """
+
+    def __init__(self, backend: Any = None, *, name: str = "bytes", eot_id: int | None = None) -> None:
+        self.backend = backend
+        self.name = name
+        if backend is None:
+            self.vocab_size = BYTES_VOCAB
+            self.eot_id = BYTES_EOT
+            self.fingerprint = "bytes"
+            return
+        if eot_id is None:
+            raise ValueError("a tokenizers-backed Tokenizer needs its eot_id")
+        # Documents are packed as they are: no truncation, no padding, no BOS/EOS added by a post-processor.
+        backend.no_truncation()
+        backend.no_padding()
+        vocab = backend.get_vocab(with_added_tokens=True)
+        # Ids can have holes; the embedding must cover the largest one.
+        self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=0) + 1)
+        self.eot_id = int(eot_id)
+        self.fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+    def encode(self, text: str) -> list[int]:
+        if self.backend is None:
+            return list(text.encode("utf-8"))
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.backend is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode_batch`` as integer arrays, without Python lists of bytes: the fast path used for packing."""
+        if self.backend is None:
+            return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; end-of-text shows as ``<|endoftext|>``, invalid bytes as U+FFFD."""
+        ids = [int(i) for i in ids]
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=False)
+        pieces: list[str] = []
+        run = bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            pieces.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            pieces.append(EOT_TOKEN if i == BYTES_EOT else "\ufffd")
+        pieces.append(run.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def save(self, folder: str | Path) -> str:
+        """Write what reloading needs into ``folder``; return the spec for ``load_tokenizer``.
+
+        Bytes need no file (``"bytes"``); others write ``tokenizer.json`` and return ``"file:<abs path>"``.
+        """
+        if self.backend is None:
+            return "bytes"
+        path = Path(folder) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.backend.to_str(pretty=True))
+        return f"file:{path.resolve()}"
+
+
+def build_tokenizer(spec: str, train_docs: Sequence[str], root: Path, bpe_vocab_size: int) -> Tokenizer:
+    """The tokenizer ``spec`` names; ``bpe`` is trained on ``train_docs`` (the train split only) or reused."""
+    if spec == "bytes":
+        return Tokenizer()
+    if spec == "bpe":
+        return _bpe(train_docs, Path(root), bpe_vocab_size)
+    if spec.startswith("file:"):
+        return load_tokenizer(spec)
+    raise UserError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {spec!r}")
+
+
+def load_tokenizer(spec: str, name: str | None = None) -> Tokenizer:
+    """Reload a tokenizer from a spec returned by ``Tokenizer.save``: ``bytes`` or ``file:PATH``."""
+    if spec == "bytes":
+        return Tokenizer()
+    if spec.startswith("file:"):
+        path = tokenizer_file(spec)
+        return _from_file(path, name or f"file:{path.name}")
+    raise UserError(f"cannot load tokenizer {spec!r}: expected 'bytes' or 'file:PATH' (a tokenizer.json)")
+
+
+def tokenizer_file(spec: str) -> Path:
+    """The ``tokenizer.json`` a ``file:`` spec points at (a folder means its ``tokenizer.json``); must exist."""
+    path = Path(spec[len("file:") :]).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"tokenizer file not found: {path} (from data.tokenizer={spec})")
+    return path.resolve()
+
+
+def tokenizer_key(spec: str, bpe_vocab_size: int) -> str:
+    """What identifies the tokenizer ``spec`` will produce, computable before building it (a cache-key part).
+
+    ``bpe`` is determined by the train split (keyed separately) and the vocabulary size; a file by its content.
+    """
+    if spec == "bytes":
+        return "bytes"
+    if spec == "bpe":
+        return f"bpe-{bpe_vocab_size}"
+    if spec.startswith("file:"):
+        return "file-" + hashlib.sha256(tokenizer_file(spec).read_bytes()).hexdigest()[:16]
+    raise UserError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {spec!r}")
+
+
+def _from_file(path: Path, name: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+        raise UserError(f"{path} is not a Hugging Face tokenizers file (tokenizer.json): {first}") from None
+    for token in EOT_CANDIDATES:
+        eot = backend.token_to_id(token)
+        if eot is not None:
+            return Tokenizer(backend, name=name, eot_id=eot)
+    raise UserError(
+        f"{path} has no end-of-text token (looked for {', '.join(EOT_CANDIDATES)}); documents are separated by one "
+        f"when packed, so add one of them to the tokenizer's special tokens"
+    )
+
+
+def _bpe(train_docs: Sequence[str], root: Path, vocab_size: int) -> Tokenizer:
+    """Train (or reuse) a byte-level BPE on the train documents; cached by their content and the vocab size."""
+    from nlplatform.data.corpus import documents_fingerprint
+
+    path = root / "tokenizers" / f"bpe-{documents_fingerprint(train_docs)}-{vocab_size}.json"
+    if path.is_file():
+        try:
+            return _from_file(path, f"bpe-{vocab_size}")
+        except UserError:
+            pass  # a damaged cache entry: train again and overwrite it
+    backend = train_bpe(train_docs, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, backend.to_str(pretty=True))
+    return Tokenizer(backend, name=f"bpe-{vocab_size}", eot_id=backend.token_to_id(EOT_TOKEN))
+
+
+def train_bpe(docs: Sequence[str], vocab_size: int) -> Any:
+    """A ``tokenizers.Tokenizer``: byte-level BPE with ``<|endoftext|>`` (id 0), trained on ``docs``.
+
+    The ByteLevel pre-tokenizer maps every byte to a visible symbol and the whole 256-symbol alphabet is seeded,
+    so any text encodes without an unknown token and decodes back exactly (no prefix space is added).
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    large = sum(len(d) for d in docs) > 20_000_000
+    print(f"nlplatform: training a byte-level BPE tokenizer (vocab {vocab_size}) on the train split", file=sys.stderr)
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=large,
+    )
+    backend.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    return backend

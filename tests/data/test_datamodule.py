@@ -1,0 +1,157 @@
+"""TextDataModule end to end on generated corpora: caching, loaders, resume offsets, sharding, baseline."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nlplatform.config import DataConfig
+from nlplatform.data import TextDataModule, cache_root
+from nlplatform.data import datamodule as datamodule_module
+from nlplatform.errors import UserError
+
+
+def make_module(folder, seed: int = 0, **overrides) -> TextDataModule:
+    cfg = {"paths": [str(folder)], "seq_len": 32, "batch_size": 4, "val_fraction": 0.2, "test_fraction": 0.2}
+    cfg.update(overrides)
+    return TextDataModule(DataConfig(**cfg), seed=seed)
+
+
+def fake_trainer(step: int = 0, accumulate: int = 1, rank: int = 0, world: int = 1, distributed_sampler=False):
+    connector = SimpleNamespace(use_distributed_sampler=distributed_sampler)
+    return SimpleNamespace(
+        global_step=step, accumulate_grad_batches=accumulate, global_rank=rank, world_size=world,
+        _accelerator_connector=connector,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("tokenizer", "vocab"), [("bytes", 257), ("bpe", 300)])
+def test_end_to_end_gives_vocab_batches_and_a_unigram_baseline(txt_corpus, tokenizer, vocab):
+    """On a generated corpus: the vocab matches the tokenizer, batches are (B, L) pairs, unigram perplexity > 1."""
+    dm = make_module(txt_corpus(12), tokenizer=tokenizer, bpe_vocab_size=300)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.vocab_size == vocab and dm.tokenizer is not None
+    assert dm.num_documents == {"train": 8, "val": 2, "test": 2}
+    assert all(n > 33 for n in dm.num_tokens.values())
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < vocab
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        assert all(b[0].shape[1] == 32 for b in loader)
+    assert 1.0 < dm.unigram_perplexity() < vocab
+    assert (cache_root() / "tokens" / dm.fingerprint / "train.bin").is_file()
+
+
+def test_second_prepare_uses_the_cache(txt_corpus, monkeypatch):
+    """Once prepared, prepare_data and a new module's setup neither reload the corpus nor re-tokenise."""
+    folder = txt_corpus(8)
+    make_module(folder).setup()  # setup prepares when nothing is cached
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("corpus loaded again")
+
+    monkeypatch.setattr(datamodule_module, "load_documents", no_loading)
+    again = make_module(folder)
+    again.prepare_data()
+    again.setup()
+    assert again.vocab_size == 257
+
+
+def test_cache_key_follows_split_seed_and_tokenizer(txt_corpus):
+    """Changing the split seed or the tokenizer gives another token folder; the same config the same one."""
+    folder = txt_corpus(8)
+    key = make_module(folder).data_key()
+    assert make_module(folder).data_key() == key
+    assert make_module(folder, split_seed=1).data_key() != key
+    assert make_module(folder, tokenizer="bpe").data_key() != key
+
+
+def test_train_loader_resumes_at_the_consumed_samples(txt_corpus):
+    """With a trainer at global_step s and accumulation a, the train loader starts at batch s*a of a fresh run."""
+    dm = make_module(txt_corpus(12), seed=9)
+    dm.setup()
+    fresh = list(itertools.islice(iter(dm.train_dataloader()), 8))
+    dm.trainer = fake_trainer(step=3, accumulate=2)
+    resumed = list(itertools.islice(iter(dm.train_dataloader()), 2))
+    assert torch.equal(resumed[0][0], fresh[6][0]) and torch.equal(resumed[1][0], fresh[7][0])
+
+
+def test_eval_loaders_shard_disjoint_equal_blocks_over_ranks(txt_corpus):
+    """With two ranks, val windows split into disjoint, equally long blocks; Lightning's own sharding is refused."""
+    dm = make_module(txt_corpus(12), val_batches=0)
+    dm.setup()
+    total = len(dm.windows("val"))
+    blocks = [dm.eval_indices("val", rank, 2) for rank in range(2)]
+    assert len(blocks[0]) == len(blocks[1]) == total // 2 and not set(blocks[0]) & set(blocks[1])
+    dm.trainer = fake_trainer(rank=1, world=2)
+    assert sum(len(b[0]) for b in dm.val_dataloader()) == total // 2
+    dm.trainer = fake_trainer(rank=0, world=2, distributed_sampler=True)
+    with pytest.raises(RuntimeError, match="use_distributed_sampler=False"):
+        dm.val_dataloader()
+
+
+def test_val_batches_limits_evaluation_to_evenly_spread_windows(txt_corpus):
+    """val_batches=2 evaluates 2 batches of windows spread over the whole split, in order."""
+    dm = make_module(txt_corpus(12), val_batches=2)
+    dm.setup()
+    chosen = dm.eval_indices("val")
+    assert len(chosen) == 8 and chosen == sorted(set(chosen)) and chosen[-1] >= len(dm.windows("val")) // 2
+    assert len(list(dm.val_dataloader())) == 2
+
+
+def test_val_split_shorter_than_a_window_is_a_user_error(txt_corpus):
+    """A val split with fewer than seq_len + 1 tokens fails with advice on data.seq_len and data.val_fraction."""
+    dm = make_module(txt_corpus(12, words=60), seq_len=1024, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(UserError, match=r"val split has \d+ tokens.*data\.seq_len.*data\.val_fraction"):
+        dm.setup()
+
+
+def test_checkpoint_state_warns_when_the_data_changed(txt_corpus):
+    """state_dict records the data fingerprint; loading a different one warns instead of failing."""
+    dm = make_module(txt_corpus(8))
+    dm.setup()
+    state = dm.state_dict()
+    assert state["fingerprint"] == dm.fingerprint and state["vocab_size"] == 257 and state["tokenizer"] == "bytes"
+    dm.load_state_dict(state)  # same data: silent
+    with pytest.warns(UserWarning, match="changed"):
+        dm.load_state_dict({**state, "fingerprint": "0123456789abcdef"})
+
+
+def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path):
+    """A Lightning run stopped after 3 steps and resumed to 6 trains on exactly the batches of an uninterrupted run."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch[0].clone())
+            return (self.weight * batch[0].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(max_steps, ckpt=None):
+        model = Recorder()
+        trainer = L.Trainer(
+            max_steps=max_steps, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", devices=1,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=make_module(folder, seed=4), ckpt_path=ckpt)
+        return trainer, model.seen
+
+    folder = txt_corpus(12)
+    _, straight = fit(6)
+    trainer, first = fit(3)
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    _, second = fit(6, ckpt=str(tmp_path / "step3.ckpt"))
+    assert len(straight) == 12 and len(first) == 6 and len(second) == 6
+    assert all(torch.equal(a, b) for a, b in zip(first + second, straight))

@@ -1,0 +1,93 @@
+"""Packing, training windows and the resumable sampler."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens, token_dtype
+from nlplatform.data.tokenizer import Tokenizer
+
+
+def take(sampler: ResumableSampler, n: int) -> list[int]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_packing_appends_eot_after_every_document(tmp_path):
+    """The packed file is each document's tokens followed by end-of-text, concatenated, as uint16."""
+    tok = Tokenizer()
+    docs = ["ab", "ü🦊", "c"]
+    tokens = pack_tokens(docs, tok, tmp_path / "train.bin")
+    expected = [i for d in docs for i in [*tok.encode(d), tok.eot_id]]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    assert int((tokens == tok.eot_id).sum()) == len(docs)
+    assert not tokens.flags.writeable
+    assert open_tokens(tmp_path / "train.bin").tolist() == expected
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_large_vocabularies_use_uint32():
+    """Token files are uint16 up to 65,536 ids and uint32 beyond."""
+    assert token_dtype(257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_windows_line_up_inputs_and_targets(tmp_path):
+    """Window i covers tokens[i*L : i*L+L+1]; targets are the inputs shifted by one; windows do not overlap."""
+    tokens = np.arange(103, dtype=np.uint16)
+    windows = TokenWindows(tokens, seq_len=10)
+    assert len(windows) == 10  # (103 - 1) // 10
+    for i in range(len(windows)):
+        x, y = windows[i]
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (10,)
+        assert x.tolist() == list(range(i * 10, i * 10 + 10))
+        assert torch.equal(x[1:], y[:-1]) and y[-1].item() == i * 10 + 10
+    with pytest.raises(IndexError):
+        windows[10]
+
+
+def test_windows_from_a_file_pickle_without_the_data(tmp_path):
+    """A file-backed dataset pickles as its path (for DataLoader workers) and reopens the memory map."""
+    pack_tokens(["x" * 500], Tokenizer(), tmp_path / "t.bin")
+    windows = TokenWindows(tmp_path / "t.bin", seq_len=8)
+    blob = pickle.dumps(windows)
+    assert len(blob) < 500
+    clone = pickle.loads(blob)
+    assert all(torch.equal(a, b) for a, b in zip(clone[3], windows[3]))
+
+
+def test_sampler_is_deterministic_and_ignores_global_rng():
+    """Two samplers with the same seed give the same stream, whatever the global torch RNG does in between."""
+    torch.manual_seed(0)
+    a = take(ResumableSampler(17, seed=3), 60)
+    torch.manual_seed(123)
+    torch.rand(5)
+    assert take(ResumableSampler(17, seed=3), 60) == a
+    assert take(ResumableSampler(17, seed=4), 60) != a
+
+
+def test_sampler_epochs_are_permutations_that_differ():
+    """Each block of N positions is a permutation of all N windows, and consecutive epochs are shuffled differently."""
+    stream = take(ResumableSampler(17, seed=0), 51)
+    epochs = [stream[i : i + 17] for i in range(0, 51, 17)]
+    assert all(sorted(e) == list(range(17)) for e in epochs)
+    assert epochs[0] != epochs[1]
+
+
+def test_sampler_started_at_k_yields_the_tail_of_the_stream():
+    """A sampler started at k (resume) yields exactly positions k, k+1, ... of a sampler started at 0."""
+    full = take(ResumableSampler(11, seed=5), 80)
+    for k in (0, 1, 10, 11, 37):
+        assert take(ResumableSampler(11, seed=5, start=k), 80 - k) == full[k:]
+
+
+def test_ranks_take_disjoint_interleaved_positions_of_one_stream():
+    """Rank r of W takes global positions r, r+W, ...: ranks are disjoint and together rebuild the stream."""
+    full = take(ResumableSampler(13, seed=2), 60)
+    ranks = [take(ResumableSampler(13, seed=2, rank=r, world_size=3), 20) for r in range(3)]
+    assert [x for step in zip(*ranks) for x in step] == full
+    resumed = take(ResumableSampler(13, seed=2, rank=1, world_size=3, start=4), 16)
+    assert resumed == ranks[1][4:]
