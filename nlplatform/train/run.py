@@ -91,8 +91,22 @@ def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+# Multi-process launchers (Lightning's ddp, torchrun) start every rank with the same command line; rank 0 decides the
+# run folder and the checkpoint once and hands them to the others through the environment, which they inherit.
+_RUN_ENV = "NLPLATFORM_RUN"
+
+
 def resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume from or None) for this recipe and its ``trainer.resume`` setting."""
+    """(run folder, checkpoint to resume from or None), decided once by rank 0 and shared with the other ranks."""
+    if not _is_rank_zero() and _RUN_ENV in os.environ:
+        shared = json.loads(os.environ[_RUN_ENV])
+        return Path(shared["run_dir"]), Path(shared["ckpt"]) if shared["ckpt"] else None
+    run_dir, ckpt = _resolve_run(cfg)
+    os.environ[_RUN_ENV] = json.dumps({"run_dir": str(run_dir), "ckpt": str(ckpt) if ckpt else None})
+    return run_dir, ckpt
+
+
+def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
     resume = cfg.trainer.resume
     ckpt: Path | None = None
     if resume == "auto":
