@@ -76,6 +76,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from nlplatform import registry
+
+    print(f"{'family':<16} {'preset':<8} {'parameters':>15}  (vocab {args.vocab_size}, built on the meta device)")
+    for name in registry.FAMILIES:
+        for preset in registry.get_spec(name).presets:
+            cfg = registry.model_config(name, preset, vocab_size=args.vocab_size)
+            with torch.device("meta"):
+                model = registry.build_model(cfg)
+            print(f"{name:<16} {preset:<8} {sum(p.numel() for p in model.parameters()):>15,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="optional recipe whose data section to prepare")
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("models", help="list every family and preset with its parameter count")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary used to size the embeddings")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("generate", help="sample text from a trained checkpoint")
     p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`")
@@ -113,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -26,3 +26,16 @@ def test_unknown_command_exits_2_with_usage():
     proc = subprocess.run([sys.executable, "-m", "nlplatform", "trian"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_command_lists_every_preset_with_its_parameter_count():
+    """`nlplatform models` sizes every family's presets on the meta device and prints their parameter counts."""
+    from nlplatform import registry
+
+    proc = subprocess.run([sys.executable, "-m", "nlplatform", "models"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in proc.stdout.splitlines()[1:]}
+    for name in registry.FAMILIES:
+        for preset in registry.get_spec(name).presets:
+            assert int(rows[(name, preset)].replace(",", "")) > 0
+    assert rows[("transformer", "340m")] == "343,847,936"

@@ -1,0 +1,47 @@
+"""LMModule pieces that need no trainer: parameter groups, the learning-rate schedule, T_step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from nlplatform.config import load_recipe, recipe_to_dict
+from nlplatform.train.module import LMModule, tokens_per_step, warmup_cosine
+from tests.train.conftest import FAST, TINY_RECIPE
+
+
+def module(*overrides: str) -> LMModule:
+    cfg = load_recipe(TINY_RECIPE, [*FAST, "model.vocab_size=257", *overrides])
+    return LMModule(recipe_to_dict(cfg))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_weight_decay_only_on_linear_matrices(tied):
+    """AdamW decays linear weights; norms, biases and embeddings (tied or not) get no decay; nothing is missed."""
+    m = module(f"model.tie_embeddings={str(tied).lower()}", "optim.weight_decay=0.1")
+    optimizer = m.configure_optimizers()["optimizer"]
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    embeddings = {id(p) for mod in m.model.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters()}
+    norms = {id(p) for n, p in m.model.named_parameters() if p.ndim < 2}
+    assert embeddings | norms <= no_decay and not (decay & no_decay)
+    assert decay | no_decay == {id(p) for p in m.model.parameters()}
+    assert all(g["level"] == "weights" for g in optimizer.param_groups)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    """The multiplier rises linearly over the warm-up, is 1 at its end, and decays by cosine to min_lr_ratio."""
+    f = [warmup_cosine(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:9], f[1:10]))
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(f[10:110], f[11:111]))
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+
+
+def test_tokens_per_step_counts_sequence_batch_world_and_accumulation():
+    """T_step = seq_len x batch x world size x accumulation."""
+    cfg = load_recipe(TINY_RECIPE, ["data.seq_len=128", "data.batch_size=6", "trainer.accumulate_grad_batches=3"])
+    assert tokens_per_step(cfg, world_size=4) == 128 * 6 * 3 * 4
