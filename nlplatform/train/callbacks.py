@@ -33,8 +33,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class Throughput(L.Callback):
     """Tokens per second of training (validation excluded) and, on GPUs with a known peak, model FLOPs utilisation.
 
-    MFU = achieved model FLOP/s / peak FLOP/s, with the model's FLOPs per token from ``model.flops_per_token``
-    (6 x parameters + attention) and the peak from Lightning's table of devices for the run's dtype.
+    The clock runs from one optimizer step's end to the next, so data loading, forward, backward, the level
+    scheduler and the optimizer are all counted; validation pauses it. MFU = achieved model FLOP/s / peak FLOP/s,
+    with the model's FLOPs per token from ``model.flops_per_token`` (6 x parameters + attention) and the peak from
+    Lightning's table of devices for the run's dtype.
     """
 
     def __init__(self, tokens_per_step: int, seq_len: int, log_every_n_steps: int) -> None:
@@ -45,30 +47,31 @@ class Throughput(L.Callback):
         self.steps_timed = 0
         self._window_seconds = 0.0
         self._window_steps = 0
-        self._t0: float | None = None
+        self._last: float | None = None
         self._peak_flops: float | None = None
+
+    def _now(self, trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+        self._last = self._now(trainer)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._last is not None:
+            self._last = self._now(trainer)  # restart the clock after validation
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is None:
+        if _accumulating(trainer) or self._last is None:
             return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - self._t0
-        self._t0 = None
+        now = self._now(trainer)
+        dt, self._last = now - self._last, now
         self.train_seconds += dt
         self._window_seconds += dt
-        if _accumulating(trainer):
-            return
         self.steps_timed += 1
         self._window_steps += 1
         if trainer.global_step % self.every == 0 and self._window_seconds > 0:

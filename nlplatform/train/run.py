@@ -265,6 +265,11 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     if ckpt is not None and rank_zero:
         step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
         print(f"resuming from {ckpt.resolve()} at step {step}", file=sys.stderr)
+        if step >= cfg.trainer.max_steps:
+            print(
+                f"the run already reached trainer.max_steps={cfg.trainer.max_steps}; raise it to train further",
+                file=sys.stderr,
+            )
 
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
 
