@@ -166,6 +166,7 @@ def _precision(cfg: RecipeConfig) -> str:
 
 def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from nlplatform.train.callbacks import AtomicCheckpointIO
@@ -181,29 +182,31 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
         save_top_k=t.save_top_k,
         save_last=True,
     )
-    return L.Trainer(
-        max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval * acc,  # Lightning counts micro-batches; the recipe counts steps
-        check_val_every_n_epoch=None,
-        limit_val_batches=cfg.data.val_batches or None,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=_precision(cfg),
-        accumulate_grad_batches=acc,
-        gradient_clip_val=t.gradient_clip_val or None,
-        log_every_n_steps=t.log_every_n_steps,
-        logger=logger if logger is not None else False,
-        callbacks=[checkpoint, *callbacks],
-        plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=t.enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=t.deterministic,
-        use_distributed_sampler=False,  # the DataModule shards by rank itself (resumable, deterministic)
-        default_root_dir=run_dir,
-    )
+    try:
+        return L.Trainer(
+            max_steps=t.max_steps,
+            val_check_interval=t.val_check_interval * acc,  # Lightning counts micro-batches; the recipe counts steps
+            check_val_every_n_epoch=None,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=_precision(cfg),
+            accumulate_grad_batches=acc,
+            gradient_clip_val=t.gradient_clip_val or None,
+            log_every_n_steps=t.log_every_n_steps,
+            logger=logger if logger is not None else False,
+            callbacks=[checkpoint, *callbacks],
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=t.enable_progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic=t.deterministic,
+            use_distributed_sampler=False,  # the DataModule shards by rank itself (resumable, deterministic)
+            default_root_dir=run_dir,
+        )
+    except (MisconfigurationException, ValueError) as exc:  # Lightning's own checks of its arguments
+        raise ConfigError(f"trainer settings rejected: {str(exc).splitlines()[0]}") from None
 
 
 def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
@@ -230,30 +233,31 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     cfg = recipe_from_dict(recipe_to_dict(cfg))  # re-validate the filled-in recipe
 
     run_meta: dict[str, Any] = {}
+    resume_step = 0
     if ckpt is not None:
-        _check_resume_compatible(ckpt, cfg)
+        resume_step = int(_check_resume_compatible(ckpt, cfg).get("global_step", 0))
         if (run_dir / "run.json").exists():
             run_meta = json.loads((run_dir / "run.json").read_text())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    # Everything that can still reject the recipe (model sizes, Lightning's trainer arguments) runs before the run
+    # folder is written, so bad input leaves nothing behind.
     run_name = run_dir.name
     logger = tracking.make_logger(cfg, run_name, run_id=run_meta.get("mlflow_run_id"))
-    rank_zero = _is_rank_zero()
-    if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
-    tokenizer_spec = data.tokenizer.save(run_dir) if rank_zero else "bytes"
-
-    module = LMModule(recipe_to_dict(cfg), tokenizer=tokenizer_spec)
-    world = _world_size(cfg)
-    tps = tokens_per_step(cfg, world)
+    tps = tokens_per_step(cfg, _world_size(cfg))
     throughput = Throughput(tps, cfg.data.seq_len, cfg.trainer.log_every_n_steps)
     history = History()
     extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=ckpt is None)]
     extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
     trainer = build_trainer(cfg, run_dir, logger, extra)
+    recipe = recipe_to_dict(cfg)
+    module = LMModule(recipe)
 
+    rank_zero = _is_rank_zero()
     if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
+        module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
         if logger is not None:
             run_meta["mlflow_run_id"] = logger.run_id
             if ckpt is None:
@@ -262,14 +266,13 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
         run_meta.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         run_meta.setdefault("command", shlex.join(sys.argv))
         _write_atomic(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
-    if ckpt is not None and rank_zero:
-        step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
-        print(f"resuming from {ckpt.resolve()} at step {step}", file=sys.stderr)
-        if step >= cfg.trainer.max_steps:
-            print(
-                f"the run already reached trainer.max_steps={cfg.trainer.max_steps}; raise it to train further",
-                file=sys.stderr,
-            )
+        if ckpt is not None:
+            print(f"resuming from {ckpt.resolve()} at step {resume_step}", file=sys.stderr)
+            if resume_step >= cfg.trainer.max_steps:
+                print(
+                    f"the run already reached trainer.max_steps={cfg.trainer.max_steps}; raise it to train further",
+                    file=sys.stderr,
+                )
 
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
 

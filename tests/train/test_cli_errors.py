@@ -33,6 +33,8 @@ def train_cli(tmp_path: Path, *overrides: str, recipe: Path = TINY_RECIPE):
         pytest.param(["data.seq_len=-4"], ["data.seq_len must be > 0"], id="negative-size"),
         pytest.param(["model.n_heads=3"], ["divisible"], id="impossible-heads"),
         pytest.param(["data.paths=[/no/such/corpus.txt]"], ["/no/such/corpus.txt"], id="missing-corpus-file"),
+        pytest.param(["trainer.precision=bf17"], ["trainer settings rejected", "bf17"], id="unknown-precision"),
+        pytest.param(["trainer.strategy=dpp"], ["trainer settings rejected", "dpp"], id="unknown-strategy"),
     ],
 )
 def test_bad_recipe_input_exits_2_before_writing_anything(tmp_path, overrides, fragments):
