@@ -21,7 +21,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data train test test-gpu lint format ui bench clean
+.PHONY: help setup data train test lint format ui bench clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -46,9 +46,6 @@ train: $(STAMP) ## train RECIPE (default: the tiny default recipe) with ARGS="ke
 test: $(STAMP) data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-gpu: $(STAMP) ## run the GPU-only tests (needs CUDA)
-	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
-
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -57,7 +54,7 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-ui: $(STAMP) ## serve the MLflow UI for sqlite:///mlruns.db on http://127.0.0.1:$(MLFLOW_PORT)
+ui: $(STAMP) ## serve the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5000 (MLFLOW_PORT=...)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db} \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1

@@ -39,8 +39,8 @@ class Throughput(L.Callback):
     Lightning's table of devices for the run's dtype.
     """
 
-    def __init__(self, tokens_per_step: int, seq_len: int, log_every_n_steps: int) -> None:
-        self.tokens_per_step = tokens_per_step
+    def __init__(self, seq_len: int, log_every_n_steps: int) -> None:
+        self.tokens_per_step = 0  # T_step, known once the module has set up its levels
         self.seq_len = seq_len
         self.every = log_every_n_steps
         self.train_seconds = 0.0
@@ -56,6 +56,7 @@ class Throughput(L.Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tokens_per_step = pl_module.level_scheduler.tokens_per_step
         if trainer.strategy.root_device.type == "cuda":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)

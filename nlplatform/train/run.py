@@ -216,7 +216,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     from nlplatform import tracking
     from nlplatform.data import TextDataModule
     from nlplatform.train.callbacks import FinalValidation, History, LevelMonitor, Throughput
-    from nlplatform.train.module import LMModule, tokens_per_step
+    from nlplatform.train.module import LMModule
 
     t_start = time.time()
     _quiet_lightning()
@@ -244,14 +244,12 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     # folder is written, so bad input leaves nothing behind.
     run_name = run_dir.name
     logger = tracking.make_logger(cfg, run_name, run_id=run_meta.get("mlflow_run_id"))
-    tps = tokens_per_step(cfg, _world_size(cfg))
-    throughput = Throughput(tps, cfg.data.seq_len, cfg.trainer.log_every_n_steps)
+    throughput = Throughput(cfg.data.seq_len, cfg.trainer.log_every_n_steps)
     history = History()
     extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=ckpt is None)]
     extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
     trainer = build_trainer(cfg, run_dir, logger, extra)
-    recipe = recipe_to_dict(cfg)
-    module = LMModule(recipe)
+    module = LMModule(recipe_to_dict(cfg))
 
     rank_zero = _is_rank_zero()
     if rank_zero:
@@ -280,23 +278,13 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     summary = _summary(cfg, module, trainer, unigram, throughput, history, t_start, run_meta.get("mlflow_run_id"))
     if trainer.is_global_zero:
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        tps = module.level_scheduler.tokens_per_step
         plot = _plot_loss_curve(history, tps, unigram, run_dir / "loss_curve.png", run_name)
         if logger is not None:
             logger.log_metrics({"summary/tokens_per_sec": summary["tokens_per_sec"]}, step=trainer.global_step)
             tracking.log_artifacts(logger, [run_dir / "recipe.yaml", run_dir / "summary.json", plot])
             logger.finalize("success")
     return RunResult(run_dir=run_dir, summary=summary)
-
-
-def _world_size(cfg: RecipeConfig) -> int:
-    devices = cfg.trainer.devices
-    if isinstance(devices, int):
-        n = devices
-    elif isinstance(devices, (list, tuple)):
-        n = len(devices)
-    else:
-        n = int(os.environ.get("WORLD_SIZE", "1")) // max(1, cfg.trainer.num_nodes)
-    return n * cfg.trainer.num_nodes
 
 
 def _summary(cfg, module, trainer, unigram_ppl, throughput, history, t_start, run_id) -> dict[str, Any]:
