@@ -50,6 +50,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = build_model(recipe.model)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
-    model.to(device).eval()
+    try:
+        model.to(device).eval()
+    except (RuntimeError, AssertionError, ValueError) as exc:  # unknown device string, CUDA not available, ...
+        raise UserError(f"cannot place the model on device {device!r}: {str(exc).splitlines()[0]}") from None
     tokenizer = _tokenizer_for(hparams.get("tokenizer", "bytes"), path)
     return LoadedModel(model=model, recipe=recipe, tokenizer=tokenizer, step=int(state.get("global_step", 0)))

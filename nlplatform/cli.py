@@ -55,7 +55,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from nlplatform.checkpoint import load_checkpoint
     from nlplatform.generate import generate
 
-    loaded = load_checkpoint(args.checkpoint)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_checkpoint(args.checkpoint, device=device)
     tok = loaded.tokenizer
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_generate)
     return parser
 
