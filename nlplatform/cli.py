@@ -52,10 +52,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from nlplatform.checkpoint import load_checkpoint
     from nlplatform.generate import generate
-
-    import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(args.checkpoint, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -45,3 +46,24 @@ def test_tokens_per_step_counts_sequence_batch_world_and_accumulation():
     """T_step = seq_len x batch x world size x accumulation."""
     cfg = load_recipe(TINY_RECIPE, ["data.seq_len=128", "data.batch_size=6", "trainer.accumulate_grad_batches=3"])
     assert tokens_per_step(cfg, world_size=4) == 128 * 6 * 3 * 4
+
+
+def test_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    """AtomicCheckpointIO writes beside the target and renames: a crash mid-write keeps the old checkpoint whole."""
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from nlplatform.train.callbacks import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(self, checkpoint, target, storage_options=None):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
