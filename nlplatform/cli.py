@@ -6,7 +6,6 @@ Bad input (a recipe, a path, a corpus, a checkpoint) is reported in one line on 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nlplatform.errors import TrainingDiverged, UserError
@@ -18,10 +17,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nlplatform.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)  # bad recipes fail before the heavy imports below
-    from nlplatform.train.run import train
+    from nlplatform.train.run import is_rank_zero, train
 
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if is_rank_zero():
         s = result.summary
         print(
             f"done: {s['steps']} steps, {s['tokens_seen']:,} tokens, val loss {s['val_loss']:.4f}, "

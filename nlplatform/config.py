@@ -55,9 +55,7 @@ class DataConfig:
     batch_size: int = 16  # windows per micro-batch on each device
     tokenizer: str = "bytes"  # bytes (257 ids), bpe (trained on the train split, cached) or file:PATH/tokenizer.json
     bpe_vocab_size: int = 4096  # vocabulary of the bpe tokenizer, end-of-text token included
-    paths: list[str] = field(
-        default_factory=list
-    )  # local txt/jsonl/json/parquet/arrow files or folders (replace default)
+    paths: list[str] = field(default_factory=list)  # txt/jsonl/json/parquet/arrow files or folders (replace default)
     hf_dataset: str | None = None  # a Hugging Face dataset name or saved folder (replaces the default corpus)
     hf_config: str | None = None  # the dataset's configuration name, when it has several
     hf_split: str = "train"  # split read from hf_dataset before our own train/val/test split
@@ -97,12 +95,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
 
     def __post_init__(self) -> None:
-        from nlplatform.optim import OPTIMIZERS
+        from nlplatform.optim import check_name
 
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(
-                f"unknown optim.name {self.name!r}.{_suggest(self.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
-            )
+        check_name(self.name)
         _positive("optim", lr=self.lr, eps=self.eps)
         _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
         for name in ("beta1", "beta2", "min_lr_ratio"):

@@ -16,10 +16,17 @@ from nlplatform.errors import ConfigError
 OPTIMIZERS = ("adamw",)
 
 
+def check_name(name: str) -> None:
+    """Raise a ConfigError with a suggestion unless ``name`` is an available optimizer."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(
+            f"unknown optim.name {name!r}.{_suggest(name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
+        )
+
+
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` over ``param_groups`` (each group may carry its own lr / weight_decay)."""
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    raise ConfigError(
-        f"unknown optim.name {cfg.name!r}.{_suggest(cfg.name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
-    )
+    check_name(cfg.name)
+    raise AssertionError(f"optimizer {cfg.name!r} is listed but not built")

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, UserError
 
 SUMMARY_KEYS = (
@@ -39,12 +41,6 @@ SUMMARY_KEYS = (
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _DropAdverts(logging.Filter):
@@ -61,7 +57,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """True in the process that writes the run folder (rank 0 of a multi-process launch, or a plain process)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
@@ -83,8 +80,6 @@ def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
         recipe = ckpt.parent.parent / "recipe.yaml"
         if not recipe.exists():
             continue
-        from omegaconf import OmegaConf
-
         saved = OmegaConf.load(recipe)
         if saved.model.name == cfg.model.name and saved.model.preset == cfg.model.preset:
             candidates.append(ckpt)
@@ -98,7 +93,7 @@ _RUN_ENV = "NLPLATFORM_RUN"
 
 def resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
     """(run folder, checkpoint to resume from or None), decided once by rank 0 and shared with the other ranks."""
-    if not _is_rank_zero() and _RUN_ENV in os.environ:
+    if not is_rank_zero() and _RUN_ENV in os.environ:
         shared = json.loads(os.environ[_RUN_ENV])
         return Path(shared["run_dir"]), Path(shared["ckpt"]) if shared["ckpt"] else None
     run_dir, ckpt = _resolve_run(cfg)
@@ -111,7 +106,7 @@ def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
     ckpt: Path | None = None
     if resume == "auto":
         ckpt = _find_auto_resume(cfg)
-        if ckpt is None and _is_rank_zero():
+        if ckpt is None and is_rank_zero():
             print("trainer.resume=auto: no earlier checkpoint of this recipe; starting a new run", file=sys.stderr)
     elif resume:
         ckpt = Path(resume)
@@ -251,10 +246,10 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     trainer = build_trainer(cfg, run_dir, logger, extra)
     module = LMModule(recipe_to_dict(cfg))
 
-    rank_zero = _is_rank_zero()
+    rank_zero = is_rank_zero()
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
+        atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
         module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
         if logger is not None:
             run_meta["mlflow_run_id"] = logger.run_id
@@ -263,7 +258,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
         run_meta.setdefault("run_name", run_name)
         run_meta.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         run_meta.setdefault("command", shlex.join(sys.argv))
-        _write_atomic(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
+        atomic_write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
         if ckpt is not None:
             print(f"resuming from {ckpt.resolve()} at step {resume_step}", file=sys.stderr)
             if resume_step >= cfg.trainer.max_steps:
@@ -277,7 +272,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     unigram = data.unigram_perplexity()
     summary = _summary(cfg, module, trainer, unigram, throughput, history, t_start, run_meta.get("mlflow_run_id"))
     if trainer.is_global_zero:
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         tps = module.level_scheduler.tokens_per_step
         plot = _plot_loss_curve(history, tps, unigram, run_dir / "loss_curve.png", run_name)
         if logger is not None:
