@@ -1,0 +1,92 @@
+"""The (gated) delta rule: DeltaNet's and Gated DeltaNet's token mixer, and the linear-memory core of Titans/HOPE.
+
+``gated_delta_rule`` is the public op; ``reference`` holds the step-by-step recurrence (ground truth) and the chunked
+form it runs on the reference backend. The math is in README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import resolve_backend
+from kernels.delta_rule.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+__all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "recurrent_gated_delta_rule"]
+
+AVAILABLE_BACKENDS = ("reference",)
+
+
+def _check_inputs(q, k, v, beta, g, initial_state, chunk_size) -> None:
+    name = "gated_delta_rule"
+    for label, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("initial_state", initial_state)):
+        if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            raise TypeError(f"{name}: {label} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError(f"{name}: the sequence is empty (T = 0); give at least one token")
+    if k.shape != q.shape:
+        raise ValueError(f"{name}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{name}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them")
+    for label, x in (("beta", beta), ("g", g)):
+        if x is not None and x.shape != (B, T, H):
+            raise ValueError(
+                f"{name}: {label} must be [B, T, H] = [{B}, {T}, {H}] (one scalar per head and token), "
+                f"got {tuple(x.shape)}"
+            )
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(
+            f"{name}: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
+            f"got {tuple(initial_state.shape)}"
+        )
+    tensors = [x for x in (q, k, v, beta, g, initial_state) if x is not None]
+    if len({x.device for x in tensors}) > 1:
+        raise ValueError(f"{name}: all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{name}: chunk_size must be a positive int (64 is the usual tiling), got {chunk_size!r}")
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the (gated) delta rule over a sequence; return ``(o, final_state)``.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys. Not normalised here: the layer L2-normalises them.
+        v: ``[B, T, H, V]`` values.
+        beta: ``[B, T, H]`` writing strength (in (0, 1), or (0, 2) to allow negative eigenvalues).
+        g: ``[B, T, H]`` log decay (``alpha_t = exp(g_t)``, so g <= 0); ``None`` is plain DeltaNet (no decay).
+        scale: read-out scale on q; default ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` state before the first token; default zeros.
+        output_final_state: also return the state after the last token (in float32, or float64 for fp64 inputs).
+        chunk_size: tokens per chunk of the exact chunkwise algorithm: a speed setting that does not change the
+            result beyond rounding. Any T works: a partial last chunk is padded internally.
+        backend: ``"auto"`` (Triton on CUDA when available, the reference otherwise), ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``o`` ``[B, T, H, V]`` in v's dtype, and the final state or ``None``.
+    """
+    _check_inputs(q, k, v, beta, g, initial_state, chunk_size)
+    resolve_backend("gated_delta_rule", backend, q, AVAILABLE_BACKENDS)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return chunk_gated_delta_rule(
+        q, k, v, beta, g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        chunk_size=chunk_size,
+    )  # fmt: skip
