@@ -1,39 +1,34 @@
 """Model registry: an explicit, greppable table from ``model.name`` to the module that defines the family.
 
-Each family module defines three names: ``CONFIG`` (its config dataclass, a subclass of ``ModelConfig``), ``MODEL``
-(the ``nn.Module``, built as ``MODEL(config)``) and ``PRESETS`` (preset name -> dict of config fields). Family modules
-are imported only when a recipe asks for them.
+Each family module defines ``SPECS``, a list of ``ModelSpec(name, config_cls, model_cls, presets)``: one per family
+it holds (``deltanet.py`` holds DeltaNet and Gated DeltaNet, which share their layer). Family modules are imported
+only when a recipe asks for them.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
 from nlplatform.config import ModelConfig, _suggest
 from nlplatform.errors import ConfigError
+from nlplatform.models.base import ModelSpec
 
 FAMILIES: dict[str, str] = {
     "transformer": "nlplatform.models.transformer",
+    "deltanet": "nlplatform.models.deltanet",
+    "gated_deltanet": "nlplatform.models.deltanet",
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    config_cls: type[ModelConfig]
-    model_cls: type[nn.Module]
-    presets: dict[str, dict[str, Any]]
 
 
 def get_spec(name: str) -> ModelSpec:
     if name not in FAMILIES:
         raise ConfigError(f"unknown model.name {name!r}.{_suggest(name, FAMILIES)} Known: {', '.join(FAMILIES)}")
     module = importlib.import_module(FAMILIES[name])
-    return ModelSpec(name, module.CONFIG, module.MODEL, module.PRESETS)
+    return next(spec for spec in module.SPECS if spec.name == name)
 
 
 def model_config(name: str, preset: str, **overrides: Any) -> ModelConfig:

@@ -1,8 +1,18 @@
-"""Building blocks shared by every model family: RMSNorm, rotary embeddings, SwiGLU and causal attention."""
+"""Building blocks shared by the model families: norms, rotary embeddings, SwiGLU, causal attention, short conv."""
 
 from nlplatform.layers.attention import Attention, KVCache
+from nlplatform.layers.conv import ShortConv
 from nlplatform.layers.mlp import SwiGLU
-from nlplatform.layers.norm import RMSNorm
+from nlplatform.layers.norm import GatedRMSNorm, RMSNorm
 from nlplatform.layers.rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary"]
+__all__ = [
+    "Attention",
+    "GatedRMSNorm",
+    "KVCache",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "ShortConv",
+    "SwiGLU",
+    "apply_rotary",
+]

@@ -66,6 +66,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)  # residual output projection
         self.rope = RotaryEmbedding(self.head_dim, rope_theta)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal(0, std) projections; the residual output projection ``wo`` gets the depth-scaled ``out_std``."""
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token of the scores and the weighted sum (QK^T and AV, 2 * 2 * H * D * T forward,
+        x3 with backward) at context length ``seq_len``, not halved for causality: the PaLM convention."""
+        return 12 * self.n_heads * self.head_dim * seq_len
+
     def new_cache(
         self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
