@@ -179,7 +179,7 @@ class DeltaNetMixer(nn.Module):
         if self.cfg.gated:  # log decay, <= 0: g = -exp(A_log) softplus(W_a x + dt_bias)
             g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
         o, memory = gated_delta_rule(
-            q, k, v, beta.to(q.dtype), None if g is None else g.to(q.dtype),
+            q, k, v, beta, g,  # the gates stay in >= fp32 under autocast: the op accumulates in fp32 anyway
             initial_state=None if state is None else state.memory,
             output_final_state=state is not None,
             chunk_size=self.cfg.chunk_size,

@@ -51,6 +51,7 @@ def outputs_and_grads(fn, inputs, **kwargs):
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 @pytest.mark.parametrize("initial_state", [False, True], ids=["h0=0", "h0"])
 def test_chunked_equals_recurrent_in_fp64_with_state_and_every_gradient(T, chunk_size, gated, initial_state):
+    """The chunkwise form reproduces the recurrence's output, final state and all input gradients in fp64."""
     inputs = make_inputs(T, gated=gated, initial_state=initial_state)
     ref = outputs_and_grads(recurrent_gated_delta_rule, inputs, scale=0.3)
     out = outputs_and_grads(chunk_gated_delta_rule, inputs, scale=0.3, chunk_size=chunk_size)
@@ -61,6 +62,7 @@ def test_chunked_equals_recurrent_in_fp64_with_state_and_every_gradient(T, chunk
 
 @pytest.mark.parametrize("form", ["recurrent", "chunked"])
 def test_gradcheck_on_a_tiny_fp64_case(form):
+    """Autograd through either form matches finite differences."""
     inputs = make_inputs(5, initial_state=True)
     names = ["q", "k", "v", "beta", "g", "initial_state"]
 
@@ -74,6 +76,7 @@ def test_gradcheck_on_a_tiny_fp64_case(form):
 
 
 def test_fp32_chunked_tracks_the_fp64_ground_truth():
+    """In fp32 the chunked form stays within 1e-5 relative RMS of the fp64 recurrence, gradients included."""
     inputs64 = make_inputs(100)
     inputs32 = {n: x.detach().float().requires_grad_() for n, x in inputs64.items()}
     ref = outputs_and_grads(recurrent_gated_delta_rule, inputs64, scale=0.3)
@@ -84,6 +87,7 @@ def test_fp32_chunked_tracks_the_fp64_ground_truth():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_output_keeps_the_input_dtype_and_the_state_accumulates_in_at_least_fp32(dtype):
+    """o comes back in v's dtype; the final state is fp32 for fp16/fp32 inputs and fp64 for fp64."""
     inputs = make_inputs(9, dtype=dtype, initial_state=False)
     for fn, kw in ((recurrent_gated_delta_rule, {}), (chunk_gated_delta_rule, {"chunk_size": 4})):
         o, state = run(fn, inputs, scale=0.3, **kw)
@@ -92,6 +96,7 @@ def test_output_keeps_the_input_dtype_and_the_state_accumulates_in_at_least_fp32
 
 
 def test_zero_log_decay_is_plain_deltanet():
+    """g = 0 (alpha = 1) gives exactly the ungated delta rule."""
     inputs = make_inputs(33, gated=False)
     o_plain, s_plain = run(chunk_gated_delta_rule, inputs, scale=0.3, chunk_size=16)
     inputs["g"] = torch.zeros(B, 33, H, dtype=torch.float64)
@@ -111,7 +116,7 @@ def test_a_full_strength_write_is_recalled_exactly():
 
 
 def test_splitting_a_sequence_and_carrying_the_state_changes_nothing():
-    """What recurrent decoding relies on: run [0, t) then [t, T) from the carried state, get the whole-sequence run."""
+    """Running [0, t) then [t, T) from the carried state gives the whole-sequence run (what decoding relies on)."""
     inputs = make_inputs(40)
     o_full, s_full = run(gated_delta_rule, inputs, chunk_size=16)
     first = {n: None if x is None else (x if n == "initial_state" else x[:, :25]) for n, x in inputs.items()}
@@ -123,6 +128,7 @@ def test_splitting_a_sequence_and_carrying_the_state_changes_nothing():
 
 
 def test_the_op_defaults_to_scale_one_over_sqrt_k_and_no_final_state():
+    """Without scale the op reads out with K^-1/2, and returns no final state unless asked."""
     inputs = make_inputs(10)
     args = {n: inputs[n] for n in ("q", "k", "v", "beta", "g")}
     o, state = gated_delta_rule(**args)
@@ -132,6 +138,7 @@ def test_the_op_defaults_to_scale_one_over_sqrt_k_and_no_final_state():
 
 
 def test_different_key_and_value_widths_are_supported():
+    """K != V works in both forms and they agree."""
     inputs = make_inputs(20, k_dim=4, v_dim=12)
     ref = run(recurrent_gated_delta_rule, inputs, scale=0.5)
     out = run(chunk_gated_delta_rule, inputs, scale=0.5, chunk_size=8)
@@ -161,6 +168,7 @@ def _bad(**changes):
     ids=["q-rank", "k-shape", "v-length", "beta-shape", "g-shape", "state-shape", "mixed-dtype", "int-beta", "T=0"],
 )
 def test_bad_inputs_get_an_error_that_names_the_fix(changes, error, match):
+    """Wrong shapes, dtypes or an empty sequence fail with a message naming the expected layout."""
     inputs = _bad(**changes)
     with pytest.raises(error, match=match):
         run(gated_delta_rule, inputs)
@@ -168,11 +176,13 @@ def test_bad_inputs_get_an_error_that_names_the_fix(changes, error, match):
 
 @pytest.mark.parametrize("chunk_size", [0, -64, 2.5, True])
 def test_chunk_size_must_be_a_positive_int(chunk_size):
+    """A chunk size that is not a positive int is refused."""
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         run(gated_delta_rule, _bad(), chunk_size=chunk_size)
 
 
 def test_backends_that_do_not_exist_are_refused_with_the_available_ones():
+    """An unknown backend, or one the op lacks, fails with the list of available backends."""
     with pytest.raises(ValueError, match="backend must be one of"):
         run(gated_delta_rule, _bad(), backend="cuda")
     with pytest.raises(ValueError, match="available: reference"):

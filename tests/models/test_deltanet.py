@@ -34,6 +34,7 @@ family = pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
 @pytest.mark.parametrize("t", [0, 5, 30])
 def test_changing_later_tokens_never_changes_earlier_logits(family, t):
+    """Logits at positions <= t do not depend on the tokens after t."""
     model = make(family)
     ids = tokens(2, 40)
     changed = ids.clone()
@@ -47,6 +48,7 @@ def test_changing_later_tokens_never_changes_earlier_logits(family, t):
 @torch.no_grad()
 @pytest.mark.parametrize("length", [1, 7, 33, 100])
 def test_forward_returns_finite_logits_for_any_length(family, length):
+    """forward maps [B, T] ids to finite [B, T, vocab] logits for T = 1, odd T and T past a chunk."""
     logits = make(family)(tokens(3, length))
     assert logits.shape == (3, length, SMALL["vocab_size"])
     assert torch.isfinite(logits).all()
@@ -77,6 +79,7 @@ def test_step_by_step_with_carried_state_equals_the_full_forward(family, pieces,
 @family
 @torch.no_grad()
 def test_the_chunk_size_is_a_tiling_that_does_not_change_the_model(family):
+    """The same weights give the same logits at chunk sizes 16, 64 and 256."""
     ids = tokens(2, 100)
     logits = {c: make(family, dtype=torch.float64, chunk_size=c)(ids) for c in (16, 64, 256)}
     torch.testing.assert_close(logits[16], logits[64], rtol=1e-10, atol=1e-10)
@@ -85,6 +88,7 @@ def test_the_chunk_size_is_a_tiling_that_does_not_change_the_model(family):
 
 @family
 def test_levels_are_a_per_token_memory_and_the_weights(family):
+    """levels() is an in-context memory at chunk 1 with no parameters, then the weights owning every parameter."""
     model = make(family)
     memory, weights = model.levels()
     assert (memory.name, memory.scope, memory.chunk_size, memory.params) == ("memory", "in_context", 1, [])
@@ -112,6 +116,7 @@ def test_gated_deltanet_decay_is_initialised_as_in_mamba2():
 
 @family
 def test_tiny_preset_forward_backward_gives_finite_gradients_for_every_parameter(family):
+    """One forward+backward of the tiny preset gives a finite, non-zero gradient for every parameter."""
     torch.manual_seed(0)
     model = build_model(model_config(family, "tiny", vocab_size=257)).train()
     ids = torch.randint(0, 257, (2, 70))
@@ -124,6 +129,7 @@ def test_tiny_preset_forward_backward_gives_finite_gradients_for_every_parameter
 
 @family
 def test_meta_build_then_to_empty_and_init_weights_gives_a_working_model(family):
+    """A model built on the meta device, materialised with to_empty and init_weights, runs."""
     with torch.device("meta"):
         model = DeltaNet(FAMILIES[family](**SMALL))
     model.to_empty(device="cpu")
@@ -134,6 +140,7 @@ def test_meta_build_then_to_empty_and_init_weights_gives_a_working_model(family)
 
 @family
 def test_flops_per_token_adds_the_chunked_delta_rule_to_six_n(family):
+    """flops_per_token = 6 N plus the chunked delta rule's products per layer, with the chunk capped by the window."""
     model = make(family)
     cfg = model.cfg
     H, K, V = cfg.n_heads, cfg.key_dim, cfg.value_dim
@@ -144,6 +151,7 @@ def test_flops_per_token_adds_the_chunked_delta_rule_to_six_n(family):
 
 
 def test_gated_deltanet_widens_values_and_gates_the_output():
+    """Gated DeltaNet doubles the value width and gates the output norm; DeltaNet does neither."""
     cfg = GatedDeltaNetConfig(**SMALL)
     assert (cfg.value_dim, cfg.output_gate) == (2 * cfg.key_dim, True)
     mixer = DeltaNet(cfg).layers[0].mixer
@@ -153,6 +161,7 @@ def test_gated_deltanet_widens_values_and_gates_the_output():
 
 @family
 def test_greedy_generation_with_the_recurrent_state_equals_argmax_of_full_forwards(family):
+    """generate() with the recurrent state picks the argmax of re-running the whole context."""
     model = make(family)
     prompt = [3, 14, 15, 92, 65]
     out = generate(model, prompt, max_new_tokens=12, temperature=0)
@@ -179,11 +188,13 @@ def test_greedy_generation_with_the_recurrent_state_equals_argmax_of_full_forwar
     ],
 )
 def test_impossible_settings_raise_config_error(bad, key):
+    """Settings that cannot build a model fail at config time with a ConfigError naming the field."""
     with pytest.raises(ConfigError, match=key):
         GatedDeltaNetConfig(**{**SMALL, **bad})
 
 
 def test_registry_has_both_families_with_their_own_configs():
+    """Both names resolve to their own config class; the 1.3b Gated DeltaNet has FLA's head layout."""
     assert type(model_config("deltanet", "tiny")) is DeltaNetConfig
     cfg = model_config("gated_deltanet", "1.3b")
     assert type(cfg) is GatedDeltaNetConfig and (cfg.n_heads, cfg.key_dim, cfg.value_dim) == (6, 256, 512)

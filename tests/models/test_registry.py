@@ -73,9 +73,10 @@ def test_preset_overrides_are_applied_and_validated():
 
 
 def test_importing_models_and_layers_does_not_import_the_training_stack():
-    """Importing the transformer, the layers and generate pulls in none of lightning, mlflow, optuna, lm_eval."""
+    """Importing the models, the layers, generate and the kernels pulls in none of lightning, mlflow, optuna, lm_eval."""
     code = (
-        "import sys, nlplatform.models.transformer, nlplatform.layers, nlplatform.generate\n"
+        "import sys, nlplatform.models.transformer, nlplatform.models.deltanet, nlplatform.layers\n"
+        "import nlplatform.generate, kernels.delta_rule\n"
         "heavy = ('lightning', 'pytorch_lightning', 'mlflow', 'optuna', 'lm_eval')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
