@@ -99,20 +99,20 @@ def chunk_gated_delta_rule(
     rhs = torch.cat([v, rhs_w], dim=-1) * beta[..., None]  # [B, H, N, C, V + K]
     # unitriangular=True reads only the strictly lower part of A and takes the diagonal as 1.
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    u_tilde, w = sol[..., :V], sol[..., V:]
+    u_tilde, w = sol.split([V, K], dim=-1)
     attn = (q @ k.transpose(-1, -2)) * decay_ij  # intra-chunk scores, diagonal included: [B, H, N, C, C]
 
     # The only sequential part: carry S across chunks. u_n = U~_n - W_n S_n are the chunk's effective new values.
+    # Per-chunk operands come from unbind (one gradient stack in backward, not one zero-filled tensor per chunk).
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    writers = (k if k_out is None else k_out).transpose(-1, -2).unbind(dim=2)  # keys as they reach the chunk end
+    decays = [None] * N if gamma_last is None else gamma_last.unbind(dim=2)
     starts, values = [], []
-    for n in range(N):
-        u = u_tilde[:, :, n] - w[:, :, n] @ S  # [B, H, C, V]
+    for u_n, w_n, k_n, d_n in zip(u_tilde.unbind(dim=2), w.unbind(dim=2), writers, decays):
+        u = u_n - w_n @ S  # [B, H, C, V]
         starts.append(S)
         values.append(u)
-        if gamma is None:
-            S = S + k[:, :, n].transpose(-1, -2) @ u
-        else:
-            S = S * gamma_last[:, :, n] + k_out[:, :, n].transpose(-1, -2) @ u
+        S = (S if d_n is None else S * d_n) + k_n @ u
     S_starts = torch.stack(starts, dim=2)  # [B, H, N, K, V]
     u = torch.stack(values, dim=2)  # [B, H, N, C, V]
     q_in = q if gamma is None else q * gamma  # gamma_i q_i reads the chunk-start state decayed to position i
