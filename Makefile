@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 
 RECIPE ?= recipes/transformer/tiny.yaml
 ARGS   ?=
+CKPT   ?=
+SUITE  ?= commonsense
 PYTEST_ARGS ?=
 MLFLOW_PORT ?= 5000
 
@@ -21,7 +23,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data train test lint format ui bench clean
+.PHONY: help setup data eval-data train eval test lint format ui bench clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -40,10 +42,17 @@ setup: $(STAMP) ## create .venv and install the project (editable) with all extr
 data: $(STAMP) ## fetch the embedded default corpus (Shakespeare) and build its token cache
 	$(PY) -m nlplatform data
 
+eval-data: $(STAMP) ## fetch the commonsense eval data (once) into the cache
+	$(PY) -m nlplatform eval-data
+
 train: $(STAMP) ## train RECIPE (default: the tiny default recipe) with ARGS="key=value ..." overrides
 	$(PY) -m nlplatform train $(RECIPE) $(ARGS)
 
-test: $(STAMP) data ## run the test suite (CPU, offline), slowest tests listed at the end
+eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt with lm-eval on SUITE (default commonsense) with ARGS="--limit N"
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<experiment>/<run>/checkpoints/last.ckpt [SUITE=smoke] [ARGS=...]" >&2; exit 2; }
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m nlplatform eval $(CKPT) --suite $(SUITE) $(ARGS)
+
+test: $(STAMP) data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check

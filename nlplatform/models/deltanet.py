@@ -215,6 +215,8 @@ class DeltaNetMixer(nn.Module):
 class DeltaNet(DecoderLM):
     """DeltaNet / Gated DeltaNet language model (which one follows the config class)."""
 
+    recurrent = True
+
     def __init__(self, cfg: DeltaNetConfig) -> None:
         super().__init__(cfg, lambda _: DeltaNetMixer(cfg))
 

@@ -3,7 +3,7 @@
 A run lives in ``<output_dir>/<experiment>/<run>/``:
 
     recipe.yaml        the resolved recipe (vocab size filled in), enough to reproduce the run
-    run.json           run name, MLflow run id, start time, command line
+    run.json           run name, MLflow run id and tracking URI, start time, command line
     tokenizer.json     the trained/loaded tokenizer (absent for bytes)
     checkpoints/       last.ckpt + the best by val loss, written at every validation, atomically
     loss_curve.png     train and validation loss against tokens seen
@@ -253,6 +253,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
         module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
         if logger is not None:
             run_meta["mlflow_run_id"] = logger.run_id
+            run_meta["tracking_uri"] = tracking.absolute_uri(tracking.tracking_uri(cfg))
             if ckpt is None:
                 logger.log_hyperparams(tracking.recipe_params(cfg))
         run_meta.setdefault("run_name", run_name)

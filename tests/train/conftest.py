@@ -1,11 +1,11 @@
-"""Shared training fixtures: small but real runs on the embedded corpus, trained once per test session.
+"""Helpers for tests that train through the command line: the fast recipe overrides, the corpus guard, ``run_cli``.
 
-Later test modules (eval, sweeps, generation of other families) reuse ``trained_run`` instead of training again.
+The session fixtures built on them (``trained_run``, ``family_run``) live in ``tests/conftest.py`` so that every test
+folder (train, eval, sweeps) shares one trained checkpoint per family.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -47,37 +47,3 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "nlplatform", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """A 30-step run through the real command line, tracked in its own sqlite MLflow store.
-
-    Returns (run_dir, tracking_uri, completed_process).
-    """
-    if not corpus_ready():
-        pytest.skip("embedded corpus not fetched; run `make data` (make test does it first)")
-    work = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{work / 'mlruns.db'}"
-    proc = run_cli(
-        "train",
-        str(TINY_RECIPE),
-        *FAST,
-        "trainer.max_steps=30",
-        "trainer.val_check_interval=10",
-        "trainer.log_every_n_steps=2",
-        "optim.lr=1e-2",
-        f"output_dir={work / 'runs'}",
-        f"tracking.tracking_uri={uri}",
-        "tracking.experiment=tests",
-        cwd=work,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    return run_dir, uri, proc
-
-
-@pytest.fixture(scope="session")
-def trained_summary(trained_run) -> dict:
-    run_dir, _, _ = trained_run
-    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,1 @@
+"""Evaluation: offline eval data, lm-eval tasks and the model adapter."""

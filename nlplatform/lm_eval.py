@@ -1,0 +1,68 @@
+"""``python -m nlplatform.lm_eval ARGS``: lm-eval's own command line, with our model and our offline tasks.
+
+lm-eval discovers no model plugins by itself, so this entry point registers the ``nlplatform`` model (the adapter in
+``nlplatform/eval/harness.py``), writes the task YAMLs of ``evals/tasks`` for this machine (fetching the eval data
+on first use) and adds them with ``--include_path`` unless one is given; every other argument goes to lm-eval
+unchanged, so all of its options work. For example::
+
+    python -m nlplatform.lm_eval --model nlplatform --model_args pretrained=runs/tiny/RUN/checkpoints/last.ckpt \\
+        --tasks piqa,arc_easy --limit 20 --batch_size 16
+
+The held-out corpus task is available when ``pretrained=`` names a checkpoint (its recipe says which corpus).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from nlplatform.errors import UserError
+
+
+def _arg(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def prepare_tasks(argv: list[str]) -> Path:
+    """Render the task YAMLs (with data paths for this machine) and return their folder."""
+    from nlplatform.data import cache_root
+    from nlplatform.eval.data import DATASETS, dataset_file, require_eval_data
+    from nlplatform.eval.tasks import render_tasks, write_heldout_pages
+
+    out = cache_root() / "eval" / "lm_eval_cli"
+    root = require_eval_data()
+    files = {name: dataset_file(name, root) for name in DATASETS}
+    model_args = _arg(argv, "--model_args") or ""
+    pretrained = dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv).get("pretrained")
+    if pretrained:
+        from nlplatform.checkpoint import load_checkpoint
+
+        recipe = load_checkpoint(pretrained).recipe
+        files["heldout_corpus"] = write_heldout_pages(recipe.data, out / "heldout_corpus.jsonl")
+    return render_tasks(out, files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import nlplatform.eval.harness  # noqa: F401  (registers the "nlplatform" model with lm-eval)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        if _arg(argv, "--include_path") is None and argv and argv[0] not in ("-h", "--help"):
+            argv += ["--include_path", str(prepare_tasks(argv))]
+        sys.argv = ["lm_eval", *argv]
+        cli_evaluate()
+    except UserError as exc:  # a bad checkpoint, missing eval data: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
