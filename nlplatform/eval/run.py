@@ -75,7 +75,7 @@ def format_row(row: dict[str, float | None]) -> str:
     return "\n".join([head, "|" + "---|" * len(row), "| " + " | ".join(cells) + " |"])
 
 
-def _data_files(tasks: list[str], recipe, work: Path) -> dict[str, Path]:
+def _data_files(tasks: list[str], recipe, work: Path, page_chars: int) -> dict[str, Path]:
     """Absolute data paths for the tasks: the offline eval data (fetched on first use) and the held-out pages."""
     from nlplatform.eval.data import DATASETS, dataset_file, require_eval_data
 
@@ -85,7 +85,7 @@ def _data_files(tasks: list[str], recipe, work: Path) -> dict[str, Path]:
         root = require_eval_data()
         files.update({name: dataset_file(name, root) for name in wanted & set(DATASETS)})
     if "heldout_corpus" in tasks:
-        files["heldout_corpus"] = write_heldout_pages(recipe.data, work / "heldout_corpus.jsonl")
+        files["heldout_corpus"] = write_heldout_pages(recipe.data, work / "heldout_corpus.jsonl", page_chars)
     return files
 
 
@@ -144,7 +144,7 @@ def evaluate(
     scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tasks-", dir=scratch))
     try:
-        render_tasks(work, _data_files(tasks, loaded.recipe, work))
+        render_tasks(work, _data_files(tasks, loaded.recipe, work, suite.page_chars))
         manager = TaskManager(include_path=str(work), include_defaults=False)
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -170,6 +170,7 @@ def evaluate(
         "tasks": tasks,
         "limit": limit,
         "num_fewshot": suite.num_fewshot,
+        "page_chars": suite.page_chars,
         "row": row,
         "metrics": metrics,
         "results": out["results"],

@@ -33,6 +33,7 @@ class Suite:
     tasks: list[str]
     num_fewshot: int = 0
     limit: int | None = None  # items per task; None = all
+    page_chars: int = PAGE_CHARS  # held-out corpus documents are scored in pages of at most this many characters
 
 
 def task_names() -> list[str]:
@@ -50,7 +51,16 @@ def load_suite(name: str) -> Suite:
         known = suite_names()
         raise UserError(f"unknown suite {name!r}.{_suggest(name, known)} Suites: {', '.join(known)}")
     spec = yaml.safe_load(path.read_text()) or {}
-    suite = Suite(name, list(spec.get("tasks") or []), int(spec.get("num_fewshot") or 0), spec.get("limit"))
+    unknown = sorted(set(spec) - {"tasks", "num_fewshot", "limit", "page_chars"})
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (known: tasks, num_fewshot, limit, page_chars)")
+    suite = Suite(
+        name,
+        list(spec.get("tasks") or []),
+        int(spec.get("num_fewshot") or 0),
+        spec.get("limit"),
+        int(spec.get("page_chars") or PAGE_CHARS),
+    )
     check_tasks(suite.tasks)
     return suite
 

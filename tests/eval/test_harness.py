@@ -136,3 +136,25 @@ def test_bad_arguments_are_user_errors():
         NLPlatformLM(model=make_model("transformer"), tokenizer=Tokenizer(), dtype="float8")
     with pytest.raises(UserError, match="batch_size"):
         make_lm("transformer", batch_size=0)
+
+
+def test_loglikelihood_with_a_bpe_tokenizer_scores_the_continuations_tokens():
+    """With a BPE tokenizer the continuation is the tail of encode(context + continuation) (lm-eval's split), and
+    its score is the model's own log-probability of those tokens."""
+    from nlplatform.data.tokenizer import EOT_TOKEN, train_bpe
+
+    docs = ["the cat sat on the mat and the dog sat on the log " * 20, "a bird in the hand is worth two " * 20]
+    backend = train_bpe(docs, 300)
+    tok = Tokenizer(backend, name="bpe-300", eot_id=backend.token_to_id(EOT_TOKEN))
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size)).eval()
+    lm = NLPlatformLM(model=model, tokenizer=tok, device="cpu")
+    pairs = [("the cat sat on", " the mat"), ("a bird", " in the hand"), ("", "the dog")]
+    out = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    for (context, continuation), (ll, _) in zip(pairs, out):
+        if context:
+            ctx = tok.encode(context)
+            cont = tok.encode(context + continuation)[len(ctx) :]
+        else:
+            ctx, cont = [tok.eot_id], tok.encode(continuation)
+        assert ll == pytest.approx(direct_logprob(model, ctx, cont), abs=1e-4)
