@@ -108,3 +108,17 @@ def test_missing_eval_data_without_network_names_the_command(trained_run, tmp_pa
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "make eval-data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_corpus
+@needs_eval_data
+def test_extended_suite_tasks_run_offline(trained_run, tmp_path):
+    """OpenBookQA, SciQ, COPA and CommonsenseQA (the rest of the offline data) score through the same path."""
+    ckpt, _ = checkpoint_of("transformer", trained_run, None)
+    tasks = "openbookqa,sciq,copa,commonsense_qa"
+    proc = run_cli("eval", str(ckpt), "--suite", "extended", "--tasks", tasks, "--limit", "2", "--no-track",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    for task in tasks.split(","):
+        assert 0 <= report["metrics"][f"eval/{task}/acc"] <= 1, task
