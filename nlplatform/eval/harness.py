@@ -114,8 +114,7 @@ class NLPlatformLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+            for batch in self._batches(order, lambda i: len(requests[i][1]) + len(requests[i][2])):
                 inputs, targets = [], []
                 for i in batch:
                     _, context, continuation = requests[i]
@@ -130,6 +129,23 @@ class NLPlatformLM(TemplateLM):
                     results[i] = res
                 bar.update(len(batch))
         return results  # type: ignore[return-value]
+
+    def _batches(self, order: list[int], length) -> list[list[int]]:
+        """Consecutive groups of ``order`` (longest first) of at most ``batch_size`` requests and at most
+        ``batch_size * max_length`` padded tokens: recurrent families read whole contexts, so one BoolQ passage can
+        be many windows long, and a token budget keeps the memory of a batch what it is for attention models."""
+        budget = self.batch_size * self.max_length
+        batches: list[list[int]] = []
+        for i in order:
+            if (
+                batches
+                and len(batches[-1]) < self.batch_size
+                and (len(batches[-1]) + 1) * length(batches[-1][0]) <= budget
+            ):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
 
     @torch.inference_mode()
     def _rolling_recurrent(self, tokens: list[int]) -> float:

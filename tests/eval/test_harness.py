@@ -158,3 +158,13 @@ def test_loglikelihood_with_a_bpe_tokenizer_scores_the_continuations_tokens():
         else:
             ctx, cont = [tok.eot_id], tok.encode(continuation)
         assert ll == pytest.approx(direct_logprob(model, ctx, cont), abs=1e-4)
+
+
+def test_batches_hold_at_most_batch_size_requests_and_a_window_budget_of_tokens():
+    """Long contexts (recurrent families read them whole) get smaller batches: at most batch_size requests and
+    batch_size * max_length padded tokens per batch, a request longer than that alone."""
+    lm = make_lm("gated_deltanet", batch_size=4, max_length=10)  # budget: 40 padded tokens
+    lengths = {0: 100, 1: 30, 2: 12, 3: 10, 4: 10, 5: 5, 6: 5, 7: 5, 8: 5, 9: 5}
+    batches = lm._batches(list(lengths), lengths.__getitem__)
+    assert batches == [[0], [1], [2, 3, 4], [5, 6, 7, 8], [9]]
+    assert sorted(i for b in batches for i in b) == list(lengths)
