@@ -12,19 +12,12 @@ against the flash-linear-attention 0.6.0 naive references timed on the same mach
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import device_and_label, median_seconds, peak_mem_gib, write_results
 
 from kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # The project's peer benchmark: flash-linear-attention 0.6.0's pure-PyTorch references, forward + backward, fp32,
 # B=4, T=256, H=4, D=64, on this machine type's CPU with 2 threads.
@@ -35,10 +28,6 @@ PEER = {
     "chunk": {"name": "naive_chunk_gated_delta_rule", "chunk_size": 64, "tokens_per_sec": 25_492},
     "recurrent": {"name": "naive_recurrent_gated_delta_rule", "tokens_per_sec": 5_776},
 }
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def bench_one(
@@ -65,19 +54,7 @@ def bench_one(
             o, _ = recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale)
         (o * do).sum().backward()
 
-    for _ in range(2):  # warm-up: allocator, kernels
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+    median = median_seconds(step, iters, device)
     return {
         "name": f"{form}_gated_delta_rule" if gated else f"{form}_delta_rule",
         "chunk_size": chunk_size,
@@ -86,9 +63,7 @@ def bench_one(
         "iters": iters,
         "ms_median": 1000 * median,
         "tokens_per_sec": B * T / median,
-        # GPU: peak allocated by torch during the timed iterations; CPU: peak resident set of the whole process so
-        # far (a running high-water mark, an upper bound).
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _peak_rss_gib(),
+        "peak_mem_gib": peak_mem_gib(device),
     }
 
 
@@ -102,8 +77,7 @@ def main() -> None:
     parser.add_argument("--recurrent-iters", type=int, default=5)  # the recurrence is O(T) sequential steps
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    device, device_name = device_and_label()
     shape = {"batch": args.batch, "seq_len": args.seq_len, "heads": args.heads, "head_dim": args.head_dim}
     # A peer figure only means something on the machine and shape it was measured at.
     peer_applies = device_name == PEER["device"] and shape == PEER["shape"]
@@ -125,19 +99,13 @@ def main() -> None:
         )
         rows.append(row)
 
-    RESULTS.mkdir(exist_ok=True)
-    tag = device_name.replace(" ", "_")
     meta = {
-        "device": device_name,
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
         "dtype": "float32",
         "timed": "forward + backward of the op alone, median of the timed iterations after 2 warm-up iterations",
         "peer": PEER,
         "peer_applies": peer_applies,
     }
-    (RESULTS / f"delta_rule-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "| op | chunk | gated | B x T x H x D | ms/iter | tokens/s | peer tokens/s | ratio to peer | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -159,10 +127,7 @@ def main() -> None:
     else:
         note = f"Forward + backward of the op alone, fp32. No peer figure for this device or shape ({PEER['source']})."
     mem = "Peak GiB is torch's peak allocation." if device == "cuda" else "Peak GiB is the process's running RSS peak."
-    (RESULTS / f"delta_rule-{tag}.md").write_text(
-        f"Device: {device_name}, torch {torch.__version__}\n\n" + "\n".join(lines) + f"\n\n{note} {mem}\n"
-    )
-    print(f"results: {RESULTS / f'delta_rule-{tag}.json'}")
+    write_results("delta_rule", device_name, meta, rows, lines, f"{note} {mem}")
 
 
 if __name__ == "__main__":

@@ -11,38 +11,21 @@ Writes bench/results/eval-<device>.json and .md (median of ``--repeats`` timed r
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
-import resource
-import statistics
 import string
-import time
-from pathlib import Path
 
 import torch
+from common import device_and_label, median_seconds, peak_mem_gib, write_results
 from lm_eval.api.instance import Instance
 
 from nlplatform import registry
 from nlplatform.data.tokenizer import Tokenizer
 from nlplatform.eval.harness import NLPlatformLM
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def _text(rng: random.Random, n: int) -> str:
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(n // 5 + 1)]
     return " ".join(words)[:n]
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_one(family: str, preset: str, args, device: str) -> dict:
@@ -57,11 +40,13 @@ def bench_one(family: str, preset: str, args, device: str) -> dict:
         pairs += [(context, " " + _text(rng, 40)) for _ in range(4)]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     scored = sum(len(c) + len(x) for c, x in pairs)  # bytes = tokens for the byte tokenizer
-    ll_s = _timed(lambda: lm.loglikelihood(requests, disable_tqdm=True), args.repeats)
+    ll_s = median_seconds(lambda: lm.loglikelihood(requests, disable_tqdm=True), args.repeats, device, warmup=1)
 
     doc = _text(rng, args.doc_chars)
     rolling = [Instance("loglikelihood_rolling", {}, (doc,), 0)]
-    roll_s = _timed(lambda: lm.loglikelihood_rolling(rolling, disable_tqdm=True), args.repeats)
+    roll_s = median_seconds(
+        lambda: lm.loglikelihood_rolling(rolling, disable_tqdm=True), args.repeats, device, warmup=1
+    )
     return {
         "family": family,
         "preset": preset,
@@ -71,9 +56,7 @@ def bench_one(family: str, preset: str, args, device: str) -> dict:
         "loglikelihood_tokens_per_sec": scored / ll_s,
         "rolling_doc_tokens": len(doc.encode()),
         "rolling_tokens_per_sec": len(doc.encode()) / roll_s,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_mem_gib": peak_mem_gib(device),
     }
 
 
@@ -86,8 +69,7 @@ def main() -> None:
     parser.add_argument("--doc-chars", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    device, device_name = device_and_label()
     rows = []
     for family in registry.FAMILIES:
         if args.preset not in registry.get_spec(family).presets:
@@ -98,10 +80,6 @@ def main() -> None:
             f"({row['loglikelihood_tokens_per_sec']:,.0f} tokens/s)   rolling {row['rolling_tokens_per_sec']:,.0f} tokens/s"
         )
         rows.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    tag = device_name.replace(" ", "_")
-    meta = {"device": device_name, "torch": torch.__version__, "platform": platform.platform(), **vars(args)}
-    (RESULTS / f"eval-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "| family | rolling reads | loglikelihood requests/s | scored tokens/s | rolling tokens/s | peak GiB |",
         "|---|---|---|---|---|---|",
@@ -113,13 +91,12 @@ def main() -> None:
             f"{r['loglikelihood_tokens_per_sec']:,.0f} | {r['rolling_tokens_per_sec']:,.0f} | {r['peak_mem_gib']:.2f} |"
         )
     note = (
-        f"Device: {device_name}, torch {torch.__version__}; {args.preset} presets (random init), byte tokenizer, "
-        f"batch size {args.batch_size}, max_length {args.max_length}; {args.requests} HellaSwag-shaped requests "
-        f"(200-character context, 40-character endings); rolling over one {args.doc_chars:,}-character document. "
-        "Peak GiB: GPU allocated, or the process's running CPU RSS peak.\n\n"
+        f"{args.preset} presets (random init), byte tokenizer, batch size {args.batch_size}, max_length "
+        f"{args.max_length}; {args.requests} HellaSwag-shaped requests (200-character context, 40-character endings); "
+        f"rolling over one {args.doc_chars:,}-character document. Peak GiB: GPU allocated, or the process's running "
+        "CPU RSS peak."
     )
-    (RESULTS / f"eval-{tag}.md").write_text(note + "\n".join(lines) + "\n")
-    print(f"results: {RESULTS / f'eval-{tag}.json'}")
+    write_results("eval", device_name, vars(args), rows, lines, note)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,12 @@ Writes bench/results/train_step-<device>.json and .md. On CUDA the step runs und
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import device_and_label, median_seconds, peak_mem_gib, write_results
 
 from nlplatform import registry
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, vocab: int, device: str) -> dict:
@@ -47,19 +36,7 @@ def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, v
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up: allocator, kernels, autotuning
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+    median = median_seconds(step, steps, device)
     return {
         "family": name,
         "preset": preset,
@@ -69,7 +46,7 @@ def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, v
         "step_ms_median": 1000 * median,
         "tokens_per_sec": batch * seq_len / median,
         # GPU: peak allocated by torch; CPU: peak resident set of the whole process (an upper bound).
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _peak_rss_gib(),
+        "peak_mem_gib": peak_mem_gib(device),
     }
 
 
@@ -81,8 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=257)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    device, device_name = device_and_label()
     rows = []
     for name in registry.FAMILIES:
         for preset in args.presets:
@@ -95,24 +71,16 @@ def main() -> None:
                 f"{name:>16} {preset:>6}: {row['tokens_per_sec']:>10,.0f} tokens/s  {row['step_ms_median']:8.1f} ms/step"
             )
             rows.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    tag = device_name.replace(" ", "_")
-    meta = {"device": device_name, "torch": torch.__version__, "platform": platform.platform()}
-    (RESULTS / f"train_step-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "| family | preset | params | seq_len x batch | ms/step | tokens/s | peak GiB (GPU alloc / CPU RSS) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mem = f"{r['peak_mem_gib']:.2f}"
         lines.append(
             f"| {r['family']} | {r['preset']} | {r['params']:,} | {r['seq_len']}x{r['batch']} | "
-            f"{r['step_ms_median']:.1f} | {r['tokens_per_sec']:,.0f} | {mem} |"
+            f"{r['step_ms_median']:.1f} | {r['tokens_per_sec']:,.0f} | {r['peak_mem_gib']:.2f} |"
         )
-    (RESULTS / f"train_step-{tag}.md").write_text(
-        f"Device: {device_name}, torch {torch.__version__}\n\n" + "\n".join(lines) + "\n"
-    )
-    print(f"results: {RESULTS / f'train_step-{tag}.json'}")
+    write_results("train_step", device_name, {}, rows, lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""What every benchmark script shares: the device and its label, the timing loop, peak memory, the results files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_and_label() -> tuple[str, str]:
+    """("cuda", the GPU's name) when a GPU is present, else ("cpu", "cpu-<threads>threads"): results files are named
+    after the label, so figures from different machines sit side by side."""
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_name()
+    return "cpu", f"cpu-{torch.get_num_threads()}threads"
+
+
+def peak_mem_gib(device: str) -> float:
+    """GPU: torch's peak allocation since the last reset; CPU: the process's peak resident set so far (a running
+    high-water mark, so an upper bound for rows measured after heavier ones)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def median_seconds(step: Callable[[], object], iters: int, device: str, warmup: int = 2) -> float:
+    """Median wall time of ``step`` over ``iters`` calls after ``warmup`` calls (allocator, kernels, autotuning),
+    synchronising the GPU around each call; the GPU's peak-memory counter is reset after the warm-up."""
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_results(name: str, label: str, meta: dict, rows: list[dict], table: list[str], note: str = "") -> Path:
+    """``results/<name>-<label>.json`` (meta + rows) and ``.md`` (a header line, the table, the note)."""
+    RESULTS.mkdir(exist_ok=True)
+    tag = label.replace(" ", "_")
+    meta = {"device": label, "torch": torch.__version__, "platform": platform.platform(), **meta}
+    path = RESULTS / f"{name}-{tag}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    body = f"Device: {label}, torch {torch.__version__}\n\n" + "\n".join(table) + "\n"
+    (RESULTS / f"{name}-{tag}.md").write_text(body + (f"\n{note}\n" if note else ""))
+    print(f"results: {path}")
+    return path
