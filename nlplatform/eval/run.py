@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nlplatform.data import atomic_write_text, cache_root
+from nlplatform.data.fetch import one_line
 from nlplatform.errors import UserError
 from nlplatform.eval.tasks import Suite, check_tasks, load_suite, render_tasks, write_heldout_pages
 
@@ -101,10 +104,15 @@ def _log_to_mlflow(checkpoint: Path, metrics: dict[str, float], step: int, artif
 
     from nlplatform.tracking import tracking_uri
 
-    client = MlflowClient(meta.get("tracking_uri") or tracking_uri())
-    stamp = 0
-    client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
-    client.log_artifact(run_id, str(artifact), artifact_path="eval")
+    uri = meta.get("tracking_uri") or tracking_uri()
+    stamp = int(time.time() * 1000)
+    try:
+        client = MlflowClient(uri)
+        client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
+        client.log_artifact(run_id, str(artifact), artifact_path="eval")
+    except Exception as exc:  # the store moved or is unreachable: the results JSON is written either way
+        print(f"warning: could not log to MLflow run {run_id} in {uri}: {one_line(exc)}", file=sys.stderr)
+        return None
     return run_id
 
 
