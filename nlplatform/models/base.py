@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlplatform.config import ModelConfig
+from nlplatform.config import ModelConfig, _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import RMSNorm, SwiGLU
 from nlplatform.levels import Level
@@ -45,10 +45,8 @@ class DecoderConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("d_model", "n_layers", "ffn_hidden", "multiple_of"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"model.{key} must be > 0, got {value}")
+        _positive("model", d_model=self.d_model, n_layers=self.n_layers, ffn_hidden=self.ffn_hidden,
+                  multiple_of=self.multiple_of)  # fmt: skip
         for key in ("norm_eps", "init_std"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta_rule import AVAILABLE_BACKENDS, gated_delta_rule
+from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import GatedRMSNorm, RMSNorm, ShortConv
 from nlplatform.levels import Level
@@ -46,10 +47,7 @@ class DeltaNetConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("n_heads", "head_dim"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"model.{key} must be > 0, got {value}")
+        _positive("model", n_heads=self.n_heads, head_dim=self.head_dim)
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, KVCache
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec
@@ -26,10 +27,7 @@ class TransformerConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("n_heads", "n_kv_heads"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"model.{key} must be > 0, got {value}")
+        _positive("model", n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
         if not self.rope_theta > 0:
             raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         if self.d_model % self.n_heads:
