@@ -6,6 +6,8 @@ form it runs on the reference backend. The math is in README.md beside this file
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from kernels._dispatch import resolve_backend
@@ -13,7 +15,9 @@ from kernels.delta_rule.reference import chunk_gated_delta_rule, recurrent_gated
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "recurrent_gated_delta_rule"]
 
-AVAILABLE_BACKENDS = ("reference",)
+# The Triton kernels (autograd.py and the kernel files it imports) load on first use, so that CPU runs never import
+# triton and TRITON_INTERPRET is read only when a kernel is really wanted.
+AVAILABLE_BACKENDS = ("reference", "triton") if importlib.util.find_spec("triton") else ("reference",)
 
 
 def _check_inputs(q, k, v, beta, g, initial_state, chunk_size) -> None:
@@ -75,14 +79,28 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token (in float32, or float64 for fp64 inputs).
         chunk_size: tokens per chunk of the exact chunkwise algorithm: a speed setting that does not change the
             result beyond rounding. Any T works: a partial last chunk is padded internally.
-        backend: ``"auto"`` (Triton on CUDA when available, the reference otherwise), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA when the kernels take these inputs, the reference otherwise),
+            ``"triton"`` (chunk sizes 16, 32, 64; fp32/fp16/bf16; K <= 256) or ``"reference"``.
 
     Returns:
         ``o`` ``[B, T, H, V]`` in v's dtype, and the final state or ``None``.
     """
     _check_inputs(q, k, v, beta, g, initial_state, chunk_size)
-    resolve_backend("gated_delta_rule", backend, q, AVAILABLE_BACKENDS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if resolve_backend("gated_delta_rule", backend, q, AVAILABLE_BACKENDS) == "triton":
+        from kernels.delta_rule import autograd
+
+        reason = autograd.unsupported(q, chunk_size)
+        if reason is None:
+            return autograd.triton_gated_delta_rule(
+                q, k, v, beta, g,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                chunk_size=chunk_size,
+            )  # fmt: skip
+        if backend == "triton":
+            raise ValueError(f"gated_delta_rule: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_gated_delta_rule(
         q, k, v, beta, g,
         scale=scale,
