@@ -166,8 +166,9 @@ class DeltaNetMixer(nn.Module):
         else:
             qkv, conv_cache = self.conv(qkv, None if state is None else state.conv)
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
-        q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6)
-        k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6)
+        # CUDA autocast computes the norm in fp32, which would promote q and k: keep them in the projection's dtype
+        q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6).to(qkv.dtype)
+        k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6).to(qkv.dtype)
         v = v.view(B, T, H, V)
         acc = torch.promote_types(x.dtype, torch.float32)  # gates in at least fp32 (fp64 stays fp64)
         beta = torch.sigmoid(self.b_proj(x).to(acc))  # [B, T, H]

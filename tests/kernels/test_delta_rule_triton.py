@@ -183,6 +183,7 @@ def test_triton_on_cpu_without_the_interpreter_names_the_environment_variable(mo
 
 def test_a_deltanet_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: DeltaNet and Gated DeltaNet logits and weight gradients agree across backends."""
+    pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")
     from nlplatform.models.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNetConfig
 
     small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, chunk_size=16)
@@ -234,3 +235,25 @@ def test_gpu_auto_picks_triton_and_falls_back_to_the_reference_for_other_chunk_s
     assert calls == [1]
     outputs_and_grads(inputs, "auto", chunk_size=128)
     assert calls == [1]
+
+
+@gpu
+@needs_cuda
+def test_gpu_deltanet_models_run_the_kernel_under_bf16_autocast(monkeypatch):
+    """Under CUDA autocast (which computes norms in fp32) the models still hand the kernel one dtype, and train."""
+    pytest.importorskip("omegaconf", reason="the model configs need omegaconf")
+    from kernels.delta_rule import autograd
+    from nlplatform.models.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNetConfig
+
+    calls = []
+    real = autograd.triton_gated_delta_rule
+    monkeypatch.setattr(autograd, "triton_gated_delta_rule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids = torch.randint(0, 100, (2, 512), device="cuda")
+    for config in (DeltaNetConfig, GatedDeltaNetConfig):
+        model = DeltaNet(config(d_model=128, n_layers=2, n_heads=2, vocab_size=100)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert len(calls) == 4  # two layers, two families
