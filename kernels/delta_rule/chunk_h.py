@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.delta_rule.tiling import num_warps, state_block
+
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_gated_delta_rule_fwd_h_kernel(
@@ -31,34 +33,37 @@ def chunk_gated_delta_rule_fwd_h_kernel(
     DT = k.dtype.element_ty
     NT = tl.cdiv(T, BT)
 
+    o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
+    # 32-bit offsets inside a chunk (token i of the chunk is row i * H); 64-bit scalars locate the chunk
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+    o_tv = o_i[:, None] * (H * V) + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_bh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
 
     for i_t in range(NT):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
+        m_t = i_t * BT + o_i < T
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
         tl.store(h + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
 
-        b_w = tl.load(w + o_bth[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        o_tv = o_bth[:, None] * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_u = tl.load(u + o_tv, mask=m_tv, other=0.0)
+        b_w = tl.load(w + bos * K + o_tk, mask=m_tk, other=0.0)
+        b_u = tl.load(u + bos * V + o_tv, mask=m_tv, other=0.0)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(DT), input_precision=DOT_PRECISION)
-        tl.store(v_new + o_tv, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
+        tl.store(v_new + bos * V + o_tv, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
 
-        b_k = tl.load(k + o_bth[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        if USE_G:
-            b_g = tl.load(gc + o_bth, mask=m_t, other=0.0)
-            b_glast = tl.load(gc + (i_b * T + tl.minimum(i_t * BT + BT, T) - 1).to(tl.int64) * H + i_h)
+        b_k = tl.load(k + bos * K + o_tk, mask=m_tk, other=0.0)
+        if USE_G:  # the decay to the chunk's end goes on the [BT, BV] values rather than on the [BT, K] keys
+            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
+            b_glast = tl.load(gc + bos + (tl.minimum(BT, T - i_t * BT) - 1) * H)
             b_h *= tl.exp(b_glast)
-            b_k = (b_k * tl.exp(b_glast - b_g)[:, None]).to(DT)
+            b_vn *= tl.exp(b_glast - b_g)[:, None]
         b_h += tl.dot(tl.trans(b_k), b_vn.to(DT), input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
@@ -85,52 +90,47 @@ def chunk_gated_delta_rule_bwd_dhu_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+    o_tv = o_i[:, None] * (H * V) + o_v[None, :]
     m_P = o_i[:, None] <= o_i[None, :]  # P^T[s, r] is nonzero for s <= r
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + i_bh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
 
     for i_t in range(NT - 1, -1, -1):
-        o_t = i_t * BT + o_i
-        m_t = o_t < T
-        o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
+        m_t = i_t * BT + o_i < T
+        bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
         # dh[n] is the gradient w.r.t. the state at the end of chunk n (what chunk n wrote into)
         tl.store(dh + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
 
         m_tk = m_t[:, None] & m_k[None, :]
-        o_tk = o_bth[:, None] * K + o_k[None, :]
-        b_q = tl.load(q + o_tk, mask=m_tk, other=0.0)
-        b_k = tl.load(k + o_tk, mask=m_tk, other=0.0)
-        o_tv = o_bth[:, None] * V + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_do = tl.load(do + o_tv, mask=m_tv, other=0.0)
+        b_q = tl.load(q + bos * K + o_tk, mask=m_tk, other=0.0)
+        b_k = tl.load(k + bos * K + o_tk, mask=m_tk, other=0.0)
+        b_do = tl.load(do + bos * V + o_tv, mask=m_tv, other=0.0)
 
+        # The row scales (decays, scale) go on the [BT, BV] factors rather than on the wider [BT, K] q and k.
         b_Pt = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [s, r] = k_s . q_r
-        b_qs = b_q * scale
+        b_kdh = tl.dot(b_k, b_dh.to(DT), input_precision=DOT_PRECISION)
+        b_dos = b_do.to(tl.float32) * scale
         if USE_G:
-            b_g = tl.load(gc + o_bth, mask=m_t, other=0.0)
-            b_glast = tl.load(gc + (i_b * T + tl.minimum(i_t * BT + BT, T) - 1).to(tl.int64) * H + i_h)
+            b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
+            b_glast = tl.load(gc + bos + (tl.minimum(BT, T - i_t * BT) - 1) * H)
             b_Pt *= tl.exp(tl.where(m_P, b_g[None, :] - b_g[:, None], 0.0))
-            b_qs *= tl.exp(b_g)[:, None]
-            b_k = (b_k * tl.exp(b_glast - b_g)[:, None]).to(DT)
+            b_kdh *= tl.exp(b_glast - b_g)[:, None]
+            b_dos *= tl.exp(b_g)[:, None]
         b_Pt = tl.where(m_P, b_Pt * scale, 0.0)
-        b_dv = tl.dot(b_Pt.to(DT), b_do.to(DT), input_precision=DOT_PRECISION)
-        b_dv += tl.dot(b_k, b_dh.to(DT), input_precision=DOT_PRECISION)
-        tl.store(dv + o_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        b_dv = tl.dot(b_Pt.to(DT), b_do.to(DT), input_precision=DOT_PRECISION) + b_kdh
+        tl.store(dv + bos * V + o_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
-        b_w = tl.load(w + o_tk, mask=m_tk, other=0.0)
+        b_w = tl.load(w + bos * K + o_tk, mask=m_tk, other=0.0)
         if USE_G:
             b_dh *= tl.exp(b_glast)
-        b_dh += tl.dot(tl.trans(b_qs.to(DT)), b_do.to(DT), input_precision=DOT_PRECISION)
+        b_dh += tl.dot(tl.trans(b_q), b_dos.to(DT), input_precision=DOT_PRECISION)
         b_dh -= tl.dot(tl.trans(b_w), b_dv.to(DT), input_precision=DOT_PRECISION)
 
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
-
-
-def state_block(K: int) -> int:
-    """The state's K tile: all of K at once (a power of two >= 16); larger keys go to the reference backend."""
-    return max(16, triton.next_power_of_2(K))
 
 
 def chunk_gated_delta_rule_fwd_h(k, w, u, gc, initial_state, output_final_state, chunk_size, dot_precision):
@@ -146,7 +146,7 @@ def chunk_gated_delta_rule_fwd_h(k, w, u, gc, initial_state, output_final_state,
         k, w, u, gc, initial_state, h, v_new, ht,
         T, H=H, K=K, V=V, BT=BT, BK=state_block(K), BV=BV,
         USE_G=gc is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, num_warps=num_warps(BT), num_stages=1,
     )  # fmt: skip
     return h, v_new, ht
 
@@ -165,6 +165,6 @@ def chunk_gated_delta_rule_bwd_dhu(q, k, w, gc, do, dht, has_initial_state, scal
         q, k, w, gc, do, dht, dh0, dh, dv,
         scale, T, H=H, K=K, V=V, BT=BT, BK=state_block(K), BV=BV,
         USE_G=gc is not None, USE_INITIAL_STATE=has_initial_state, USE_FINAL_STATE_GRADIENT=dht is not None,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, num_warps=num_warps(BT), num_stages=2,
     )  # fmt: skip
     return dh, dv, dh0

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_rule.wy_fast import block
+from kernels.delta_rule.tiling import block, num_warps
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -32,9 +32,10 @@ def chunk_fwd_o_kernel(
     NT = tl.cdiv(T, BT)
 
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < T
-    o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
+    m_t = i_t * BT + o_i < T
+    # the chunk's first row as a 64-bit scalar; offsets inside the chunk stay 32-bit (fewer registers per tile)
+    bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, v_new, o = q + bos * K, k + bos * K, v_new + bos * V, o + bos * V
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     p_h = h + ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V
@@ -45,18 +46,19 @@ def chunk_fwd_o_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + o_bth[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_k = tl.load(k + o_bth[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        o_tk = o_i[:, None] * (H * K) + o_k[None, :]
+        b_q = tl.load(q + o_tk, mask=m_tk, other=0.0)
+        b_k = tl.load(k + o_tk, mask=m_tk, other=0.0)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_o += tl.dot(b_q, b_h, input_precision=DOT_PRECISION)
         b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
     m_A = o_i[:, None] >= o_i[None, :]
     if USE_G:
-        b_g = tl.load(gc + o_bth, mask=m_t, other=0.0)
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
         b_o *= tl.exp(b_g)[:, None]
         b_A *= tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0.0))
     b_A = tl.where(m_A, b_A, 0.0)
-    o_tv = o_bth[:, None] * V + o_v[None, :]
+    o_tv = o_i[:, None] * (H * V) + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     b_v = tl.load(v_new + o_tv, mask=m_tv, other=0.0)
     b_o = (b_o + tl.dot(b_A.to(DT), b_v, input_precision=DOT_PRECISION)) * scale
@@ -78,9 +80,10 @@ def chunk_bwd_dqkwg_kernel(
     NT = tl.cdiv(T, BT)
 
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < T
-    o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
+    m_t = i_t * BT + o_i < T
+    bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, v_new, do, dv = q + bos * K, k + bos * K, v_new + bos * V, do + bos * V, dv + bos * V
+    dq, dk, dw = dq + bos * K, dk + bos * K, dw + bos * K
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     o_hn = ((i_b * NT + i_t) * H + i_h).to(tl.int64) * K * V
@@ -93,7 +96,7 @@ def chunk_bwd_dqkwg_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        o_tv = o_bth[:, None] * V + o_v[None, :]
+        o_tv = o_i[:, None] * (H * V) + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         o_kv = o_hn + o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
@@ -110,14 +113,14 @@ def chunk_bwd_dqkwg_kernel(
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
     m_tk = m_t[:, None] & m_k[None, :]
-    o_tk = o_bth[:, None] * K + o_k[None, :]
+    o_tk = o_i[:, None] * (H * K) + o_k[None, :]
     b_q = tl.load(q + o_tk, mask=m_tk, other=0.0)
     b_k = tl.load(k + o_tk, mask=m_tk, other=0.0)
     m_A = o_i[:, None] >= o_i[None, :]
     if USE_G:
-        b_g = tl.load(gc + o_bth, mask=m_t, other=0.0)
-        i_last = tl.minimum(i_t * BT + BT, T) - 1
-        b_glast = tl.load(gc + (i_b * T + i_last).to(tl.int64) * H + i_h)
+        b_g = tl.load(gc + bos + o_i * H, mask=m_t, other=0.0)
+        i_last = tl.minimum(BT, T - i_t * BT) - 1  # the chunk's last real token
+        b_glast = tl.load(gc + bos + i_last * H)
         b_dq *= tl.exp(b_g)[:, None]
         b_dk *= tl.exp(b_glast - b_g)[:, None]
         b_ds *= tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0.0))
@@ -134,8 +137,8 @@ def chunk_bwd_dqkwg_kernel(
         b_kdk = b_k * b_dk
         b_dg = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dkp, 1) - tl.sum(b_kdk, 1)
         b_dglast = tl.sum(b_hdh, 0) * tl.exp(b_glast) + tl.sum(tl.sum(b_kdk, 1), 0)
-        b_dg += tl.where(o_t == i_last, b_dglast, 0.0)
-        tl.store(dgc + i_k.to(tl.int64) * tl.num_programs(2) * T + o_bth, b_dg, mask=m_t)
+        b_dg += tl.where(o_i == i_last, b_dglast, 0.0)
+        tl.store(dgc + i_k.to(tl.int64) * tl.num_programs(2) * T + bos + o_i * H, b_dg, mask=m_t)
 
 
 def chunk_fwd_o(q, k, v_new, h, gc, scale, chunk_size, dot_precision):
@@ -147,7 +150,7 @@ def chunk_fwd_o(q, k, v_new, h, gc, scale, chunk_size, dot_precision):
     chunk_fwd_o_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
         q, k, v_new, h, gc, o,
         scale, T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=BV,
-        USE_G=gc is not None, DOT_PRECISION=dot_precision,
+        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
     )  # fmt: skip
     return o
 
@@ -165,6 +168,6 @@ def chunk_bwd_dqkwg(q, k, v_new, h, gc, do, dh, dv, scale, chunk_size, dot_preci
     chunk_bwd_dqkwg_kernel[(NK, triton.cdiv(T, BT), B * H)](
         q, k, v_new, h, gc, do, dh, dv, dq, dk, dw, dgc,
         scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=block(V, 64),
-        USE_G=gc is not None, DOT_PRECISION=dot_precision,
+        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
     )  # fmt: skip
     return dq, dk, dw, (dgc.sum(0) if dgc is not None else None)

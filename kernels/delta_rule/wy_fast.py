@@ -5,7 +5,9 @@ A = strictLower(diag(beta) (Gamma * K K^T)), T = (I + A)^{-1} by forward substit
 u = T diag(beta) V. Nothing here crosses chunk boundaries, so the grid is one program per (chunk, batch x head).
 
 Layout: q, k [B, T, H, K], v [B, T, H, V], beta and g [B, T, H]; token t of sequence b and head h is row
-``(b * T + t) * H + h`` of every tensor (``o_bth`` below). T (the inverse) is stored as [B, T, H, BT] in float32.
+``(b * T + t) * H + h`` of every tensor. Each program moves its pointers to its chunk's first row with one 64-bit
+scalar (``bos``) and addresses the chunk with 32-bit offsets (``o_th = i * H`` for token i of the chunk).
+T (the inverse) is stored as [B, T, H, BT] in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.delta_rule.tiling import block, num_warps
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -28,20 +32,22 @@ def prepare_wy_repr_fwd_kernel(
     DT = k.dtype.element_ty
 
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < T
-    o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
-    b_beta = tl.load(beta + o_bth, mask=m_t, other=0.0).to(tl.float32)
+    m_t = i_t * BT + o_i < T
+    # the chunk's first row as a 64-bit scalar; offsets inside the chunk stay 32-bit (fewer registers per tile)
+    bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    k, v, beta, A, w, u = k + bos * K, v + bos * V, beta + bos, A + bos * BT, w + bos * K, u + bos * V
+    o_th = o_i * H  # token rows of beta, g and A inside the chunk
+    b_beta = tl.load(beta + o_th, mask=m_t, other=0.0).to(tl.float32)
     if USE_G:
+        g, gc = g + bos, gc + bos
         # chunk-local log decay gamma_i = g_1 + ... + g_i; padded tokens add 0, so they repeat the last gamma
-        b_g = tl.cumsum(tl.load(g + o_bth, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        tl.store(gc + o_bth, b_g, mask=m_t)
+        b_g = tl.cumsum(tl.load(g + o_th, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        tl.store(gc + o_th, b_g, mask=m_t)
 
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        p_k = k + o_bth[:, None] * K + o_k[None, :]
-        b_k = tl.load(p_k, mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_k = tl.load(k + o_th[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     m_A = o_i[:, None] > o_i[None, :]
     if USE_G:
@@ -55,24 +61,24 @@ def prepare_wy_repr_fwd_kernel(
         b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), 0)
         b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, 0)
         b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
-    tl.store(A + o_bth[:, None] * BT + o_i[None, :], b_T, mask=m_t[:, None])
+    tl.store(A + o_th[:, None] * BT + o_i[None, :], b_T, mask=m_t[:, None])
 
     b_Tc = b_T.to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_bth[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k + o_th[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
         b_kb = b_k * b_beta[:, None]
         if USE_G:
             b_kb *= tl.exp(b_g)[:, None]
         b_w = tl.dot(b_Tc, b_kb.to(DT), input_precision=DOT_PRECISION)
-        tl.store(w + o_bth[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
+        tl.store(w + o_th[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + o_bth[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + o_th[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_u = tl.dot(b_Tc, (b_v * b_beta[:, None]).to(DT), input_precision=DOT_PRECISION)
-        tl.store(u + o_bth[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
+        tl.store(u + o_th[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -93,18 +99,21 @@ def prepare_wy_repr_bwd_kernel(
     DT = k.dtype.element_ty
 
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < T
-    o_bth = (i_b * T + o_t).to(tl.int64) * H + i_h
+    m_t = i_t * BT + o_i < T
+    bos = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    k, v, beta, A, dw, du = k + bos * K, v + bos * V, beta + bos, A + bos * BT, dw + bos * K, du + bos * V
+    dk, dv, dbeta = dk + bos * K, dv + bos * V, dbeta + bos
+    o_th = o_i * H
     m_A = o_i[:, None] > o_i[None, :]
-    b_beta = tl.load(beta + o_bth, mask=m_t, other=0.0).to(tl.float32)
-    b_T = tl.load(A + o_bth[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_beta = tl.load(beta + o_th, mask=m_t, other=0.0).to(tl.float32)
+    b_T = tl.load(A + o_th[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
     b_Tc = b_T.to(DT)
     b_bg = b_beta  # beta_i e^{gamma_i}: the row scale of w's right-hand side
     if USE_G:
-        b_g = tl.load(gc + o_bth, mask=m_t, other=0.0)
+        gc, dgc, dg = gc + bos, dgc + bos, dg + bos
+        b_g = tl.load(gc + o_th, mask=m_t, other=0.0)
         b_bg = b_beta * tl.exp(b_g)
-        b_dg = tl.load(dgc + o_bth, mask=m_t, other=0.0)
+        b_dg = tl.load(dgc + o_th, mask=m_t, other=0.0)
 
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
@@ -113,7 +122,7 @@ def prepare_wy_repr_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        o_tk = o_bth[:, None] * K + o_k[None, :]
+        o_tk = o_th[:, None] * K + o_k[None, :]
         b_k = tl.load(k + o_tk, mask=m_tk, other=0.0)
         b_dw = tl.load(dw + o_tk, mask=m_tk, other=0.0)
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
@@ -131,7 +140,7 @@ def prepare_wy_repr_bwd_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        o_tv = o_bth[:, None] * V + o_v[None, :]
+        o_tv = o_th[:, None] * V + o_v[None, :]
         b_v = tl.load(v + o_tv, mask=m_tv, other=0.0)
         b_du = tl.load(du + o_tv, mask=m_tv, other=0.0)
         b_dT += tl.dot(b_du.to(DT), tl.trans((b_v * b_beta[:, None]).to(DT)), input_precision=DOT_PRECISION)
@@ -155,17 +164,17 @@ def prepare_wy_repr_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        o_tk = o_bth[:, None] * K + o_k[None, :]
+        o_tk = o_th[:, None] * K + o_k[None, :]
         b_k = tl.load(k + o_tk, mask=m_tk, other=0.0)
         b_dk = tl.load(dk + o_tk, mask=m_tk, other=0.0)
         b_dk += tl.dot(b_dAc, b_k, input_precision=DOT_PRECISION)
         b_dk += tl.dot(tl.trans(b_dAc), b_k, input_precision=DOT_PRECISION)
         tl.store(dk + o_tk, b_dk, mask=m_tk)
-    tl.store(dbeta + o_bth, b_dbeta, mask=m_t)
+    tl.store(dbeta + o_th, b_dbeta, mask=m_t)
     if USE_G:
         # gamma_i = sum_{j <= i} g_j, so dg_j = sum_{i >= j} dgamma_i (a reverse cumsum inside the chunk)
         b_dg = tl.sum(b_dg, 0) - tl.cumsum(b_dg, axis=0) + b_dg
-        tl.store(dg + o_bth, b_dg, mask=m_t)
+        tl.store(dg + o_th, b_dg, mask=m_t)
 
 
 def prepare_wy_repr_fwd(k, v, beta, g, chunk_size, dot_precision):
@@ -181,7 +190,7 @@ def prepare_wy_repr_fwd(k, v, beta, g, chunk_size, dot_precision):
     prepare_wy_repr_fwd_kernel[(NT, B * H)](
         k, v, beta, g, gc, A, w, u,
         T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=block(V, 64),
-        USE_G=g is not None, DOT_PRECISION=dot_precision,
+        USE_G=g is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
     )  # fmt: skip
     return gc, A, w, u
 
@@ -198,11 +207,6 @@ def prepare_wy_repr_bwd(k, v, beta, gc, A, dw, du, dk, dgc, chunk_size, dot_prec
     prepare_wy_repr_bwd_kernel[(NT, B * H)](
         k, v, beta, gc, A, dw, du, dk, dv, dbeta, dgc, dg,
         T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=block(V, 64),
-        USE_G=gc is not None, DOT_PRECISION=dot_precision,
+        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
     )  # fmt: skip
     return dv, dbeta, dg
-
-
-def block(n: int, cap: int) -> int:
-    """A tile edge for a dimension of size n: a power of two, at least 16 (tl.dot's minimum) and at most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
