@@ -23,11 +23,11 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data eval-data train eval test lint format ui bench clean
+.PHONY: help setup data eval-data train eval test test-kernels lint format ui bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt with lm-eval on SUITE (defau
 test: $(STAMP) data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+test-kernels: $(STAMP) ## kernel tests only: Triton vs reference (CPU interpreter; on a GPU add ARGS="-m gpu")
+	$(PY) -m pytest -q tests/kernels $(ARGS)
+
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -70,6 +73,9 @@ ui: $(STAMP) ## serve the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5
 
 bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/results/)
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+bench-kernels: $(STAMP) ## time the delta-rule op (Triton, reference) against fla and SDPA, fwd and fwd+bwd (ARGS="--repeats 20 ...")
+	$(PY) bench/bench_kernels.py $(ARGS)
 
 clean: ## remove run outputs, caches and the tracking database (keeps .venv)
 	rm -rf runs mlruns mlruns.db mlartifacts .cache .pytest_cache .ruff_cache

@@ -49,6 +49,25 @@ def median_seconds(step: Callable[[], object], iters: int, device: str, warmup: 
     return statistics.median(times)
 
 
+def median_cuda_event_seconds(step: Callable[[], object], iters: int, warmup: int = 2) -> float:
+    """Median GPU time of ``step`` over ``iters`` calls after ``warmup`` calls, each call timed by a pair of CUDA
+    events recorded around it on the current stream; the GPU's peak-memory counter is reset after the warm-up. For
+    timing kernels (``median_seconds`` is the wall-clock loop); needs a CUDA device."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)  # elapsed_time is in milliseconds
+    return statistics.median(times)
+
+
 def write_results(name: str, label: str, meta: dict, rows: list[dict], table: list[str], note: str = "") -> Path:
     """``results/<name>-<label>.json`` (meta + rows) and ``.md`` (a header line, the table, the note)."""
     RESULTS.mkdir(exist_ok=True)
