@@ -19,6 +19,38 @@ import triton.language as tl
 from kernels.delta_rule.tiling import block, num_warps
 
 
+@triton.jit
+def unit_lower_inverse(b_A, BT: tl.constexpr):
+    """(I + A)^{-1} for a strictly lower-triangular [BT, BT] float32 block A (BT = 16, 32 or 64), exactly.
+
+    With D = I + (A's 16 x 16 diagonal blocks) and L = the rest of A: (I + A)^{-1} = (I + N)^{-1} D^{-1}, N = D^{-1} L.
+    D^{-1} comes from forward substitution, T_i = e_i - sum_{j<i} A_ij T_j, in 15 steps that solve the BT/16 diagonal
+    blocks side by side; N is strictly block-lower, so N^4 = 0 and (I + N)^{-1} = (I - N)(I + N^2) for up to four
+    blocks, a few matmuls. Products run in IEEE fp32: the inverse feeds every later step.
+    """
+    NC: tl.constexpr = BT // 16
+    o_c = tl.arange(0, 16)
+    o_b = tl.arange(0, NC)
+    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NC, 1, NC, 1]: block row == block column
+    b_Ad = tl.sum(tl.where(m_diag, tl.reshape(b_A, (NC, 16, NC, 16)), 0.0), axis=2)  # [NC, 16, 16] diagonal blocks
+    b_Xd = tl.zeros([NC, 16, 16], dtype=tl.float32) + tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)[None, :, :]
+    for i in range(1, 16):
+        m_row = (o_c == i)[None, :, None]
+        b_a = tl.sum(tl.where(m_row, b_Ad, 0.0), axis=1)  # [NC, 16]: row i of every diagonal block
+        b_row = tl.where(o_c == i, 1.0, 0.0)[None, :] - tl.sum(b_a[:, :, None] * b_Xd, axis=1)
+        b_Xd = tl.where(m_row, b_row[:, None, :], b_Xd)
+    b_T = tl.reshape(tl.where(m_diag, b_Xd[:, :, None, :], 0.0), (BT, BT))  # D^{-1}, block diagonal
+    if NC > 1:
+        o_i = tl.arange(0, BT)
+        b_N = tl.dot(b_T, tl.where(o_i[:, None] // 16 > o_i[None, :] // 16, b_A, 0.0), input_precision="ieee")
+        b_P = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) - b_N
+        if NC > 2:
+            b_N2 = tl.dot(b_N, b_N, input_precision="ieee")
+            b_P += b_N2 - tl.dot(b_N, b_N2, input_precision="ieee")
+        b_T = tl.dot(b_P, b_T, input_precision="ieee")
+    return b_T
+
+
 @triton.jit(do_not_specialize=["T"])
 def prepare_wy_repr_fwd_kernel(
     k, v, beta, g, gc, A, w, u,
@@ -55,12 +87,7 @@ def prepare_wy_repr_fwd_kernel(
         b_A *= tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], 0.0))
     b_A = tl.where(m_A, b_A * b_beta[:, None], 0.0)
 
-    # T = (I + A)^{-1} row by row: T_i = e_i - sum_{j<i} A_ij T_j (rows j < i are final when row i is formed)
-    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), 0)
-        b_row = tl.where(o_i == i, 1.0, 0.0) - tl.sum(b_a[:, None] * b_T, 0)
-        b_T = tl.where(o_i[:, None] == i, b_row[None, :], b_T)
+    b_T = unit_lower_inverse(b_A, BT)
     tl.store(A + o_th[:, None] * BT + o_i[None, :], b_T, mask=m_t[:, None])
 
     b_Tc = b_T.to(DT)
