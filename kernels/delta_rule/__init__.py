@@ -87,21 +87,16 @@ def gated_delta_rule(
     """
     _check_inputs(q, k, v, beta, g, initial_state, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    run = chunk_gated_delta_rule
     if resolve_backend("gated_delta_rule", backend, q, AVAILABLE_BACKENDS) == "triton":
         from kernels.delta_rule import autograd
 
         reason = autograd.unsupported(q, chunk_size)
         if reason is None:
-            return autograd.triton_gated_delta_rule(
-                q, k, v, beta, g,
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                chunk_size=chunk_size,
-            )  # fmt: skip
-        if backend == "triton":
+            run = autograd.triton_gated_delta_rule
+        elif backend == "triton":
             raise ValueError(f"gated_delta_rule: the Triton backend does not take {reason}; use backend='reference'")
-    return chunk_gated_delta_rule(
+    return run(
         q, k, v, beta, g,
         scale=scale,
         initial_state=initial_state,
