@@ -43,7 +43,9 @@ class DeltaNetConfig(DecoderConfig):
     conv_size: int = 4  # causal depthwise conv width on q, k, v (GDN Table S.1: crucial); 0 = no conv
     allow_neg_eigval: bool = False  # beta in (0, 2): I - beta k k^T may then have negative eigenvalues
     output_gate: bool = False  # RMSNorm(o) * silu(W_g x) per head (Gated DeltaNet) instead of RMSNorm(o)
-    chunk_size: int = 64  # tiling of the exact chunkwise kernel (speed only; same model): a power of two, 16-256
+    # tiling of the exact chunkwise algorithm (speed only; same model): a power of two, 16-256; the Triton kernels
+    # tile 16, 32 or 64, and larger sizes run the PyTorch reference even on a GPU
+    chunk_size: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
