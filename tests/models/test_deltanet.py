@@ -181,7 +181,6 @@ def test_greedy_generation_with_the_recurrent_state_equals_argmax_of_full_forwar
         (dict(head_dim=0), "head_dim"),
         (dict(expand_v=0.3), "expand_v"),
         (dict(conv_size=-1), "conv_size"),
-        (dict(kernel_backend="triton"), "kernel_backend"),
         (dict(dt_min=0.2), "dt_min"),
         (dict(a_init_max=0.0), "a_init_max"),
         (dict(d_model=0), "d_model"),
@@ -191,6 +190,13 @@ def test_impossible_settings_raise_config_error(bad, key):
     """Settings that cannot build a model fail at config time with a ConfigError naming the field."""
     with pytest.raises(ConfigError, match=key):
         GatedDeltaNetConfig(**{**SMALL, **bad})
+
+
+def test_a_kernel_backend_this_install_lacks_is_a_config_error(monkeypatch):
+    """Without triton installed, model.kernel_backend=triton fails at config time and lists what is available."""
+    monkeypatch.setattr("nlplatform.models.deltanet.AVAILABLE_BACKENDS", ("reference",))
+    with pytest.raises(ConfigError, match="kernel_backend='triton'.*available: auto, reference"):
+        GatedDeltaNetConfig(**{**SMALL, "kernel_backend": "triton"})
 
 
 def test_registry_has_both_families_with_their_own_configs():
