@@ -1,0 +1,103 @@
+"""The Titans neural long-term memory: a deep MLP memory trained online, token by token, by gradient descent with
+momentum and forgetting (Titans Eq. 13-15; spec §5.1), in its chunkwise-parallel form.
+
+``titans_memory`` is the public op; ``reference`` holds the token-by-token rule with autograd gradients (the ground
+truth) and the chunkwise form it runs. The math is in README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import resolve_backend
+from kernels.titans_memory.reference import (
+    ACTIVATIONS,
+    MemoryState,
+    chunk_titans_memory,
+    initial_memory_state,
+    memory_read,
+    recurrent_titans_memory,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "MemoryState",
+    "chunk_titans_memory",
+    "initial_memory_state",
+    "memory_read",
+    "recurrent_titans_memory",
+    "titans_memory",
+]
+
+AVAILABLE_BACKENDS = ("reference",)
+
+
+def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation) -> None:
+    name = "titans_memory"
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if T == 0:
+        raise ValueError(f"{name}: the sequence is empty (T = 0); give at least one token")
+    if k.shape != q.shape:
+        raise ValueError(f"{name}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{name}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    for label, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if x.shape != (B, T, H):
+            raise ValueError(
+                f"{name}: {label} must be [B, T, H] = [{B}, {T}, {H}] (one scalar per head and token), got {tuple(x.shape)}"
+            )
+    if not isinstance(state, MemoryState) or not state.weights:
+        raise TypeError(f"{name}: the state must be a MemoryState with at least one layer (see initial_memory_state)")
+    if len(state.weights) != len(state.momentum):
+        raise ValueError(f"{name}: the state has {len(state.weights)} weights but {len(state.momentum)} momenta")
+    dims = [K]
+    for i, (w, s) in enumerate(zip(state.weights, state.momentum)):
+        if w.dim() != 4 or w.shape[:2] != (B, H) or w.shape[2] != dims[-1] or s.shape != w.shape:
+            raise ValueError(
+                f"{name}: state layer {i} must be [B, H, d_in, d_out] = [{B}, {H}, {dims[-1]}, d_out] for both the "
+                f"weights and the momentum, got {tuple(w.shape)} and {tuple(s.shape)}"
+            )
+        dims.append(w.shape[3])
+    if dims[-1] != v.shape[-1]:
+        raise ValueError(f"{name}: the memory's last layer outputs {dims[-1]} values per head but v has {v.shape[-1]}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def titans_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    state: MemoryState,
+    *,
+    chunk_size: int = 16,
+    activation: str = "gelu",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, MemoryState]:
+    """Write every token into the memory and read each token's query from the memory updated up to that token.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys (the layer L2-normalises them).
+        v: ``[B, T, H, V]`` values.
+        theta: ``[B, T, H]`` inner learning rate (>= 0); eta: momentum decay in [0, 1]; alpha: forgetting in [0, 1]
+            (0 keeps the memory, 1 clears it).
+        state: the memory before the first token (``initial_memory_state(init_weights, B)`` for a fresh sequence):
+            per layer, weights and momentum ``[B, H, d_in, d_out]``; d_0 = K and the last d_out = V.
+        chunk_size: tokens whose gradients are taken at the same (chunk-start) weights. Unlike the delta rule's
+            tiling this changes the model: 1 is the exact online rule, larger chunks are Titans' parallel training.
+        activation: the MLP memory's non-linearity between layers (``"gelu"`` or ``"silu"``).
+        backend: ``"auto"`` or ``"reference"`` (a Triton kernel is a later step).
+
+    Returns:
+        ``y`` ``[B, T, H, V]`` in v's dtype, and the state after the last token.
+    """
+    _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation)
+    resolve_backend("titans_memory", backend, q, AVAILABLE_BACKENDS)
+    return chunk_titans_memory(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size, activation=activation)

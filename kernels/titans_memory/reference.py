@@ -1,0 +1,180 @@
+"""Pure-PyTorch Titans neural memory: the token-by-token rule with autograd gradients (ground truth) and the
+chunkwise-parallel form with closed-form per-token gradients as batched matmuls. The math is in this folder's README.
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; theta, eta, alpha [B, T, H]. The memory of head h is an MLP without
+biases, ``M(x) = phi(... phi(x W_1) ...) W_L`` with W_l [d_{l-1}, d_l], d_0 = K, d_L = V; its state is the weights
+W_l [B, H, d_{l-1}, d_l] and the momentum S_l of the same shapes. Both forms compute in the promotion of the input
+dtype and float32 and return y in v's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class MemoryState(NamedTuple):
+    """The fast state of a Titans memory: per layer, the weights M_l and the momentum S_l, each [B, H, d_in, d_out]."""
+
+    weights: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+
+
+ACTIVATIONS = ("gelu", "silu")
+
+
+def _phi(z: torch.Tensor, activation: str) -> torch.Tensor:
+    return torch.nn.functional.gelu(z) if activation == "gelu" else torch.nn.functional.silu(z)
+
+
+def _phi_prime(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """phi'(z) in closed form (differentiable, so outer gradients flow through the inner gradients)."""
+    if activation == "gelu":  # d/dz z Phi(z) = Phi(z) + z N(z)
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    s = torch.sigmoid(z)  # d/dz z s(z) = s(z) (1 + z (1 - s(z)))
+    return s * (1 + z * (1 - s))
+
+
+def memory_read(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "gelu") -> torch.Tensor:
+    """M(x) for x [B, H, N, K] and per-(batch, head) weights [B, H, d_in, d_out]: a retrieval without update."""
+    for i, w in enumerate(weights):
+        x = x @ w
+        if i < len(weights) - 1:
+            x = _phi(x, activation)
+    return x
+
+
+def initial_memory_state(init_weights: tuple[torch.Tensor, ...], batch_size: int) -> MemoryState:
+    """The state before the first token: the learned initial weights [H, d_in, d_out] for every sequence, no momentum."""
+    weights = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in init_weights)
+    return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+
+
+def _grad_factors(k, v, weights, activation):
+    """Per-token gradients of ||M(k_s) - v_s||^2 at ``weights``, as factors: for layer l, the gradient of token s is
+    the outer product inputs[l][s]^T deltas[l][s] (inputs [B, H, C, d_{l-1}], deltas [B, H, C, d_l])."""
+    inputs, pre = [], []
+    x = k
+    for i, w in enumerate(weights):
+        inputs.append(x)
+        z = x @ w
+        if i < len(weights) - 1:
+            pre.append(z)
+            x = _phi(z, activation)
+        else:
+            x = z
+    delta = 2 * (x - v)  # d/dy ||y - v||^2
+    deltas = [delta]
+    for i in range(len(weights) - 2, -1, -1):
+        delta = (delta @ weights[i + 1].transpose(-1, -2)) * _phi_prime(pre[i], activation)
+        deltas.append(delta)
+    return inputs, deltas[::-1]
+
+
+def _check_state(state: MemoryState, B: int, H: int) -> None:
+    if len(state.weights) != len(state.momentum):
+        raise ValueError("titans_memory: initial_state must have one momentum tensor per weight")
+    for w in (*state.weights, *state.momentum):
+        if w.dim() != 4 or w.shape[:2] != (B, H):
+            raise ValueError(
+                f"titans_memory: state tensors must be [B, H, d_in, d_out] = [{B}, {H}, ...], got {tuple(w.shape)}"
+            )
+
+
+def chunk_titans_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    initial_state: MemoryState,
+    *,
+    chunk_size: int = 16,
+    activation: str = "gelu",
+) -> tuple[torch.Tensor, MemoryState]:
+    """The chunkwise-parallel memory (Titans §3.2, Eq. 16-18): inside a chunk every token's gradient is taken at the
+    chunk-start weights, so all of them are batched matmuls; momentum and forgetting inside the chunk are folded into
+    [C, C] lower-triangular coefficient matrices; token i reads from its own updated memory M_i, exactly.
+    Only the state crosses chunk boundaries (a loop of ceil(T / C) steps). Returns (y, final state).
+    """
+    B, T, H, _ = q.shape
+    acc, out_dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
+    q, k, v, theta, eta, alpha = (x.to(acc).transpose(1, 2) for x in (q, k, v, theta, eta, alpha))  # heads first
+    weights = [w.to(acc) for w in initial_state.weights]
+    momentum = [s.to(acc) for s in initial_state.momentum]
+    L = len(weights)
+    tiny = torch.finfo(acc).tiny
+    outs = []
+    for start in range(0, T, chunk_size):
+        sl = slice(start, min(start + chunk_size, T))
+        C = sl.stop - sl.start
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        # log of beta_i = prod_{j<=i} (1 - alpha_j) and E_i = prod_{j<=i} eta_j, chunk-local
+        lb = torch.log((1 - alpha[:, :, sl]).clamp_min(tiny)).cumsum(-1)  # [B, H, C]; alpha = 1 clears the memory
+        le = torch.log(eta[:, :, sl].clamp_min(tiny)).cumsum(-1)
+        d_beta = (lb[..., :, None] - lb[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # beta_i / beta_r
+        d_eta = (le[..., :, None] - le[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # E_r / E_s
+        c = lb.exp()  # weight of M_0 in M_i
+        d = d_beta @ le.exp()[..., None]  # weight of S_0 in M_i: sum_{r<=i} (beta_i / beta_r) E_r, [B, H, C, 1]
+        gamma = (d_beta @ d_eta) * theta[:, :, None, sl]  # weight of -u_s in M_i, [B, H, C, C]
+        inputs, deltas = _grad_factors(k[:, :, sl], v[:, :, sl], weights, activation)
+        # retrieval from M_i: x W_i = c_i x W_0 + d_i x S_0 - sum_s gamma_is (x . a_s) delta_s, layer after layer
+        x = q[:, :, sl]
+        for i in range(L):
+            z = c[..., None] * (x @ weights[i]) + d * (x @ momentum[i])
+            z = z - (gamma * (x @ inputs[i].transpose(-1, -2))) @ deltas[i]
+            x = _phi(z, activation) if i < L - 1 else z
+        outs.append(x)
+        # the state after the chunk's last token
+        e_last = le[..., -1].exp()[..., None, None]
+        coef_m = gamma[..., -1, :, None]  # [B, H, C, 1]
+        coef_s = (d_eta[..., -1, :] * theta[:, :, sl])[..., None]
+        new_w = [
+            c[..., -1, None, None] * w + d[..., -1, :, None] * s - inp.transpose(-1, -2) @ (coef_m * dl)
+            for w, s, inp, dl in zip(weights, momentum, inputs, deltas)
+        ]
+        momentum = [e_last * s - inp.transpose(-1, -2) @ (coef_s * dl) for s, inp, dl in zip(momentum, inputs, deltas)]
+        weights = new_w
+    y = torch.cat(outs, dim=2).transpose(1, 2).to(out_dtype)
+    return y, MemoryState(tuple(weights), tuple(momentum))
+
+
+def recurrent_titans_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor,
+    initial_state: MemoryState,
+    *,
+    chunk_size: int = 1,
+    activation: str = "gelu",
+) -> tuple[torch.Tensor, MemoryState]:
+    """Token by token, as written in Titans Eq. 13-15, with the gradient from autograd (independent of the closed
+    form above): ``S_t = eta_t S_{t-1} - theta_t grad``, ``M_t = (1 - alpha_t) M_{t-1} + S_t``, ``y_t = M_t(q_t)``.
+    The gradient of token t is taken at the weights of the last chunk start (t' = t - t mod chunk_size): chunk_size 1
+    is the exact online rule, larger chunks the rule the chunkwise form computes. O(T) steps: a test oracle.
+    """
+    B, T, H, _ = q.shape
+    acc, out_dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
+    q, k, v, theta, eta, alpha = (x.to(acc) for x in (q, k, v, theta, eta, alpha))
+    weights = [w.to(acc) for w in initial_state.weights]
+    momentum = [s.to(acc) for s in initial_state.momentum]
+    outs = []
+    with torch.enable_grad():
+        for t in range(T):
+            if t % chunk_size == 0:  # the chunk-start weights every gradient of the chunk is taken at
+                anchor = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
+            pred = memory_read(k[:, t, :, None, :], anchor, activation)  # [B, H, 1, V]
+            loss = (pred.squeeze(2) - v[:, t]).pow(2).sum()
+            grads = torch.autograd.grad(loss, anchor, create_graph=True)
+            th, et, al = (x[:, t, :, None, None] for x in (theta, eta, alpha))
+            momentum = [et * s - th * g for s, g in zip(momentum, grads)]
+            weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]
+            outs.append(memory_read(q[:, t, :, None, :], weights, activation).squeeze(2))
+    y = torch.stack(outs, dim=1).to(out_dtype)
+    return y, MemoryState(tuple(weights), tuple(momentum))
