@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "transformer": "nlplatform.models.transformer",
     "deltanet": "nlplatform.models.deltanet",
     "gated_deltanet": "nlplatform.models.deltanet",
+    "titans": "nlplatform.models.titans",
 }
 
 

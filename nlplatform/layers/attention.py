@@ -49,8 +49,21 @@ class Attention(nn.Module):
     """Causal self-attention: no biases, RoPE on queries and keys, ``n_kv_heads`` key/value heads shared by groups
     of ``n_heads // n_kv_heads`` query heads (GQA; MQA when 1, MHA when equal to ``n_heads``)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, rope_theta: float = 10000.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        rope_theta: float = 10000.0,
+        window: int | None = None,
+        n_prefix: int = 0,
+    ) -> None:
+        """``window``: each query sees at most the ``window`` most recent positions (itself included), plus the first
+        ``n_prefix`` positions always (a persistent prefix, Titans MAG/MAL); None is full causal attention."""
         super().__init__()
+        if window is not None and window <= 0:
+            raise ValueError(f"attention window must be > 0, got {window}")
+        self.window, self.n_prefix = window, n_prefix
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(
@@ -76,7 +89,8 @@ class Attention(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token of the scores and the weighted sum (QK^T and AV, 2 * 2 * H * D * T forward,
         x3 with backward) at context length ``seq_len``, not halved for causality: the PaLM convention."""
-        return 12 * self.n_heads * self.head_dim * seq_len
+        context = seq_len if self.window is None else min(seq_len, self.window + self.n_prefix)
+        return 12 * self.n_heads * self.head_dim * context
 
     def new_cache(
         self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -97,7 +111,12 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)  # [B, H_kv, offset + T, D]
 
         mask, causal = None, True
-        if offset > 0:
+        if self.window is not None:  # sliding window with an always-visible prefix
+            causal = False
+            q_pos = torch.arange(offset, offset + T, device=x.device)[:, None]
+            k_pos = torch.arange(offset + T, device=x.device)[None, :]
+            mask = (k_pos <= q_pos) & ((q_pos - k_pos < self.window) | (k_pos < self.n_prefix))
+        elif offset > 0:
             causal = False  # SDPA's is_causal aligns the mask top-left, wrong when queries start at `offset`
             if T > 1:
                 # query i sits at position offset + i and sees keys 0 .. offset + i
