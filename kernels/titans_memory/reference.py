@@ -73,14 +73,17 @@ def _grad_factors(k, v, weights, activation):
     return inputs, deltas[::-1]
 
 
-def _check_state(state: MemoryState, B: int, H: int) -> None:
-    if len(state.weights) != len(state.momentum):
-        raise ValueError("titans_memory: initial_state must have one momentum tensor per weight")
-    for w in (*state.weights, *state.momentum):
-        if w.dim() != 4 or w.shape[:2] != (B, H):
-            raise ValueError(
-                f"titans_memory: state tensors must be [B, H, d_in, d_out] = [{B}, {H}, ...], got {tuple(w.shape)}"
-            )
+def _segment_products(x: torch.Tensor) -> torch.Tensor:
+    """P[..., i, r] = prod_{r < j <= i} x_j for r <= i (1 on the diagonal), 0 above it; x [..., C] -> [..., C, C].
+
+    Built with one cumprod per column, so zeros in x are exact (their gradients too), unlike ratios of cumprods or
+    differences of log-cumsums."""
+    C = x.shape[-1]
+    idx = torch.arange(C, device=x.device)
+    later = idx[None, :] > idx[:, None]  # [r, j]: j > r
+    cp = torch.where(later, x[..., None, :], torch.ones_like(x)[..., None, :]).cumprod(-1)  # [..., r, i]
+    causal = idx[:, None] >= idx[None, :]  # [i, r]: r <= i
+    return cp.transpose(-1, -2).masked_fill(~causal, 0)
 
 
 def chunk_titans_memory(
@@ -106,19 +109,16 @@ def chunk_titans_memory(
     weights = [w.to(acc) for w in initial_state.weights]
     momentum = [s.to(acc) for s in initial_state.momentum]
     L = len(weights)
-    tiny = torch.finfo(acc).tiny
     outs = []
     for start in range(0, T, chunk_size):
         sl = slice(start, min(start + chunk_size, T))
-        C = sl.stop - sl.start
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        # log of beta_i = prod_{j<=i} (1 - alpha_j) and E_i = prod_{j<=i} eta_j, chunk-local
-        lb = torch.log((1 - alpha[:, :, sl]).clamp_min(tiny)).cumsum(-1)  # [B, H, C]; alpha = 1 clears the memory
-        le = torch.log(eta[:, :, sl].clamp_min(tiny)).cumsum(-1)
-        d_beta = (lb[..., :, None] - lb[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # beta_i / beta_r
-        d_eta = (le[..., :, None] - le[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # E_r / E_s
-        c = lb.exp()  # weight of M_0 in M_i
-        d = d_beta @ le.exp()[..., None]  # weight of S_0 in M_i: sum_{r<=i} (beta_i / beta_r) E_r, [B, H, C, 1]
+        # chunk-local products: beta_i = prod_{j<=i} (1 - alpha_j) and E_i = prod_{j<=i} eta_j, and their ratios
+        # as segment products (no logs: eta = 0 and alpha = 1 are exact, gradients included)
+        keep, e = 1 - alpha[:, :, sl], eta[:, :, sl]
+        d_beta, d_eta = _segment_products(keep), _segment_products(e)  # beta_i / beta_r and E_r / E_s, [B, H, C, C]
+        c = keep.cumprod(-1)  # weight of M_0 in M_i, [B, H, C]
+        big_e = e.cumprod(-1)
+        d = d_beta @ big_e[..., None]  # weight of S_0 in M_i: sum_{r<=i} (beta_i / beta_r) E_r, [B, H, C, 1]
         gamma = (d_beta @ d_eta) * theta[:, :, None, sl]  # weight of -u_s in M_i, [B, H, C, C]
         inputs, deltas = _grad_factors(k[:, :, sl], v[:, :, sl], weights, activation)
         # retrieval from M_i: x W_i = c_i x W_0 + d_i x S_0 - sum_s gamma_is (x . a_s) delta_s, layer after layer
@@ -129,7 +129,7 @@ def chunk_titans_memory(
             x = _phi(z, activation) if i < L - 1 else z
         outs.append(x)
         # the state after the chunk's last token
-        e_last = le[..., -1].exp()[..., None, None]
+        e_last = big_e[..., -1, None, None]
         coef_m = gamma[..., -1, :, None]  # [B, H, C, 1]
         coef_s = (d_eta[..., -1, :] * theta[:, :, sl])[..., None]
         new_w = [
@@ -164,14 +164,17 @@ def recurrent_titans_memory(
     q, k, v, theta, eta, alpha = (x.to(acc) for x in (q, k, v, theta, eta, alpha))
     weights = [w.to(acc) for w in initial_state.weights]
     momentum = [s.to(acc) for s in initial_state.momentum]
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("recurrent_titans_memory takes its gradients with autograd: call it outside inference_mode")
+    outer = torch.is_grad_enabled()  # whether outer gradients must flow through the inner ones
     outs = []
     with torch.enable_grad():
         for t in range(T):
             if t % chunk_size == 0:  # the chunk-start weights every gradient of the chunk is taken at
-                anchor = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
+                anchor = [w if outer and w.requires_grad else w.detach().requires_grad_() for w in weights]
             pred = memory_read(k[:, t, :, None, :], anchor, activation)  # [B, H, 1, V]
             loss = (pred.squeeze(2) - v[:, t]).pow(2).sum()
-            grads = torch.autograd.grad(loss, anchor, create_graph=True)
+            grads = torch.autograd.grad(loss, anchor, create_graph=outer)
             th, et, al = (x[:, t, :, None, None] for x in (theta, eta, alpha))
             momentum = [et * s - th * g for s, g in zip(momentum, grads)]
             weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]
