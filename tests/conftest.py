@@ -99,26 +99,27 @@ FAMILY_RUN_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def family_run(tmp_path_factory):
-    """``family_run(name)`` -> (run_dir, tracking_uri, summary): 50 steps of ``recipes/<name>/tiny.yaml`` through the
-    command line, trained on first request and shared by the whole session."""
+    """``family_run(name, recipe="tiny")`` -> (run_dir, tracking_uri, summary): 50 steps of
+    ``recipes/<name>/<recipe>.yaml`` through the command line, trained on first request and shared by the session."""
     import json
 
     from tests.train.conftest import corpus_ready, run_cli
 
-    runs: dict[str, tuple[Path, str, dict]] = {}
+    runs: dict[tuple[str, str], tuple[Path, str, dict]] = {}
 
-    def get(family: str) -> tuple[Path, str, dict]:
-        if family not in runs:
+    def get(family: str, recipe_name: str = "tiny") -> tuple[Path, str, dict]:
+        key = (family, recipe_name)
+        if key not in runs:
             if not corpus_ready():
                 pytest.skip("embedded corpus not fetched; run `make data` (make test does it first)")
-            work = tmp_path_factory.mktemp(family)
+            work = tmp_path_factory.mktemp(f"{family}-{recipe_name}")
             uri = f"sqlite:///{work / 'mlruns.db'}"
-            recipe = ROOT / "recipes" / family / "tiny.yaml"
+            recipe = ROOT / "recipes" / family / f"{recipe_name}.yaml"
             proc = run_cli("train", str(recipe), *FAMILY_RUN_OVERRIDES, f"output_dir={work / 'runs'}",
                            f"tracking.tracking_uri={uri}", "tracking.experiment=tests", cwd=work)  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-3000:]
             run_dir = Path(proc.stdout.strip().splitlines()[-1])
-            runs[family] = (run_dir, uri, json.loads((run_dir / "summary.json").read_text()))
-        return runs[family]
+            runs[key] = (run_dir, uri, json.loads((run_dir / "summary.json").read_text()))
+        return runs[key]
 
     return get

@@ -64,7 +64,9 @@ class TitansConfig(DecoderConfig):
     memory_expansion: int = 4  # hidden width of the memory MLP = memory_expansion * head_dim (depth >= 2)
     memory_activation: str = "gelu"  # the memory MLP's non-linearity (gelu or silu)
     memory_chunk_size: int = 16  # tokens whose inner gradients share the chunk-start weights (paper: unknown)
-    theta_max: float = 0.1  # upper bound of the inner learning rate theta_t = theta_max * sigmoid(.)
+    # upper bound of the inner learning rate theta_t = theta_max * sigmoid(.): larger steps (0.03) let the deep memory
+    # diverge within a 256-token window at the tiny size (the loss is a sum of squares over the V value dims)
+    theta_max: float = 0.01
     alpha_bias_init: float = -4.0  # initial bias of the forgetting gate: sigmoid(-4) = 0.018, a slowly fading memory
     conv_size: int = 4  # causal depthwise conv width after the q, k, v projections; 0 = none
     n_persistent: int = 4  # N_p learnable persistent-memory tokens prepended in every mixer (paper: unknown)
