@@ -32,7 +32,7 @@ __all__ = [
 AVAILABLE_BACKENDS = ("reference",)
 
 
-def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation) -> None:
+def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max_grad_norm) -> None:
     name = "titans_memory"
     if q.dim() != 4:
         raise ValueError(f"{name}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
@@ -66,6 +66,8 @@ def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation) -> 
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"{name}: max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
 
 
 def titans_memory(
@@ -79,6 +81,7 @@ def titans_memory(
     *,
     chunk_size: int = 16,
     activation: str = "gelu",
+    max_grad_norm: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, MemoryState]:
     """Write every token into the memory and read each token's query from the memory updated up to that token.
@@ -93,11 +96,16 @@ def titans_memory(
         chunk_size: tokens whose gradients are taken at the same (chunk-start) weights. Unlike the delta rule's
             tiling this changes the model: 1 is the exact online rule, larger chunks are Titans' parallel training.
         activation: the MLP memory's non-linearity between layers (``"gelu"`` or ``"silu"``).
+        max_grad_norm: clip each token's inner gradient (all layers together) to this Frobenius norm; None = plain
+            gradient descent as in Titans. Clipping bounds every write, so with forgetting the memory stays bounded.
         backend: ``"auto"`` or ``"reference"`` (a Triton kernel is a later step).
 
     Returns:
         ``y`` ``[B, T, H, V]`` in v's dtype, and the state after the last token.
     """
-    _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation)
+    _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max_grad_norm)
     resolve_backend("titans_memory", backend, q, AVAILABLE_BACKENDS)
-    return chunk_titans_memory(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size, activation=activation)
+    return chunk_titans_memory(
+        q, k, v, theta, eta, alpha, state,
+        chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
+    )  # fmt: skip

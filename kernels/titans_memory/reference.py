@@ -52,9 +52,17 @@ def initial_memory_state(init_weights: tuple[torch.Tensor, ...], batch_size: int
     return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
 
 
-def _grad_factors(k, v, weights, activation):
+def _clip_factor(norm_sq: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """min(1, G / ||grad||) for a squared norm; exactly 1 (with zero gradient) below the threshold."""
+    norm = norm_sq.clamp_min(torch.finfo(norm_sq.dtype).tiny).sqrt()
+    return max_grad_norm / torch.maximum(norm, norm.new_tensor(max_grad_norm))
+
+
+def _grad_factors(k, v, weights, activation, max_grad_norm=None):
     """Per-token gradients of ||M(k_s) - v_s||^2 at ``weights``, as factors: for layer l, the gradient of token s is
-    the outer product inputs[l][s]^T deltas[l][s] (inputs [B, H, C, d_{l-1}], deltas [B, H, C, d_l])."""
+    the outer product inputs[l][s]^T deltas[l][s] (inputs [B, H, C, d_{l-1}], deltas [B, H, C, d_l]). With
+    ``max_grad_norm`` each token's whole gradient (all layers) is scaled to at most that Frobenius norm; the norm of an
+    outer product is the product of the factors' norms, so this needs no per-token gradient tensor either."""
     inputs, pre = [], []
     x = k
     for i, w in enumerate(weights):
@@ -70,7 +78,12 @@ def _grad_factors(k, v, weights, activation):
     for i in range(len(weights) - 2, -1, -1):
         delta = (delta @ weights[i + 1].transpose(-1, -2)) * _phi_prime(pre[i], activation)
         deltas.append(delta)
-    return inputs, deltas[::-1]
+    deltas = deltas[::-1]
+    if max_grad_norm is not None:
+        norm_sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(inputs, deltas))  # [B, H, C]
+        factor = _clip_factor(norm_sq, max_grad_norm)[..., None]
+        deltas = [d * factor for d in deltas]
+    return inputs, deltas
 
 
 def _segment_products(x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +110,7 @@ def chunk_titans_memory(
     *,
     chunk_size: int = 16,
     activation: str = "gelu",
+    max_grad_norm: float | None = None,
 ) -> tuple[torch.Tensor, MemoryState]:
     """The chunkwise-parallel memory (Titans §3.2, Eq. 16-18): inside a chunk every token's gradient is taken at the
     chunk-start weights, so all of them are batched matmuls; momentum and forgetting inside the chunk are folded into
@@ -120,7 +134,7 @@ def chunk_titans_memory(
         big_e = e.cumprod(-1)
         d = d_beta @ big_e[..., None]  # weight of S_0 in M_i: sum_{r<=i} (beta_i / beta_r) E_r, [B, H, C, 1]
         gamma = (d_beta @ d_eta) * theta[:, :, None, sl]  # weight of -u_s in M_i, [B, H, C, C]
-        inputs, deltas = _grad_factors(k[:, :, sl], v[:, :, sl], weights, activation)
+        inputs, deltas = _grad_factors(k[:, :, sl], v[:, :, sl], weights, activation, max_grad_norm)
         # retrieval from M_i: x W_i = c_i x W_0 + d_i x S_0 - sum_s gamma_is (x . a_s) delta_s, layer after layer
         x = q[:, :, sl]
         for i in range(L):
@@ -153,6 +167,7 @@ def recurrent_titans_memory(
     *,
     chunk_size: int = 1,
     activation: str = "gelu",
+    max_grad_norm: float | None = None,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Token by token, as written in Titans Eq. 13-15, with the gradient from autograd (independent of the closed
     form above): ``S_t = eta_t S_{t-1} - theta_t grad``, ``M_t = (1 - alpha_t) M_{t-1} + S_t``, ``y_t = M_t(q_t)``.
@@ -175,6 +190,9 @@ def recurrent_titans_memory(
             pred = memory_read(k[:, t, :, None, :], anchor, activation)  # [B, H, 1, V]
             loss = (pred.squeeze(2) - v[:, t]).pow(2).sum()
             grads = torch.autograd.grad(loss, anchor, create_graph=outer)
+            if max_grad_norm is not None:  # clip the token's whole gradient (all layers) to max_grad_norm
+                factor = _clip_factor(sum(g.pow(2).sum((-1, -2)) for g in grads), max_grad_norm)[..., None, None]
+                grads = [g * factor for g in grads]
             th, et, al = (x[:, t, :, None, None] for x in (theta, eta, alpha))
             momentum = [et * s - th * g for s, g in zip(momentum, grads)]
             weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]

@@ -64,9 +64,10 @@ class TitansConfig(DecoderConfig):
     memory_expansion: int = 4  # hidden width of the memory MLP = memory_expansion * head_dim (depth >= 2)
     memory_activation: str = "gelu"  # the memory MLP's non-linearity (gelu or silu)
     memory_chunk_size: int = 16  # tokens whose inner gradients share the chunk-start weights (paper: unknown)
-    # upper bound of the inner learning rate theta_t = theta_max * sigmoid(.): larger steps (0.03) let the deep memory
-    # diverge within a 256-token window at the tiny size (the loss is a sum of squares over the V value dims)
-    theta_max: float = 0.01
+    theta_max: float = 0.1  # upper bound of the inner learning rate theta_t = theta_max * sigmoid(.)
+    # clip each token's inner gradient (all memory layers) to this norm; None = plain GD as in Titans. Bounded writes
+    # plus forgetting keep the memory bounded: without it the deep memory can diverge inside a window mid-training
+    memory_max_grad_norm: float | None = 1.0
     alpha_bias_init: float = -4.0  # initial bias of the forgetting gate: sigmoid(-4) = 0.018, a slowly fading memory
     conv_size: int = 4  # causal depthwise conv width after the q, k, v projections; 0 = none
     n_persistent: int = 4  # N_p learnable persistent-memory tokens prepended in every mixer (paper: unknown)
@@ -87,6 +88,8 @@ class TitansConfig(DecoderConfig):
             )
         if self.memory_activation not in ACTIVATIONS:
             raise ConfigError(f"model.memory_activation must be one of {ACTIVATIONS}, got {self.memory_activation!r}")
+        if self.memory_max_grad_norm is not None and not self.memory_max_grad_norm > 0:
+            raise ConfigError(f"model.memory_max_grad_norm must be > 0 or null, got {self.memory_max_grad_norm}")
         if not self.theta_max > 0:
             raise ConfigError(f"model.theta_max must be > 0, got {self.theta_max}")
         if self.conv_size < 0 or self.n_persistent < 0:
@@ -196,7 +199,7 @@ class MemoryBranch(nn.Module):
         y, memory = titans_memory(
             q, k, v, self.cfg.theta_max * theta, eta, alpha, memory,
             chunk_size=self.cfg.memory_chunk_size, activation=self.cfg.memory_activation,
-            backend=self.cfg.kernel_backend,
+            max_grad_norm=self.cfg.memory_max_grad_norm, backend=self.cfg.kernel_backend,
         )  # fmt: skip
         y = self.o_norm(y, self.g_proj(x).view(B, T, H, K))
         return self.o_proj(y.reshape(B, T, H * K)), memory, conv

@@ -133,6 +133,28 @@ def test_chunked_equals_the_token_rule_in_fp64_with_state_and_every_gradient(
         assert_close(name, ref[name], out[name], ratio=1e-10)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_clipped_inner_gradients_match_the_token_rule_and_bound_every_write(chunk_size):
+    """With max_grad_norm, each token's whole gradient (all layers) is scaled to at most that norm, computed from the
+    factors' norms in the chunked form and from the autograd gradients in the token rule: both agree (clipping active
+    on most tokens), and a single write with eta = alpha = 0 moves the weights by at most theta * max_grad_norm."""
+    inputs = make_inputs(21, (5,), theta_scale=0.5, momentum=True)
+    kw = {"chunk_size": chunk_size, "max_grad_norm": 0.3}
+    ref = outputs_and_grads(recurrent_titans_memory, inputs, **kw)
+    out = outputs_and_grads(chunk_titans_memory, inputs, **kw)
+    for name in ref:
+        assert_close(name, ref[name], out[name], ratio=1e-10)
+    unclipped = outputs_and_grads(chunk_titans_memory, inputs, chunk_size=chunk_size)
+    assert err_ratio(unclipped["y"], out["y"]) > 1e-3  # the clip is active
+    one = {n: x for n, x in make_inputs(1, (5,)).items()}
+    with torch.no_grad():
+        one["eta"].zero_()
+        one["alpha"].zero_()
+        _, state = run(chunk_titans_memory, one, max_grad_norm=0.3)
+        moved = sum((w - w0).pow(2).sum((-1, -2)) for w, w0 in zip(state.weights, state_of(one).weights)).sqrt()
+    assert (moved <= one["theta"][:, 0] * 0.3 * (1 + 1e-9)).all()
+
+
 @pytest.mark.parametrize("forgetting", [False, True], ids=["alpha=0", "alpha>0"])
 def test_a_linear_memory_without_momentum_at_chunk_one_is_the_delta_rule(forgetting):
     """Depth 1, chunk 1, eta = 0: one gradient step on ||k^T W - v||^2 (gradient 2 k (W^T k - v)^T, no 1/2) is the delta
