@@ -19,10 +19,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPES])
 def test_every_shipped_recipe_loads(path):
-    """Each file under recipes/ loads strictly and names its own family and preset."""
+    """Each file under recipes/ loads strictly and names its own family and preset (and variant: tiny_mac.yaml)."""
     cfg = load_recipe(path)
     assert cfg.model.name == path.parent.name
-    assert cfg.model.preset == path.stem
+    named = {cfg.model.preset}
+    if hasattr(cfg.model, "variant"):
+        named.add(f"{cfg.model.preset}_{cfg.model.variant}")
+    assert path.stem in named
 
 
 def test_preset_fills_family_fields_and_keys_override_them(tmp_path):
