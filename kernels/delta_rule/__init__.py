@@ -10,6 +10,7 @@ import importlib.util
 
 import torch
 
+from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
 from kernels._dispatch import resolve_backend
 from kernels.delta_rule.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
@@ -22,36 +23,18 @@ AVAILABLE_BACKENDS = ("reference", "triton") if importlib.util.find_spec("triton
 
 def _check_inputs(q, k, v, beta, g, initial_state, chunk_size) -> None:
     name = "gated_delta_rule"
-    for label, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("initial_state", initial_state)):
-        if x is not None and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-            raise TypeError(f"{name}: {label} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if q.dim() != 4:
-        raise ValueError(f"{name}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if T == 0:
-        raise ValueError(f"{name}: the sequence is empty (T = 0); give at least one token")
-    if k.shape != q.shape:
-        raise ValueError(f"{name}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{name}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them")
-    for label, x in (("beta", beta), ("g", g)):
-        if x is not None and x.shape != (B, T, H):
+    B, T, H, K = check_qkv(name, q, k, v)
+    check_per_token(name, (B, T, H), beta=beta, g=g)
+    if initial_state is not None:
+        if not (isinstance(initial_state, torch.Tensor) and initial_state.is_floating_point()):
+            raise TypeError(f"{name}: initial_state must be a floating-point tensor, got {type(initial_state)}")
+        if initial_state.shape != (B, H, K, v.shape[-1]):
             raise ValueError(
-                f"{name}: {label} must be [B, T, H] = [{B}, {T}, {H}] (one scalar per head and token), "
-                f"got {tuple(x.shape)}"
+                f"{name}: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
+                f"got {tuple(initial_state.shape)}"
             )
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(
-            f"{name}: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}], "
-            f"got {tuple(initial_state.shape)}"
-        )
-    tensors = [x for x in (q, k, v, beta, g, initial_state) if x is not None]
-    if len({x.device for x in tensors}) > 1:
-        raise ValueError(f"{name}: all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{name}: chunk_size must be a positive int (64 is the usual tiling), got {chunk_size!r}")
+    check_one_device(name, q, k, v, beta, g, initial_state)
+    check_chunk_size(name, chunk_size)
 
 
 def gated_delta_rule(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
 from kernels._dispatch import resolve_backend
 from kernels.titans_memory.reference import (
     ACTIVATIONS,
@@ -34,20 +35,8 @@ AVAILABLE_BACKENDS = ("reference",)
 
 def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max_grad_norm) -> None:
     name = "titans_memory"
-    if q.dim() != 4:
-        raise ValueError(f"{name}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if T == 0:
-        raise ValueError(f"{name}: the sequence is empty (T = 0); give at least one token")
-    if k.shape != q.shape:
-        raise ValueError(f"{name}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{name}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    for label, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
-        if x.shape != (B, T, H):
-            raise ValueError(
-                f"{name}: {label} must be [B, T, H] = [{B}, {T}, {H}] (one scalar per head and token), got {tuple(x.shape)}"
-            )
+    B, T, H, K = check_qkv(name, q, k, v)
+    check_per_token(name, (B, T, H), theta=theta, eta=eta, alpha=alpha)
     if not isinstance(state, MemoryState) or not state.weights:
         raise TypeError(f"{name}: the state must be a MemoryState with at least one layer (see initial_memory_state)")
     if len(state.weights) != len(state.momentum):
@@ -62,8 +51,8 @@ def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max
         dims.append(w.shape[3])
     if dims[-1] != v.shape[-1]:
         raise ValueError(f"{name}: the memory's last layer outputs {dims[-1]} values per head but v has {v.shape[-1]}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_one_device(name, q, k, v, theta, eta, alpha, *state.weights, *state.momentum)
+    check_chunk_size(name, chunk_size)
     if activation not in ACTIVATIONS:
         raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:

@@ -21,6 +21,15 @@ from nlplatform.layers import RMSNorm, SwiGLU
 from nlplatform.levels import Level
 
 
+def check_kernel_backend(backend: str, available: tuple[str, ...], op: str) -> None:
+    """``model.kernel_backend`` must be ``auto`` or a backend the family's op has in this install."""
+    if backend != "auto" and backend not in available:
+        raise ConfigError(
+            f"model.kernel_backend={backend!r}: the {op} has no such backend in this version; "
+            f"available: auto, {', '.join(available)}"
+        )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered family: its config dataclass, its module (built as ``model_cls(config)``) and named presets."""
@@ -133,6 +142,26 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] (any T >= 1) -> logits [B, T, vocab_size]."""
         return self._run(input_ids, None)
+
+    # ------------------------------------------------------------------------------------- decoding helpers
+
+    def _state_placement(
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> tuple[torch.device | str, torch.dtype]:
+        """Checks a decoding batch size and fills device and dtype from the weights where not given."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        weight = self.tok_emb.weight
+        return (weight.device if device is None else device), (weight.dtype if dtype is None else dtype)
+
+    def _step_layers(self, input_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """``step`` for states with per-layer ``layers``, a ``batch_size`` and a ``length`` (updated in place)."""
+        B, t = input_ids.shape
+        if B != state.batch_size:
+            raise ValueError(f"state was made for batch size {state.batch_size}, got input of batch size {B}")
+        logits = self._run(input_ids, state.layers)
+        state.length += t
+        return logits, state
 
     # ------------------------------------------------------------------------------------- accounting
 

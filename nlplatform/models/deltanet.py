@@ -28,7 +28,7 @@ from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import GatedRMSNorm, RMSNorm, ShortConv
 from nlplatform.levels import Level
-from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec
+from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
 
 
 @dataclass
@@ -63,11 +63,7 @@ class DeltaNetConfig(DecoderConfig):
             raise ConfigError(f"model.conv_size must be >= 0 (0 = no short convolution), got {self.conv_size}")
         if self.chunk_size not in (16, 32, 64, 128, 256):
             raise ConfigError(f"model.chunk_size must be a power of two from 16 to 256, got {self.chunk_size}")
-        if self.kernel_backend != "auto" and self.kernel_backend not in AVAILABLE_BACKENDS:
-            raise ConfigError(
-                f"model.kernel_backend={self.kernel_backend!r}: the delta-rule op has no such backend in this "
-                f"version; available: auto, {', '.join(AVAILABLE_BACKENDS)}"
-            )
+        check_kernel_backend(self.kernel_backend, AVAILABLE_BACKENDS, "delta-rule op")
 
     @property
     def key_dim(self) -> int:
@@ -242,22 +238,13 @@ class DeltaNet(DecoderLM):
     ) -> DeltaNetState:
         """Empty memories for ``batch_size`` sequences. ``max_len`` is accepted for the decoding protocol and not
         needed: the state does not grow with the context."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        weight = self.tok_emb.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
+        device, dtype = self._state_placement(batch_size, device, dtype)
         return DeltaNetState([block.mixer.new_state(batch_size, device, dtype) for block in self.layers])
 
     def step(self, input_ids: torch.Tensor, state: DeltaNetState) -> tuple[torch.Tensor, DeltaNetState]:
         """Process ``input_ids`` [B, t], the t tokens following those ``state`` has seen (t > 1 for a prompt);
         return their logits [B, t, V] and the state (updated in place). O(1) memory and time per token."""
-        B, t = input_ids.shape
-        if B != state.batch_size:
-            raise ValueError(f"state was made for batch size {state.batch_size}, got input of batch size {B}")
-        logits = self._run(input_ids, state.layers)
-        state.length += t
-        return logits, state
+        return self._step_layers(input_ids, state)
 
 
 # Sizes mirror Transformer++ (same width and depth: a DeltaNet layer has the same 4 d^2 + MLP parameters as an

@@ -48,7 +48,7 @@ from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, GatedRMSNorm, KVCache, RMSNorm, ShortConv
 from nlplatform.levels import Level
-from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec
+from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -100,11 +100,7 @@ class TitansConfig(DecoderConfig):
             )
         if self.variant != "lmm" and (self.d_model // self.attn_heads) % 2:
             raise ConfigError("model.d_model / model.attn_heads must be even (rotary embeddings)")
-        if self.kernel_backend != "auto" and self.kernel_backend not in AVAILABLE_BACKENDS:
-            raise ConfigError(
-                f"model.kernel_backend={self.kernel_backend!r}: the Titans memory has no such backend yet; "
-                f"available: auto, {', '.join(AVAILABLE_BACKENDS)}"
-            )
+        check_kernel_backend(self.kernel_backend, AVAILABLE_BACKENDS, "Titans memory op")
 
     @property
     def key_dim(self) -> int:
@@ -393,11 +389,7 @@ class Titans(DecoderLM):
         dtype: torch.dtype | None = None,
     ) -> TitansState:
         """A fresh decoding state for ``batch_size`` sequences; mag and mal need ``max_len`` for their KV cache."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        weight = self.tok_emb.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
+        device, dtype = self._state_placement(batch_size, device, dtype)
         layers = []
         for block in self.layers:
             mixer = block.mixer
@@ -414,12 +406,7 @@ class Titans(DecoderLM):
 
     def step(self, input_ids: torch.Tensor, state: TitansState) -> tuple[torch.Tensor, TitansState]:
         """Process ``input_ids`` [B, t] following the tokens ``state`` has seen; return logits [B, t, V]."""
-        B, t = input_ids.shape
-        if B != state.batch_size:
-            raise ValueError(f"state was made for batch size {state.batch_size}, got input of batch size {B}")
-        logits = self._run(input_ids, state.layers)
-        state.length += t
-        return logits, state
+        return self._step_layers(input_ids, state)
 
 
 # Tiny: 4 layers of 256 like the other families (memory MLPs of 64 -> 256 -> 64 per head). Paper sizes follow the
