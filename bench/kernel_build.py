@@ -47,7 +47,7 @@ def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
     """(kernel, constexprs, num_warps, num_stages, fp32 pointer args, None args) as the host functions launch them."""
     common = {"H": 16, "K": K, "V": V, "BT": BT, "USE_G": gated, "DOT_PRECISION": "ieee"}
     chunk = {**common, "BK": block(K, 64), "BV": block(V, 64)}
-    seq = {**common, "BK": state_block(K), "BV": max(16, min(32, triton.next_power_of_2(V)))}
+    seq = {**common, "BK": state_block(K), "BV": block(V, 32)}
     none_g = set() if gated else {"g", "gc", "dgc", "dg"}
     none_state = set() if state else {"h0", "ht", "dht", "dh0"}
     w = num_warps(BT)

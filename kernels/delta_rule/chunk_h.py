@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_rule.tiling import num_warps, state_block
+from kernels.delta_rule.tiling import block, num_warps, state_block
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -137,7 +137,7 @@ def chunk_gated_delta_rule_fwd_h(k, w, u, gc, initial_state, output_final_state,
     """Launch the forward state pass; returns ``(h, v_new, final_state)`` with h [B, NT, H, K, V] chunk-start states."""
     B, T, H, K = k.shape
     V = u.shape[-1]
-    BT, BV = chunk_size, max(16, min(32, triton.next_power_of_2(V)))
+    BT, BV = chunk_size, block(V, 32)
     NT = triton.cdiv(T, BT)
     h = k.new_empty(B, NT, H, K, V)
     v_new = torch.empty_like(u)
@@ -156,7 +156,7 @@ def chunk_gated_delta_rule_bwd_dhu(q, k, w, gc, do, dht, has_initial_state, scal
     gradient of the chunk values v_new, and the initial-state gradient (float32) or None."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    BT, BV = chunk_size, max(16, min(32, triton.next_power_of_2(V)))
+    BT, BV = chunk_size, block(V, 32)
     NT = triton.cdiv(T, BT)
     dh = q.new_empty(B, NT, H, K, V)
     dv = torch.empty_like(do, dtype=q.dtype)

@@ -204,8 +204,7 @@ class MemoryBranch(nn.Module):
         """Training: one pass from the initial memory. Decoding: recompute the open chunk from the last boundary."""
         if state is None:
             return self.run(x, None, None)[0]
-        return stream(x, state, self.cfg.memory_chunk_size, lambda xs, st: self.run(xs, st.memory, st.conv),
-                      lambda st, out: (setattr(st, "memory", out[1]), setattr(st, "conv", out[2])))  # fmt: skip
+        return stream(x, state, self.cfg.memory_chunk_size, self.run)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Memory FLOPs per token beyond the projections, per head and MLP layer (d_in x d_out): forward at the chunk
@@ -217,20 +216,21 @@ class MemoryBranch(nn.Module):
         return 3 * self.n_heads * per_layer
 
 
-def stream(x, state, period: int, run, commit) -> torch.Tensor:
-    """Exact incremental processing for mixers whose state only changes at boundaries every ``period`` inputs:
-    ``run(inputs, state)`` processes inputs from the committed state, ``commit(state, run's result)`` stores the
-    state reached at a boundary; the open (uncommitted) inputs are kept in ``state.pending`` and recomputed."""
+def stream(x: torch.Tensor, state: BranchState, period: int, run) -> torch.Tensor:
+    """Exact incremental processing for mixers whose state only changes at boundaries every ``period`` inputs.
+
+    ``run(inputs, memory, conv) -> (output, memory, conv)`` processes inputs from the committed state; the state
+    reached at the last boundary is committed, and the open inputs after it are kept in ``state.pending`` and
+    recomputed from there at the next call."""
     xs = x if state.pending is None else torch.cat([state.pending, x], dim=1)
     n = xs.shape[1]
     done = (n // period) * period
     outs = []
     if done:
-        out = run(xs[:, :done], state)
-        commit(state, out)
-        outs.append(out[0])
+        out, state.memory, state.conv = run(xs[:, :done], state.memory, state.conv)
+        outs.append(out)
     if done < n:
-        outs.append(run(xs[:, done:], state)[0])
+        outs.append(run(xs[:, done:], state.memory, state.conv)[0])
     state.pending = xs[:, done:] if done < n else None
     return torch.cat(outs, dim=1)[:, n - x.shape[1] :]
 
@@ -346,8 +346,7 @@ class TitansMixer(nn.Module):
                 outs.append(out)
             return torch.cat(outs, dim=1)
         branch = state.branch
-        return stream(x, branch, W, lambda xs, st: self._segment(xs, st.memory, st.conv),
-                      lambda st, out: (setattr(st, "memory", out[1]), setattr(st, "conv", out[2])))  # fmt: skip
+        return stream(x, branch, W, self._segment)
 
 
 # ------------------------------------------------------------------------------------------------------ model
