@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "deltanet": "nlplatform.models.deltanet",
     "gated_deltanet": "nlplatform.models.deltanet",
     "titans": "nlplatform.models.titans",
+    "hope": "nlplatform.models.hope",
 }
 
 

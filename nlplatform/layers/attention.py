@@ -45,6 +45,29 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # [B, H_kv, L, D]
 
 
+class GrowingKVCache:
+    """Keys and values kept by concatenation instead of in a preallocated buffer: the cache for attention inside a
+    differentiable chunk loop (in-place writes into a buffer would invalidate the saved tensors of earlier chunks).
+    ``append`` returns a new cache and leaves this one unchanged, so a caller can run an open chunk and discard it."""
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        self.k, self.v = k, v
+        self.length = 0 if k is None else k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v [B, H_kv, t, D] after the cached positions (in this object); return all keys and values."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v, self.length = k, v, k.shape[2]
+        return k, v
+
+    def copy(self) -> GrowingKVCache:
+        return GrowingKVCache(self.k, self.v)
+
+    def detach(self) -> GrowingKVCache:
+        return GrowingKVCache(*(None if t is None else t.detach() for t in (self.k, self.v)))
+
+
 class Attention(nn.Module):
     """Causal self-attention: no biases, RoPE on queries and keys, ``n_kv_heads`` key/value heads shared by groups
     of ``n_heads // n_kv_heads`` query heads (GQA; MQA when 1, MHA when equal to ``n_heads``)."""
@@ -97,7 +120,7 @@ class Attention(nn.Module):
     ) -> KVCache:
         return KVCache(batch_size, max_len, self.n_kv_heads, self.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | GrowingKVCache | None = None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]. With ``cache``, x holds the T tokens following the ``cache.length`` cached ones."""
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.length

@@ -78,6 +78,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden_dim)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.mixer.init_weights(std, out_std)
+        nn.init.normal_(self.mlp.w1.weight, std=std)
+        nn.init.normal_(self.mlp.w3.weight, std=std)
+        nn.init.normal_(self.mlp.w2.weight, std=out_std)
+        self.mixer_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+
     def forward(self, x: torch.Tensor, state: Any = None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), state)
         return x + self.mlp(self.mlp_norm(x))
@@ -95,13 +104,23 @@ class DecoderLM(nn.Module):
     # context of any length by carrying the state, which evaluation uses for long documents.
     recurrent: ClassVar[bool] = False
 
-    def __init__(self, cfg: DecoderConfig, make_mixer: Callable[[int], nn.Module]) -> None:
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        make_mixer: Callable[[int], nn.Module] | None = None,
+        make_block: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        """Layer i is ``Block(cfg, make_mixer(i))``, or ``make_block(i)`` for families with their own block (any
+        module with ``mixer`` and ``init_weights(std, out_std)``)."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size is unset: set it, or let the training data fill it from the tokenizer")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, make_mixer(i)) for i in range(cfg.n_layers))
+        if make_block is None:
+            assert make_mixer is not None, "give make_mixer or make_block"
+            make_block = lambda i: Block(cfg, make_mixer(i))  # noqa: E731
+        self.layers = nn.ModuleList(make_block(i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the head reads tok_emb.weight directly (no second module holding the same Parameter), so the tie
         # survives meta-device construction followed by ``to_empty``, which re-creates each module's parameters.
@@ -125,12 +144,7 @@ class DecoderLM(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=std)
         for block in self.layers:
-            block.mixer.init_weights(std, out_std)
-            nn.init.normal_(block.mlp.w1.weight, std=std)
-            nn.init.normal_(block.mlp.w3.weight, std=std)
-            nn.init.normal_(block.mlp.w2.weight, std=out_std)
-            block.mixer_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
+            block.init_weights(std, out_std)
         self.norm.reset_parameters()
 
     def _run(self, input_ids: torch.Tensor, states: Sequence[Any] | None) -> torch.Tensor:

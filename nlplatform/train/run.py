@@ -223,6 +223,9 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     vocab = data.vocab_size
     if cfg.model.vocab_size is None:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    if getattr(cfg.model, "context_len", cfg.data.seq_len) != cfg.data.seq_len:
+        # families with in-context levels classify them against the training window (in-context iff C < window)
+        cfg = replace(cfg, model=replace(cfg.model, context_len=cfg.data.seq_len))
     elif cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} ids")
     cfg = recipe_from_dict(recipe_to_dict(cfg))  # re-validate the filled-in recipe
