@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-RECIPE ?= recipes/transformer/tiny.yaml
+RECIPE ?= recipes/hope/tiny.yaml
 ARGS   ?=
 CKPT   ?=
 SUITE  ?= commonsense

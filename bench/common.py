@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
+from nlplatform.models.base import flush_denormals
+
 RESULTS = Path(__file__).resolve().parent / "results"
+flush_denormals()  # as training does, before any torch work starts worker threads
 
 
 def device_and_label() -> tuple[str, str]:

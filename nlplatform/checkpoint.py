@@ -34,8 +34,10 @@ def _tokenizer_for(spec: str, ckpt: Path):
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a training checkpoint in eval mode, with its recipe and tokenizer."""
+    from nlplatform.models.base import flush_denormals
     from nlplatform.registry import build_model
 
+    flush_denormals()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")

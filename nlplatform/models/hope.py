@@ -83,6 +83,9 @@ class HopeConfig(DecoderConfig):
     cms_second_order: bool = False  # backpropagate through the inner updates (true) or first-order (false)
     test_time_learning: bool = True  # in-context CMS levels learn inside forward; false freezes them (f = 0)
     context_len: int = 256  # the training window; training sets it to data.seq_len (decides in-context vs persistent)
+    # ad-hoc level stacking (§7.3): a trained checkpoint whose layer-i MLP initialises every CMS level of layer i
+    # (its other weights of the same name and shape are copied too); applied when a run starts
+    stack_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,6 +221,7 @@ class SelfModifyingTitans(nn.Module):
         else:
             u, conv = self.conv(u, conv)
         streams = dict(zip(["x", "q", *self.static], u.view(B, T, self.n_streams, H, K).unbind(2)))
+        memory_in = F.normalize(streams["x"], dim=-1, eps=1e-6)  # unit-norm inputs keep the memories' steps bounded
         q = F.normalize(streams["q"], dim=-1, eps=1e-6)
         static_k = F.normalize(streams["k"], dim=-1, eps=1e-6) if "k" in streams else None
         if memory is None:
@@ -225,7 +229,7 @@ class SelfModifyingTitans(nn.Module):
             memory = initial_self_mod_state(tuple(w.to(acc) for w in self.memory_init), B)
         decay = None if self.momentum_logit is None else torch.sigmoid(self.momentum_logit)
         o, memory = self_modifying_titans(
-            streams["x"], q, self.gate_w, self.gate_b, memory,
+            memory_in, q, self.gate_w, self.gate_b, memory,
             static_k=static_k, static_v=streams.get("v"), momentum_decay=decay,
             chunk_size=cfg.projection_chunk_size, memory_chunk_size=cfg.memory_chunk_size, eta_max=cfg.eta_max,
             dgd=cfg.dgd, retention=cfg.memory_retention, activation=cfg.memory_activation,
@@ -451,6 +455,44 @@ class Hope(DecoderLM):
         state.length += t
         state.pending = xs[:, done:] if done < xs.shape[1] else None
         return logits[:, -t:], state
+
+    # ------------------------------------------------------------------------------------------ level stacking
+
+    @torch.no_grad()
+    def stack_levels(self, source: dict[str, torch.Tensor]) -> list[str]:
+        """Ad-hoc level stacking (arXiv §7.3): start every CMS level of layer i from the source model's layer-i MLP
+        (a Transformer++ ``mlp`` and ``mlp_norm``, or a CMS level of a HOPE model), and copy every other parameter
+        of the same name and shape (embeddings, head, norms, Hope-Attention's attention from a Transformer++). With
+        the inner learning rates near 0 the stacked model computes what the source did. Returns the copied names."""
+        mapping: dict[str, str] = {}
+        for i, block in enumerate(self.layers):
+            for lv in range(len(block.cms.mlps)):
+                for w in ("w1", "w2", "w3"):
+                    mapping[f"layers.{i}.cms.mlps.{lv}.{w}.weight"] = f"layers.{i}.mlp.{w}.weight"
+            for n in range(len(block.cms.norms)):
+                mapping[f"layers.{i}.cms.norms.{n}.weight"] = f"layers.{i}.mlp_norm.weight"
+            if self.cfg.variant == "attention":
+                for w in ("wq", "wk", "wv", "wo"):
+                    mapping[f"layers.{i}.mixer.attn.{w}.weight"] = f"layers.{i}.mixer.{w}.weight"
+        copied = []
+        for name, param in self.named_parameters():
+            src = name if name in source else mapping.get(name)
+            if src is None or src not in source:
+                continue
+            if source[src].shape != param.shape:
+                if name.startswith("layers.") and ".cms.mlps." in name:
+                    raise ConfigError(
+                        f"model.stack_from: the source's {src} is {tuple(source[src].shape)} but {name} is "
+                        f"{tuple(param.shape)}; set model.cms_hidden (and d_model) to the source's MLP width"
+                    )
+                continue
+            param.copy_(source[src].to(param.dtype))
+            copied.append(name)
+        if not any(".cms.mlps." in n for n in copied):
+            raise ConfigError(
+                "model.stack_from: the source checkpoint has no MLP weights this model's CMS can start from"
+            )
+        return copied
 
     # ------------------------------------------------------------------------------------------- accounting
 

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml
 from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, UserError
+from nlplatform.models.base import flush_denormals
 
 SUMMARY_KEYS = (
     "model", "preset", "params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "unigram_ppl",
@@ -215,6 +216,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
 
     t_start = time.time()
     _quiet_lightning()
+    flush_denormals()  # before the data step starts torch's worker threads
     run_dir, ckpt = resolve_run(cfg)
 
     data = TextDataModule(cfg.data, seed=cfg.seed)
@@ -248,6 +250,12 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
     trainer = build_trainer(cfg, run_dir, logger, extra)
     module = LMModule(recipe_to_dict(cfg))
+    if ckpt is None and getattr(cfg.model, "stack_from", None):
+        from nlplatform.checkpoint import load_checkpoint
+
+        source = load_checkpoint(cfg.model.stack_from).model.state_dict()
+        copied = module.model.stack_levels(source)
+        print(f"stacked levels from {cfg.model.stack_from}: {len(copied)} tensors copied", file=sys.stderr)
 
     rank_zero = is_rank_zero()
     if rank_zero:

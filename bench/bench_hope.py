@@ -1,0 +1,369 @@
+"""HOPE's training-step speed against Transformer++, and the cost of its test-time learning at the paper's widths.
+
+    python bench/bench_hope.py [--steps 3] [--seq-len 256] [--batch 4] [--skip-scale] [--scale-layers N]
+                               [--scale-seq-len T]
+
+1. Speed: forward + backward + AdamW step (tokens/s, step ms, peak memory) at d_model 256, 4 layers, B x T = 4 x 256,
+   vocab 257, of Transformer++ tiny, HOPE tiny with its in-context CMS level learning and frozen, Hope-Attention
+   tiny learning and frozen, and Titans tiny. The goal: HOPE (learning) >= 0.25x Transformer++ tokens/s.
+2. Scale: HOPE's ``340m`` preset (width 1024, 8 memory heads, window 4096, vocab 32000), one forward + backward at
+   batch 1, learning against frozen: tokens/s, peak memory, and the memory the in-context fast state holds at the end
+   of the window against one dense per-sequence copy of the in-context MLPs' weights, at T = 4096. On CPU it keeps
+   the widths but runs 2 layers (about 14 GiB and a minute a step on 2 threads; ``--scale-seq-len`` shortens the
+   window where memory is short); on CUDA the preset's depth.
+
+On CUDA steps run under bf16 autocast, on CPU in fp32. Every row runs in a fresh spawned process, so its peak memory
+(CPU: the process's peak resident set; CUDA: torch's peak allocation) is its own. Writes bench/results/hope-<device>
+.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+import torch.nn.functional as F
+from common import device_and_label, peak_mem_gib, write_results
+
+from nlplatform import registry
+
+GOAL = 0.25  # HOPE (learning) tokens/s over Transformer++ tokens/s
+SPEED_VOCAB = 257
+SCALE_VOCAB = 32000
+SCALE_PRESET = "340m"
+
+# (row name, family, config overrides) of the speed table; the first row is the yardstick of the ratios
+SPEED_ROWS: list[tuple[str, str, dict]] = [
+    ("Transformer++", "transformer", {}),
+    ("HOPE (learning)", "hope", {"context_len": 256}),
+    ("HOPE (frozen)", "hope", {"context_len": 256, "test_time_learning": False}),
+    ("Hope-Attention (learning)", "hope", {"context_len": 256, "variant": "attention"}),
+    ("Hope-Attention (frozen)", "hope", {"context_len": 256, "variant": "attention", "test_time_learning": False}),
+    ("Titans", "titans", {}),
+]
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _timed(step, steps: int, warmup: int, device: str) -> list[float]:
+    """Each timed call's wall time after ``warmup`` untimed calls; the GPU's peak counter is reset after the warm-up."""
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: int, steps: int, warmup: int,
+              device: str) -> dict:  # fmt: skip
+    """One speed row, in a child process: forward + backward + AdamW step of a tiny model."""
+    torch.manual_seed(0)
+    cfg = registry.model_config(family, "tiny", vocab_size=SPEED_VOCAB, **overrides)
+    model = registry.build_model(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    x = torch.randint(0, SPEED_VOCAB, (batch, seq_len + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step() -> None:
+        with _autocast(device):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = _timed(step, steps, warmup, device)
+    median = _median(times)
+    return {
+        "row": name,
+        "family": family,
+        "preset": "tiny",
+        "overrides": overrides,
+        "learning": bool(getattr(model, "learning", False)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "seq_len": seq_len,
+        "batch": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "step_ms_median": 1000 * median,
+        "step_ms_min": 1000 * min(times),
+        "step_ms_max": 1000 * max(times),
+        "tokens_per_sec": batch * seq_len / median,
+        "peak_mem_gib": peak_mem_gib(device),
+    }
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def fast_state_bytes(model, ids: torch.Tensor, device: str) -> dict:
+    """The in-context CMS levels' fast state after reading ``ids`` (the state at the last committed boundary), by
+    kind, and what one dense per-sequence copy of those levels' weights (w1, w3, w2, in the weights' dtype) takes."""
+    with torch.no_grad(), _autocast(device):
+        _, states, committed = model._process(ids, [None] * len(model.layers))
+    applied = dense = pending = applied_tokens = 0
+    for st in states:
+        for fs in st.cms if st is not None and st.cms is not None else []:
+            if fs is None:
+                continue
+            if fs.applied is not None:
+                applied += _nbytes(fs.applied.astuple())
+                applied_tokens = max(applied_tokens, fs.applied.tokens)
+            if fs.dense is not None:
+                dense += _nbytes(fs.dense)
+            for tap in fs.pending:
+                pending += _nbytes((tap.x, tap.z1, tap.z3, tap.h, tap.zy, *(tap.grads or ())))
+    copy = 0
+    for block in model.layers:
+        for lv in block.cms.fast_levels:
+            mlp = block.cms.mlps[lv]
+            copy += ids.shape[0] * _nbytes((mlp.w1.weight, mlp.w3.weight, mlp.w2.weight))
+    return {
+        "committed_tokens": committed,
+        "fast_state_bytes": applied + dense + pending,
+        "fast_state_applied_bytes": applied,
+        "fast_state_dense_bytes": dense,
+        "fast_state_pending_bytes": pending,
+        "fast_state_applied_tokens": applied_tokens,
+        "dense_copy_bytes": copy,
+    }
+
+
+def scale_row(learning: bool, *, n_layers: int, seq_len: int, steps: int, warmup: int, device: str) -> dict:
+    """One scale row, in a child process: forward + backward of the 340m preset's widths at batch 1, then the fast
+    state after a no-grad read of the same window."""
+    torch.manual_seed(0)
+    cfg = registry.model_config(
+        "hope", SCALE_PRESET, vocab_size=SCALE_VOCAB, n_layers=n_layers, test_time_learning=learning
+    )
+    model = registry.build_model(cfg).to(device)
+    x = torch.randint(0, SCALE_VOCAB, (1, seq_len + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step() -> None:
+        with _autocast(device):
+            logits = model(inputs)
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    times = _timed(step, steps, warmup, device)
+    peak = peak_mem_gib(device)  # read before the state measurement's forward
+    median = _median(times)
+    row = {
+        "row": f"HOPE {SCALE_PRESET} widths, {n_layers} layers ({'learning' if learning else 'frozen'})",
+        "learning": bool(model.learning),
+        "params": sum(p.numel() for p in model.parameters()),
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_layers": n_layers,
+        "cms_width": cfg.cms_width,
+        "cms_chunk_sizes": list(cfg.cms_chunk_sizes),
+        "context_len": cfg.context_len,
+        "seq_len": seq_len,
+        "batch": 1,
+        "steps": steps,
+        "warmup": warmup,
+        "step_ms_median": 1000 * median,
+        "step_ms_min": 1000 * min(times),
+        "step_ms_max": 1000 * max(times),
+        "tokens_per_sec": seq_len / median,
+        "peak_mem_gib": peak,
+    }
+    return {**row, **fast_state_bytes(model, inputs, device)}
+
+
+def _child_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def in_child(fn, *args, threads: int, **kw) -> dict:
+    """``fn(*args, **kw)`` in a fresh spawned process; an exception or a killed child becomes an error entry."""
+    try:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_init, initargs=(threads,)) as pool:
+            return pool.submit(fn, *args, **kw).result()
+    except Exception as exc:  # out of memory, a crash, a killed child
+        text = str(exc).strip()
+        return {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.3f} GiB" if b >= 2**27 else f"{b / 2**20:.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per speed row (Transformer++: at least 10)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--skip-scale", action="store_true", help="only the speed table")
+    parser.add_argument("--scale-layers", type=int, default=None, help="layers of the scale rows (CPU: 2, CUDA: 20)")
+    parser.add_argument("--scale-seq-len", type=int, default=None, help="T of the scale rows (default 4096)")
+    parser.add_argument("--scale-steps", type=int, default=None, help="timed scale steps (CPU: 1, no warm-up; CUDA: 3)")
+    args = parser.parse_args()
+    device, label = device_and_label()
+    threads = torch.get_num_threads()
+    cpu = device == "cpu"
+    print(f"device {label}, {'fp32' if cpu else 'bf16 autocast'}")
+
+    # ---------------------------------------------------------------------------------------------- speed
+    speed = []
+    for name, family, overrides in SPEED_ROWS:
+        steps, warmup = (max(10, args.steps), 2) if family == "transformer" else (args.steps, 1)
+        r = in_child(speed_row, name, family, overrides, seq_len=args.seq_len, batch=args.batch, steps=steps,
+                     warmup=warmup, device=device, threads=threads)  # fmt: skip
+        r = {"row": name, "family": family, "overrides": overrides, **r}
+        if "error" in r:
+            print(f"{name:>26}: {r['error']}")
+        else:
+            print(
+                f"{name:>26}: {r['tokens_per_sec']:>8,.0f} tokens/s  {r['step_ms_median']:8.1f} ms/step "
+                f"(min {r['step_ms_min']:.1f}, max {r['step_ms_max']:.1f})  {r['peak_mem_gib']:.2f} GiB"
+            )
+        speed.append(r)
+    base = speed[0].get("tokens_per_sec")
+    for r in speed:
+        r["ratio_to_transformer"] = r["tokens_per_sec"] / base if base and "tokens_per_sec" in r else None
+    hope = next(r for r in speed if r["row"] == "HOPE (learning)")
+    ratio = hope.get("ratio_to_transformer")
+    met = ratio is not None and ratio >= GOAL
+    goal_line = f"Goal: HOPE (learning) >= {GOAL}x Transformer++ tokens/s: " + (
+        f"{ratio:.3f}x, {'met' if met else 'NOT met'}." if ratio is not None else "not measured (a row failed)."
+    )
+    print(goal_line)
+
+    lines = [
+        f"## Speed: training step (forward + backward + AdamW) at d_model 256, 4 layers, B x T = {args.batch} x "
+        f"{args.seq_len}, vocab {SPEED_VOCAB}, {'fp32' if cpu else 'bf16 autocast'} on {label}",
+        "",
+        "| model (tiny) | params | tokens/s | ratio to Transformer++ | ms/step (median) | ms min-max | "
+        f"peak GiB ({'process RSS' if cpu else 'GPU alloc'}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in speed:
+        if "error" in r:
+            lines.append(f"| {r['row']} | - | error: {r['error']} | - | - | - | - |")
+            continue
+        lines.append(
+            f"| {r['row']} | {r['params']:,} | {r['tokens_per_sec']:,.0f} | {r['ratio_to_transformer']:.3f}x | "
+            f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f}-{r['step_ms_max']:.1f} | {r['peak_mem_gib']:.2f} |"
+        )
+    lines += ["", f"**{goal_line}**"]
+
+    # ---------------------------------------------------------------------------------------------- scale
+    scale = []
+    scale_layers = args.scale_layers or (2 if cpu else registry.get_spec("hope").presets[SCALE_PRESET]["n_layers"])
+    scale_len = args.scale_seq_len or 4096
+    scale_steps, scale_warmup = (args.scale_steps or 1, 0) if cpu else (args.scale_steps or 3, 1)
+    if not args.skip_scale:
+        for learning in (True, False):
+            r = in_child(scale_row, learning, n_layers=scale_layers, seq_len=scale_len, steps=scale_steps,
+                         warmup=scale_warmup, device=device, threads=threads)  # fmt: skip
+            kind = "learning" if learning else "frozen"
+            r = {"row": f"HOPE {SCALE_PRESET} widths, {scale_layers} layers ({kind})", "learning": learning, **r}
+            if "error" in r:
+                print(f"scale {kind:>8}: {r['error']}")
+            else:
+                print(
+                    f"scale {kind:>8}: {r['tokens_per_sec']:>8,.1f} tokens/s  {r['step_ms_median']:9.1f} ms/step  "
+                    f"{r['peak_mem_gib']:.2f} GiB  fast state {_gib(r['fast_state_bytes'])} vs dense copy "
+                    f"{_gib(r['dense_copy_bytes'])}"
+                )
+            scale.append(r)
+        ok = [r for r in scale if "error" not in r]
+        lines += [
+            "",
+            f"## Scale: HOPE `{SCALE_PRESET}` widths (d_model 1024, 8 memory heads, CMS in-context chunk 512, window "
+            f"4096), {scale_layers} layers, batch 1, T = {scale_len}, vocab {SCALE_VOCAB}: one forward + backward "
+            f"(no optimizer), {'fp32' if cpu else 'bf16 autocast'}",
+            "",
+            "| model | params | tokens/s | ms/step | peak GiB | fast state at the end | of which dense deltas | "
+            "one dense per-sequence copy of the in-context MLPs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in scale:
+            if "error" in r:
+                lines.append(f"| {r['row']} | - | error: {r['error']} | - | - | - | - | - |")
+                continue
+            lines.append(
+                f"| {r['row']} | {r['params']:,} | {r['tokens_per_sec']:,.1f} | {r['step_ms_median']:,.0f} | "
+                f"{r['peak_mem_gib']:.2f} | {_gib(r['fast_state_bytes'])} | {_gib(r['fast_state_dense_bytes'])} | "
+                f"{_gib(r['dense_copy_bytes'])} |"
+            )
+        if len(ok) == 2 and ok[0]["learning"] and not ok[1]["learning"]:
+            on, off = ok
+            cost = (
+                f"Test-time learning at this scale: {on['tokens_per_sec'] / off['tokens_per_sec']:.2f}x the frozen "
+                f"model's tokens/s, {on['peak_mem_gib'] / off['peak_mem_gib']:.2f}x its peak memory "
+                f"({on['peak_mem_gib'] - off['peak_mem_gib']:+.2f} GiB)."
+            )
+            lines += ["", cost]
+            print(cost)
+
+    note = (
+        f"Each row ran in a fresh spawned process ({threads} threads on CPU), so its peak memory is its own: on CPU the "
+        "process's peak resident set (torch, the model and its optimizer state included), on CUDA "
+        "`torch.cuda.max_memory_allocated` over the timed steps. Speed rows: median of the timed steps after the warm-up "
+        f"({args.steps} timed after 1 warm-up; Transformer++ {max(10, args.steps)} after 2). HOPE tiny: in-context CMS "
+        "level at chunk 64 (the levels at 2048 and 8192 are persistent), self-modifying Titans chunks 16 / 64; "
+        "'frozen' is `test_time_learning=False` (the in-context level keeps its initial weights). "
+        f"Scale rows: {scale_steps} timed step(s) after {scale_warmup} warm-up; the fast state is the in-context CMS "
+        "state (applied factors, dense deltas, open taps) after a no-grad read of the same window, at the last "
+        "committed chunk boundary (the last chunk is learnt from only once the token after it is known); "
+        "the dense copy is B x (w1 + w3 + w2) of every in-context level in the weights' dtype. "
+        + (
+            f"On CPU the scale rows keep the {SCALE_PRESET} widths but run {scale_layers} layers at T = {scale_len} "
+            "instead of the preset's 20 layers at 4096, so that they finish in a few minutes (`--scale-layers`, "
+            "`--scale-seq-len`). "
+            if cpu
+            else ""
+        )
+        + "The CPU is shared with other work, so CPU figures are noisy: read ratios within one run."
+    )
+    meta = {
+        "threads": threads,
+        "dtype": "float32" if cpu else "bfloat16 autocast",
+        "goal": f"HOPE (learning) tokens/s >= {GOAL} x Transformer++ tokens/s (tiny, training step)",
+        "goal_ratio": ratio,
+        "goal_met": met,
+        "speed": {"seq_len": args.seq_len, "batch": args.batch, "vocab": SPEED_VOCAB, "steps": args.steps},
+        "scale": None
+        if args.skip_scale
+        else {
+            "preset": SCALE_PRESET,
+            "n_layers": scale_layers,
+            "seq_len": scale_len,
+            "batch": 1,
+            "vocab": SCALE_VOCAB,
+            "steps": scale_steps,
+            "warmup": scale_warmup,
+        },  # fmt: skip
+    }
+    rows = [{"table": "speed", **r} for r in speed] + [{"table": "scale", **r} for r in scale]
+    write_results("hope", label, meta, rows, lines, note)
+
+
+if __name__ == "__main__":
+    main()
