@@ -34,8 +34,8 @@ def peak_mem_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def median_seconds(step: Callable[[], object], iters: int, device: str, warmup: int = 2) -> float:
-    """Median wall time of ``step`` over ``iters`` calls after ``warmup`` calls (allocator, kernels, autotuning),
+def wall_times(step: Callable[[], object], iters: int, device: str, warmup: int = 2) -> list[float]:
+    """Wall time of each of ``iters`` calls of ``step`` after ``warmup`` calls (allocator, kernels, autotuning),
     synchronising the GPU around each call; the GPU's peak-memory counter is reset after the warm-up."""
     for _ in range(warmup):
         step()
@@ -49,7 +49,12 @@ def median_seconds(step: Callable[[], object], iters: int, device: str, warmup: 
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(step: Callable[[], object], iters: int, device: str, warmup: int = 2) -> float:
+    """Median of ``wall_times``."""
+    return statistics.median(wall_times(step, iters, device, warmup))
 
 
 def median_cuda_event_seconds(step: Callable[[], object], iters: int, warmup: int = 2) -> float:

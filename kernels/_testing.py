@@ -22,3 +22,29 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) 
     max_abs = (ref.detach().double() - out.detach().double()).abs().max().item()
     if not err <= ratio:
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > {ratio:.1e} (max abs diff {max_abs:.3e})")
+
+
+def leaves_of(inputs: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a test's input dict by name (per-layer lists numbered ``name[i]``; None entries skipped)."""
+    leaves = {}
+    for name, x in inputs.items():
+        if isinstance(x, list):
+            leaves.update({f"{name}[{i}]": t for i, t in enumerate(x)})
+        elif x is not None:
+            leaves[name] = x
+    return leaves
+
+
+def state_outputs_and_grads(
+    out_name: str, out: torch.Tensor, state, inputs: dict, allow_unused: bool = False
+) -> dict[str, torch.Tensor]:
+    """An op's output, its final state's weights ``W[i]`` and momentum ``S[i]``, and the gradient ``d<leaf>`` of every
+    input leaf under one fixed random weighting of all of them, so two implementations can be compared on all at
+    once. With ``allow_unused`` a leaf the op ignores has no entry; otherwise it is an error."""
+    outs = {out_name: out, **{f"W[{i}]": w for i, w in enumerate(state.weights)}}
+    outs.update({f"S[{i}]": s for i, s in enumerate(state.momentum)})
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum() for t in outs.values())
+    leaves = leaves_of(inputs)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=allow_unused)
+    return {**outs, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._testing import assert_close, err_ratio
+from kernels._testing import assert_close, err_ratio, state_outputs_and_grads
 from kernels.self_modifying import (
     SelfModState,
     chunk_self_modifying_titans,
@@ -71,28 +71,11 @@ def run(fn, inputs, state=None, **kwargs):
     return fn(inputs["x"], inputs["q"], inputs["gate_w"], inputs["gate_b"], state, **kwargs)
 
 
-def leaves_of(inputs):
-    leaves = {}
-    for name, x in inputs.items():
-        if isinstance(x, list):
-            leaves.update({f"{name}[{i}]": t for i, t in enumerate(x)})
-        elif x is not None:
-            leaves[name] = x
-    return leaves
-
-
 def outputs_and_grads(fn, inputs, **kwargs):
     """o, the final weights and momentum, and the gradient of every leaf under a fixed random weighting of all
     outputs."""
     o, state = run(fn, inputs, **kwargs)
-    outs = {"o": o, **{f"W[{i}]": w for i, w in enumerate(state.weights)}}
-    outs.update({f"S[{i}]": s for i, s in enumerate(state.momentum)})
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum() for t in outs.values())
-    leaves = leaves_of(inputs)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    outs.update({f"d{n}": g for n, g in zip(leaves, grads) if g is not None})
-    return outs
+    return state_outputs_and_grads("o", o, state, inputs, allow_unused=True)
 
 
 def _slice(inputs, sl):

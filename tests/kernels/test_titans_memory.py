@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._testing import assert_close, err_ratio
+from kernels._testing import assert_close, err_ratio, leaves_of, state_outputs_and_grads
 from kernels.delta_rule import gated_delta_rule
 from kernels.titans_memory import (
     MemoryState,
@@ -72,28 +72,11 @@ def run(fn, inputs, **kwargs):
     return fn(*args, state_of(inputs), **kwargs)
 
 
-def leaves_of(inputs):
-    """Every leaf tensor by name (per-layer tensors numbered)."""
-    leaves = {}
-    for name, x in inputs.items():
-        if isinstance(x, list):
-            leaves.update({f"{name}[{i}]": t for i, t in enumerate(x)})
-        elif x is not None:
-            leaves[name] = x
-    return leaves
-
-
 def outputs_and_grads(fn, inputs, **kwargs):
     """y, the final weights and momentum, and the gradient of every leaf under a fixed random weighting of all
     outputs."""
     y, state = run(fn, inputs, **kwargs)
-    outs = {"y": y, **{f"W[{i}]": w for i, w in enumerate(state.weights)}}
-    outs.update({f"S[{i}]": s for i, s in enumerate(state.momentum)})
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum() for o in outs.values())
-    leaves = leaves_of(inputs)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {**outs, **{f"d{n}": g for n, g in zip(leaves, grads)}}
+    return state_outputs_and_grads("y", y, state, inputs)
 
 
 # (T, hidden widths, chunk size, activation, initial momentum): depths 1-3, both activations, odd lengths, chunk 1
