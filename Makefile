@@ -8,10 +8,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 RECIPE ?= recipes/hope/tiny.yaml
+SWEEP  ?= sweeps/hope_levels_tiny.yaml
 ARGS   ?=
 CKPT   ?=
 SUITE  ?= commonsense
 PYTEST_ARGS ?=
+COMPARE_STEPS ?= 150
+COMPARE_BATCH ?= 8
+COMPARE_SUITE ?= smoke
 MLFLOW_PORT ?= 5000
 
 # Every cache stays inside the workspace; MLflow does not phone home.
@@ -23,7 +27,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data eval-data train eval test test-kernels lint format ui bench bench-kernels clean
+.PHONY: help setup data eval-data train eval sweep leaderboard compare test test-kernels lint format ui bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -52,6 +56,16 @@ eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt with lm-eval on SUITE (defau
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<experiment>/<run>/checkpoints/last.ckpt [SUITE=smoke] [ARGS=...]" >&2; exit 2; }
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m nlplatform eval $(CKPT) --suite $(SUITE) $(ARGS)
 
+sweep: $(STAMP) data ## run or continue the Optuna study of SWEEP (default: tiny HOPE levels); ARGS="--n-trials N --workers K --storage URL"
+	$(PY) -m nlplatform sweep $(SWEEP) $(ARGS)
+
+leaderboard: $(STAMP) ## rank the finished runs by val ppl into runs/leaderboard/<time>/ (ARGS="--experiment E ...")
+	$(PY) -m nlplatform leaderboard $(ARGS)
+
+compare: $(STAMP) data ## train every family's tiny recipe on one budget (COMPARE_STEPS x COMPARE_BATCH x 256), eval, rank
+	$(PY) -m nlplatform compare --steps $(COMPARE_STEPS) --batch-size $(COMPARE_BATCH) --seq-len 256 \
+	  --suite $(COMPARE_SUITE) $(ARGS)
+
 test: $(STAMP) data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -78,5 +92,5 @@ bench-kernels: $(STAMP) ## time the delta-rule op (Triton, reference) against fl
 	$(PY) bench/bench_kernels.py $(ARGS)
 
 clean: ## remove run outputs, caches and the tracking database (keeps .venv)
-	rm -rf runs mlruns mlruns.db mlartifacts .cache .pytest_cache .ruff_cache
+	rm -rf runs mlruns mlruns.db sweeps.db mlartifacts .cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

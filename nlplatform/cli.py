@@ -83,6 +83,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from nlplatform.sweep import load_sweep
+
+    load_sweep(args.sweep)  # a bad sweep file fails before any store is opened or trial runs
+    from nlplatform.sweep import run_sweep
+
+    result = run_sweep(args.sweep, n_trials=args.n_trials, storage=args.storage, workers=args.workers)
+    print(f"{result.study_name} in {result.storage}")  # the contract: the study and its storage are the last line
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -126,6 +137,32 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from nlplatform.leaderboard import LEADERBOARD_EXPERIMENT, build_leaderboard
+
+    board = build_leaderboard(args.experiment, out=args.out, tracking_uri=args.tracking_uri)
+    print(board.markdown.read_text(), end="")
+    print(f"logged as MLflow run {board.run_id} in experiment {LEADERBOARD_EXPERIMENT!r}", file=sys.stderr)
+    print(board.folder.resolve())  # the contract: the output folder is the last line of stdout
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from nlplatform.compare import compare
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    result = compare(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, experiment=args.experiment,
+                     suite=None if args.no_eval else args.suite, families=families, overrides=args.overrides,
+                     tracking_uri=args.tracking_uri)  # fmt: skip
+    if result.leaderboard is not None:
+        print(result.leaderboard.markdown.read_text(), end="")
+    for failure in result.failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    if result.leaderboard is not None:
+        print(result.leaderboard.folder.resolve())  # the contract: the leaderboard folder is the last line of stdout
+    return 1 if result.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlplatform", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -162,6 +199,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list every family and preset with its parameter count")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary used to size the embeddings")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser(
+        "leaderboard", help="rank the finished runs by val ppl (markdown, CSV, PNG); prints the folder as the last line"
+    )
+    p.add_argument("--experiment", action="append", default=None,
+                   help="an MLflow experiment to rank (repeatable; default: every experiment)")  # fmt: skip
+    p.add_argument("--out", default=None, help="output folder (default: runs/leaderboard/<timestamp>/)")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)"
+    )
+    p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser(
+        "compare", help="train every family's tiny recipe on one token budget, evaluate, rank them (a leaderboard)"
+    )
+    p.add_argument("overrides", nargs="*", help="recipe overrides for every family, e.g. trainer.accelerator=cpu")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per family (trainer.max_steps)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (data.batch_size)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (data.seq_len)")
+    p.add_argument("--experiment", default="compare", help="MLflow experiment of the runs and of the leaderboard")
+    p.add_argument("--families", default=None, help="comma-separated subset, e.g. transformer,hope (default: all)")
+    p.add_argument("--suite", default="smoke", help="eval suite for every run, when the eval data is present")
+    p.add_argument("--no-eval", action="store_true", help="train and rank only")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)"
+    )
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="run (or continue) an Optuna study of a sweep file; trials as nested MLflow runs")
+    p.add_argument("sweep", help="sweep YAML, e.g. sweeps/hope_levels_tiny.yaml")
+    p.add_argument("--n-trials", type=int, default=None, help="trials to add (default: those missing to the budget)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: the file's, else sqlite:///sweeps.db)")
+    p.add_argument("--workers", type=int, default=1, help="trial processes on this machine sharing the storage")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("generate", help="sample text from a trained checkpoint")
     p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`")

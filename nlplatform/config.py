@@ -233,8 +233,8 @@ def _from_raw(raw: dict[str, Any]) -> RecipeConfig:
     return cfg
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
-    """Load ``path`` (YAML), apply ``key=value`` overrides, validate strictly, return the typed recipe."""
+def _load_raw(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The recipe file merged with the overrides, as plain containers (keys and values not yet checked)."""
     path = Path(path)
     if not path.is_file():
         hint = ""
@@ -250,8 +250,35 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig
     if file_cfg is None or not isinstance(file_cfg, DictConfig):
         raise ConfigError(f"recipe {path} must be a mapping of sections (model:, data:, ...)")
     merged = OmegaConf.merge(file_cfg, _parse_overrides(overrides))
-    raw = OmegaConf.to_container(merged, resolve=True)
-    return _from_raw(raw)  # type: ignore[arg-type]
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Load ``path`` (YAML), apply ``key=value`` overrides, validate strictly, return the typed recipe."""
+    return _from_raw(_load_raw(path, overrides))
+
+
+def check_recipe_keys(path: str | Path, overrides: Sequence[str], keys: Iterable[str]) -> None:
+    """Fail (with a "Did you mean") when a dotted key such as ``model.cms_chunk_sizes`` is not a key of the recipe
+    ``path`` + ``overrides`` (whose model family decides the ``model.*`` keys). Only names are checked: a search
+    space names keys before it has values for them."""
+    raw = _load_raw(path, overrides)
+    schema = _schema_for(raw)
+    for key in keys:
+        probe: dict[str, Any] = {}
+        node = probe
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None
+        _check_keys(probe, schema, "")
+        node = schema
+        for i, part in enumerate(parents):
+            node = getattr(node, part)
+            if not is_dataclass(node):
+                raise ConfigError(f"recipe key '{'.'.join(parents[: i + 1])}' is a value, not a section: '{key}'")
+        if is_dataclass(getattr(node, leaf)):
+            raise ConfigError(f"recipe key '{key}' is a section, not a value; name one of its keys")
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> RecipeConfig:

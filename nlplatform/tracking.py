@@ -6,6 +6,7 @@ file store is deprecated). ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -53,8 +54,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None):
-    """Lightning's MLFlowLogger for this run (continuing ``run_id`` on resume), or None when tracking is off."""
+def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None):
+    """Lightning's MLFlowLogger for this run (continuing ``run_id`` on resume), or None when tracking is off. ``tags``
+    join the default ones on a new run."""
     if not cfg.tracking.enabled:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
@@ -63,6 +65,7 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None):
         "family": cfg.model.name,
         "preset": cfg.model.preset,
         "git_commit": git_commit(),
+        **(tags or {}),
     }
     return MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
@@ -79,6 +82,20 @@ def recipe_params(cfg: RecipeConfig) -> dict[str, Any]:
     out = {}
     for key, value in flatten(recipe_to_dict(cfg)).items():
         out[key] = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
+    return out
+
+
+SUMMARY_METRICS = ("params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "tokens_per_sec", "wall_s")
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """A run's closing figures as ``summary/<key>`` MLflow metrics (what the leaderboard reads); missing or
+    non-finite values are left out."""
+    out = {}
+    for key in SUMMARY_METRICS:
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[f"summary/{key}"] = float(value)
     return out
 
 

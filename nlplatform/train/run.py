@@ -205,8 +205,9 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
         raise ConfigError(f"trainer settings rejected: {str(exc).splitlines()[0]}") from None
 
 
-def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
-    """Train ``cfg``; return the run folder and its summary. Raises UserError on bad input."""
+def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | None = None) -> RunResult:
+    """Train ``cfg``; return the run folder and its summary. Raises UserError on bad input. ``callbacks`` join the
+    Trainer's; ``tags`` are set on a new MLflow run (a sweep nests its trials with ``mlflow.parentRunId``)."""
     import lightning as L
 
     from nlplatform import tracking
@@ -243,7 +244,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
     # Everything that can still reject the recipe (model sizes, Lightning's trainer arguments) runs before the run
     # folder is written, so bad input leaves nothing behind.
     run_name = run_dir.name
-    logger = tracking.make_logger(cfg, run_name, run_id=run_meta.get("mlflow_run_id"))
+    logger = tracking.make_logger(cfg, run_name, run_id=run_meta.get("mlflow_run_id"), tags=tags)
     throughput = Throughput(cfg.data.seq_len, cfg.trainer.log_every_n_steps)
     history = History()
     extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=ckpt is None)]
@@ -288,7 +289,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = ()) -> RunResult:
         tps = module.level_scheduler.tokens_per_step
         plot = _plot_loss_curve(history, tps, unigram, run_dir / "loss_curve.png", run_name)
         if logger is not None:
-            logger.log_metrics({"summary/tokens_per_sec": summary["tokens_per_sec"]}, step=trainer.global_step)
+            logger.log_metrics(tracking.summary_metrics(summary), step=trainer.global_step)
             tracking.log_artifacts(logger, [run_dir / "recipe.yaml", run_dir / "summary.json", plot])
             logger.finalize("success")
     return RunResult(run_dir=run_dir, summary=summary)

@@ -1,0 +1,314 @@
+"""``nlplatform leaderboard``: every finished model run of the tracking store, ranked by validation perplexity.
+
+The figures come from MLflow, not from the run folders, so the leaderboard also covers runs trained on other
+machines into a shared store: ``summary/*`` metrics (logged at the end of ``train()``), ``eval/<task>/<metric>``
+(logged by ``nlplatform eval``), the ``family`` / ``preset`` tags. The table is written as markdown, CSV and a PNG
+chart into one folder and logged as the artifacts of a run in the ``leaderboard`` experiment, so it shows in
+``make ui`` beside the runs it ranks.
+
+Sweep parents (tag ``sweep.role=study``) hold no model of their own and are left out; their trials are ordinary
+runs and are ranked like any other.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nlplatform.errors import UserError
+
+LEADERBOARD_EXPERIMENT = "leaderboard"
+STUDY_TAG = ("sweep.role", "study")
+PAGE = 1000  # MLflow's largest page for search_runs
+
+# (row key, markdown header) of the fixed columns; the eval columns go between val_ppl and tokens_per_sec.
+HEAD_COLUMNS = [
+    ("run", "run"),
+    ("family", "family"),
+    ("preset", "preset"),
+    ("params", "params"),
+    ("tokens_seen", "tokens seen"),
+    ("val_ppl", "val ppl"),
+]
+TAIL_COLUMNS = [
+    ("tokens_per_sec", "tokens/s"),
+    ("wall_s", "wall (s)"),
+    ("experiment", "experiment"),
+    ("run_id", "run id"),
+]
+
+
+@dataclass
+class Leaderboard:
+    rows: list[dict[str, Any]]  # one per run, best val ppl first; keys are the CSV columns
+    columns: list[str]  # CSV column names in order (eval columns are their metric names)
+    experiments: list[str]  # the experiments the rows come from
+    folder: Path
+    markdown: Path
+    csv: Path
+    chart: Path
+    run_id: str  # the run in the `leaderboard` experiment holding the three files
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _check_store(uri: str) -> None:
+    """Opening a sqlite URI that points nowhere would create an empty database as a side effect; say instead that
+    nothing was trained into it yet."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists():
+        raise UserError(
+            f"no tracking store at {uri} (nothing trained yet?); train runs with `make train` or `make compare`, "
+            "or point MLFLOW_TRACKING_URI / --tracking-uri at your store"
+        )
+
+
+def _all_experiments(client) -> list:
+    """Every active experiment of the store, across pages."""
+    found, token = [], None
+    while True:
+        page = client.search_experiments(page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _select_experiments(client, names: list[str] | None) -> list:
+    """The experiments named (each must exist), or all of them; never the leaderboard's own experiment."""
+    existing = {e.name: e for e in _all_experiments(client) if e.name != LEADERBOARD_EXPERIMENT}
+    if not names:
+        return sorted(existing.values(), key=lambda e: e.name)
+    chosen = []
+    for name in dict.fromkeys(names):  # repeated names count once
+        if name == LEADERBOARD_EXPERIMENT:
+            raise UserError(f"experiment {name!r} holds leaderboards, not trained models; name a training experiment")
+        if name not in existing:
+            close = difflib.get_close_matches(name, list(existing), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(sorted(existing)) or "none"
+            raise UserError(f"experiment {name!r} not found.{hint} Experiments: {known}")
+        chosen.append(existing[name])
+    return chosen
+
+
+def _finished_runs(client, experiment_ids: list[str]) -> list:
+    """Every FINISHED run of the experiments, across pages (running, failed and killed runs have no final figures)."""
+    if not experiment_ids:
+        return []
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string="attributes.status = 'FINISHED'", max_results=PAGE, page_token=token
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _is_study(run) -> bool:
+    key, value = STUDY_TAG
+    return run.data.tags.get(key) == value
+
+
+def _row(run, experiment: str) -> dict[str, Any]:
+    """One run's leaderboard figures. Runs trained before ``summary/*`` metrics existed fall back to the last
+    logged ``val/ppl``; what a run does not have stays None (a blank cell)."""
+    metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
+
+    def number(key: str, cast=float):
+        value = metrics.get(key)
+        return cast(value) if value is not None and math.isfinite(value) else None
+
+    val_ppl = number("summary/val_ppl")
+    row = {
+        "run": tags.get("mlflow.runName") or run.info.run_name or run.info.run_id,
+        "family": tags.get("family") or params.get("model.name") or "",
+        "preset": tags.get("preset") or params.get("model.preset") or "",
+        "params": number("summary/params", int),
+        "tokens_seen": number("summary/tokens_seen", int),
+        "val_ppl": val_ppl if val_ppl is not None else number("val/ppl"),
+        "tokens_per_sec": number("summary/tokens_per_sec"),
+        "wall_s": number("summary/wall_s"),
+        "experiment": experiment,
+        "run_id": run.info.run_id,
+    }
+    row.update({k: v for k, v in metrics.items() if k.startswith("eval/") and math.isfinite(v)})
+    return row
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    # Runs without a validation perplexity go last, in name order.
+    ppl = row["val_ppl"]
+    return (ppl is None, ppl if ppl is not None else 0.0, row["run"])
+
+
+def collect(experiments: list[str] | None = None, tracking_uri: str | None = None) -> tuple[list[dict], list[str]]:
+    """(rows sorted by val ppl, names of the experiments they come from). Raises UserError for an unknown experiment
+    or when no finished run is found. Reads only: nothing is written."""
+    from nlplatform.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    _check_store(uri)
+    client = _client(uri)
+    selected = _select_experiments(client, experiments)
+    names = {e.experiment_id: e.name for e in selected}
+    runs = [r for r in _finished_runs(client, list(names)) if not _is_study(r)]
+    searched = [e.name for e in selected]
+    if not runs:
+        where = ", ".join(searched) if searched else "none (the store has no experiments)"
+        raise UserError(
+            f"no finished runs in {uri} (experiments searched: {where}); train some with `make train` or `make compare`"
+        )
+    rows = sorted((_row(r, names[r.info.experiment_id]) for r in runs), key=_sort_key)
+    covered = [name for name in searched if any(row["experiment"] == name for row in rows)]
+    return rows, covered
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The CSV columns: the fixed ones, with every eval metric any run has (sorted, so a task's metrics sit
+    together) between val ppl and tokens/s."""
+    evals = sorted({k for row in rows for k in row if k.startswith("eval/")})
+    return [k for k, _ in HEAD_COLUMNS] + evals + [k for k, _ in TAIL_COLUMNS]
+
+
+# -------------------------------------------------------------------------------------------------- write
+
+
+def _cell(key: str, value: Any) -> str:
+    """A value as the markdown table shows it: thousands separators for counts, 3 decimals for perplexity (as
+    `nlplatform train` prints it), 4 significant digits for eval scores."""
+    if value is None:
+        return ""
+    if key in ("params", "tokens_seen"):
+        return f"{value:,}"
+    if key in ("tokens_per_sec", "wall_s"):
+        return f"{value:,.0f}"
+    if key == "val_ppl":
+        return f"{value:.3f}"
+    if key.startswith("eval/"):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")  # a pipe in a run name would split the cell
+
+
+def is_score(column: str) -> bool:
+    """False for lm-eval's bookkeeping metrics (``*_stderr``, ``sample_len``): the CSV keeps them, but they would
+    triple the width of the printed table (a full suite logs some 40 eval metrics per run)."""
+    metric = column.rsplit("/", 1)[-1]
+    return not (column.startswith("eval/") and (metric.endswith("_stderr") or metric == "sample_len"))
+
+
+def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """The ranked table for people: every column but the eval bookkeeping ones (see ``is_score``)."""
+    headers = dict(HEAD_COLUMNS + TAIL_COLUMNS)
+    cols = [c for c in cols if is_score(c)]
+    lines = [
+        "| # | " + " | ".join(headers.get(c, c) for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for rank, row in enumerate(rows, 1):
+        lines.append(f"| {rank} | " + " | ".join(_cell(c, row.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    # Raw values (full precision, no separators) so the CSV reads back as numbers; missing ones are empty.
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, restval="", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Two horizontal bar panels, validation perplexity and tokens/s, one bar per run (best at the top), coloured
+    by family so a family's runs read as a group."""
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(".cache/matplotlib").resolve()))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    palette = plt.get_cmap("tab10")
+    colour = {f: palette(i % 10) for i, f in enumerate(families)}
+    labels = [r["run"] for r in rows]
+    colours = [colour[r["family"]] for r in rows]
+    nan = float("nan")  # a missing figure draws no bar
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.5 + 0.35 * len(rows)), dpi=120, sharey=True)
+    for ax, key, label in ((axes[0], "val_ppl", "validation perplexity (lower is better)"),
+                           (axes[1], "tokens_per_sec", "training tokens/s (higher is better)")):  # fmt: skip
+        values = [r[key] if r[key] is not None else nan for r in rows]
+        bars = ax.barh(range(len(rows)), values, color=colours)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:,.4g}" for v in values], padding=2, fontsize=7)
+        ax.margins(x=0.15)  # room for the labels
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()  # shared y: the best run on top in both panels
+    fig.legend(handles=[Patch(color=colour[f], label=f or "?") for f in families], loc="upper right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _log_run(uri: str, stamp: str, experiments: list[str], rows: list[dict], files: list[Path]) -> str:
+    """A run in the ``leaderboard`` experiment holding the three files, so the table is one click away in the UI."""
+    from mlflow.entities import RunStatus
+
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(LEADERBOARD_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(LEADERBOARD_EXPERIMENT)
+    tags = {"leaderboard.experiments": ",".join(experiments)}
+    run = client.create_run(experiment_id, run_name=f"leaderboard-{stamp}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        client.log_metric(run_id, "leaderboard/runs", len(rows))
+        for path in files:
+            client.log_artifact(run_id, str(path))
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
+
+
+def build_leaderboard(
+    experiments: list[str] | None = None, out: str | Path | None = None, tracking_uri: str | None = None
+) -> Leaderboard:
+    """Rank the finished runs of ``experiments`` (all when None) and write ``leaderboard.md``, ``leaderboard.csv``
+    and ``leaderboard.png`` into ``out`` (default ``runs/leaderboard/<timestamp>/``), then log them to MLflow.
+    Everything is collected before the first file is written, so bad input leaves no folder behind."""
+    from nlplatform.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    rows, covered = collect(experiments, uri)
+    cols = columns(rows)
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(out) if out is not None else Path("runs") / "leaderboard" / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    md, table, chart = folder / "leaderboard.md", folder / "leaderboard.csv", folder / "leaderboard.png"
+    md.write_text(markdown_table(rows, cols))
+    write_csv(table, rows, cols)
+    plural = "run" if len(rows) == 1 else "runs"
+    plot_chart(chart, rows, f"{len(rows)} {plural} of {', '.join(covered)} ({stamp})")
+    run_id = _log_run(uri, stamp, covered, rows, [md, table, chart])
+    return Leaderboard(rows, cols, covered, folder, md, table, chart, run_id)
