@@ -20,13 +20,14 @@ On CUDA steps run under bf16 autocast, on CPU in fp32. Every row runs in a fresh
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
-from common import device_and_label, peak_mem_gib, write_results
+from common import device_and_label, peak_mem_gib, wall_times, write_results
+from torch.utils.flop_counter import FlopCounterMode
 
 from nlplatform import registry
 
@@ -50,29 +51,6 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def _timed(step, steps: int, warmup: int, device: str) -> list[float]:
-    """Each timed call's wall time after ``warmup`` untimed calls; the GPU's peak counter is reset after the warm-up."""
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: int, steps: int, warmup: int,
               device: str) -> dict:  # fmt: skip
     """One speed row, in a child process: forward + backward + AdamW step of a tiny model."""
@@ -91,8 +69,11 @@ def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = _timed(step, steps, warmup, device)
-    median = _median(times)
+    times = wall_times(step, steps, device, warmup)
+    median = statistics.median(times)
+    peak = peak_mem_gib(device)
+    with FlopCounterMode(display=False) as flops:  # one more step, untimed: the FLOPs torch's matmuls and convs do
+        step()
     return {
         "row": name,
         "family": family,
@@ -110,7 +91,9 @@ def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: i
         "step_ms_min": 1000 * min(times),
         "step_ms_max": 1000 * max(times),
         "tokens_per_sec": batch * seq_len / median,
-        "peak_mem_gib": peak_mem_gib(device),
+        "peak_mem_gib": peak,
+        "gflop_per_step": flops.get_total_flops() / 1e9,
+        "gflop_per_sec": flops.get_total_flops() / 1e9 / median,
     }
 
 
@@ -168,9 +151,9 @@ def scale_row(learning: bool, *, n_layers: int, seq_len: int, steps: int, warmup
         F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
         model.zero_grad(set_to_none=True)
 
-    times = _timed(step, steps, warmup, device)
+    times = wall_times(step, steps, device, warmup)
     peak = peak_mem_gib(device)  # read before the state measurement's forward
-    median = _median(times)
+    median = statistics.median(times)
     row = {
         "row": f"HOPE {SCALE_PRESET} widths, {n_layers} layers ({'learning' if learning else 'frozen'})",
         "learning": bool(model.learning),
@@ -259,18 +242,29 @@ def main() -> None:
         f"{args.seq_len}, vocab {SPEED_VOCAB}, {'fp32' if cpu else 'bf16 autocast'} on {label}",
         "",
         "| model (tiny) | params | tokens/s | ratio to Transformer++ | ms/step (median) | ms min-max | "
-        f"peak GiB ({'process RSS' if cpu else 'GPU alloc'}) |",
-        "|---|---|---|---|---|---|---|",
+        f"peak GiB ({'process RSS' if cpu else 'GPU alloc'}) | GFLOP/step | GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in speed:
         if "error" in r:
-            lines.append(f"| {r['row']} | - | error: {r['error']} | - | - | - | - |")
+            lines.append(f"| {r['row']} | - | error: {r['error']} | - | - | - | - | - | - |")
             continue
         lines.append(
             f"| {r['row']} | {r['params']:,} | {r['tokens_per_sec']:,.0f} | {r['ratio_to_transformer']:.3f}x | "
-            f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f}-{r['step_ms_max']:.1f} | {r['peak_mem_gib']:.2f} |"
+            f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f}-{r['step_ms_max']:.1f} | {r['peak_mem_gib']:.2f} | "
+            f"{r['gflop_per_step']:.1f} | {r['gflop_per_sec']:.0f} |"
         )
     lines += ["", f"**{goal_line}**"]
+    if "gflop_per_step" in hope and "gflop_per_step" in speed[0]:
+        bound = speed[0]["gflop_per_step"] / hope["gflop_per_step"]
+        efficiency = hope["gflop_per_sec"] / speed[0]["gflop_per_sec"]
+        flop_line = (
+            f"FLOP bound: a HOPE (learning) step does {1 / bound:.2f}x Transformer++'s FLOPs, so at Transformer++'s "
+            f"FLOP rate it would reach {bound:.3f}x its tokens/s; it runs at {efficiency:.2f}x that rate (its work is "
+            "many small per-head matmuls and elementwise ops, against Transformer++'s few large GEMMs)."
+        )
+        print(flop_line)
+        lines += ["", flop_line]
 
     # ---------------------------------------------------------------------------------------------- scale
     scale = []
