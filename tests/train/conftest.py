@@ -42,7 +42,7 @@ needs_corpus = pytest.mark.skipif(
 )
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "nlplatform", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
