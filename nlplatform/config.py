@@ -115,9 +115,10 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu, gpu, auto
     devices: Any = 1  # number of devices, a list of ids, or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto, ddp, ddp_spawn, fsdp (Lightning strategy names)
+    strategy: str = "auto"  # auto, ddp, fsdp, ddp_spawn (Lightning strategy names); torchrun / SLURM are detected
     precision: str = "auto"  # auto = bf16-mixed on GPUs with bf16, 32-true on CPU; or any Lightning precision string
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more FLOPs
     gradient_clip_val: float = 1.0  # global grad-norm clip (0 disables)
     log_every_n_steps: int = 10  # metric logging period, in optimizer steps
     resume: str | None = None  # "auto" continues the newest run of this recipe; or a checkpoint path
@@ -147,12 +148,14 @@ class TrackingConfig:
     experiment: str = "nlplatform"  # MLflow experiment, and the folder under runs/
     run_name: str | None = None  # default: <model>-<preset>-<timestamp>; also the folder name under runs/<experiment>/
     tracking_uri: str | None = None  # overrides MLFLOW_TRACKING_URI and the sqlite default
+    system_metrics_every_s: float = 10.0  # MLflow system metrics (CPU, memory, each GPU) sampling period; 0 = off
 
     def __post_init__(self) -> None:
         for name in ("experiment", "run_name"):
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
                 raise ConfigError(f"tracking.{name} must be a plain name (letters, digits, . _ -), got {value!r}")
+        _non_negative("tracking", system_metrics_every_s=self.system_metrics_every_s)
 
 
 @dataclass

@@ -64,7 +64,7 @@ class ObjectiveSpec:
 @dataclass
 class SamplerSpec:
     name: str = "tpe"  # tpe | random | qmc | gp | cmaes (Optuna's samplers)
-    seed: int | None = 0  # fixed by default, so a sweep file proposes the same trials on every machine
+    seed: int | None = 0  # trial n draws from (seed, n): reproducible points, and no two trials share a stream
     options: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the Optuna sampler
 
 
@@ -293,6 +293,20 @@ def _construct(kind: str, name: str, cls, options: dict[str, Any], **fixed: Any)
         raise ConfigError(f"{kind} {name} with options {options}: {str(exc).splitlines()[0]}") from None
 
 
+def seed_for_trial(sampler, seed: int, number: int) -> None:
+    """Reseed the sampler's random state from (sweep seed, trial number) before the trial draws its values.
+
+    A seeded Optuna sampler otherwise replays the same random start-up points in every process that builds it: a
+    continued study, each parallel worker and each machine sharing the storage would propose the first call's
+    points again. Trial numbers are unique in a study (the storage assigns them), so every trial gets its own
+    stream, and a trial's draws depend only on the seed, its number and the history it sees. Samplers without a
+    numpy random state (QMC takes its points by trial number anyway) are left alone."""
+    for part in (sampler, getattr(sampler, "_random_sampler", None), getattr(sampler, "_independent_sampler", None)):
+        state = getattr(part, "_rng", None)
+        if state is not None and hasattr(state, "rng"):
+            state.rng.seed((seed + 7919 * number) % 2**32)
+
+
 def build_sampler(spec: SamplerSpec):
     import optuna
 
@@ -377,6 +391,7 @@ class _Context:
     tracking_uri: str | None
     progress_bar: bool
     threads: int | None = None
+    budget: int | None = None  # the study-wide trial budget shared by every worker on every machine (None: none)
 
 
 def _objective(ctx: _Context, sweep: Sweep):
@@ -385,6 +400,8 @@ def _objective(ctx: _Context, sweep: Sweep):
     from nlplatform.train.run import train
 
     def objective(trial) -> float:
+        if sweep.file.sampler.seed is not None:
+            seed_for_trial(trial.study.sampler, sweep.file.sampler.seed, trial.number)
         values = {p.key: p.suggest(trial) for p in sweep.params}
         overrides = sweep.trial_overrides(values, trial.number)
         if not ctx.progress_bar:
@@ -431,8 +448,12 @@ def _tag_run(ctx: _Context, run_id: str | None, tags: dict[str, str]) -> None:
 
 
 def _worker(ctx: _Context, n_trials: int) -> None:
-    """Run ``n_trials`` trials of the study in this process (a spawned worker, or the calling process)."""
+    """Run up to ``n_trials`` trials of the study in this process (a spawned worker, or the calling process). With
+    ``ctx.budget`` set, stop once the study holds that many trials, finished or running, whoever ran them: machines
+    sharing one storage then share the sweep file's budget instead of each running it."""
     import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
 
     if ctx.threads:
         import torch
@@ -446,7 +467,15 @@ def _worker(ctx: _Context, n_trials: int) -> None:
         sampler=build_sampler(sweep.file.sampler),
         pruner=build_pruner(sweep.file.pruner),
     )
-    study.optimize(_objective(ctx, sweep), n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+    callbacks = []
+    if ctx.budget is not None:
+        counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+        if len(study.get_trials(deepcopy=False, states=counted)) >= ctx.budget:
+            return
+        callbacks.append(MaxTrialsCallback(ctx.budget, states=counted))
+    study.optimize(
+        _objective(ctx, sweep), n_trials=n_trials, catch=(Exception,), gc_after_trial=True, callbacks=callbacks
+    )
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -540,7 +569,8 @@ def run_sweep(
         file=sys.stderr,
     )
     if todo:
-        ctx = _Context(str(sweep.path), url, parent, uri, progress_bar=workers == 1)
+        budget = None if n_trials is not None else sweep.file.n_trials
+        ctx = _Context(str(sweep.path), url, parent, uri, progress_bar=workers == 1, budget=budget)
         if workers == 1:
             _worker(ctx, todo)
         else:

@@ -4,6 +4,8 @@ runs, studies persist and continue, pruning works by optimizer step, failures ar
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -56,6 +58,31 @@ def sweep_cli(path: Path, *args: str):
 
 
 # ------------------------------------------------------------------------------------- sweep files (no trials)
+
+
+def test_seeded_sampler_in_a_new_process_does_not_replay_earlier_trials():
+    """Each call (or worker, or machine) builds its sampler from the same seed; reseeding by trial number keeps a
+    continued study from proposing the first call's random start-up points again, and the same trial number always
+    gets the same point."""
+    from nlplatform.sweep import SamplerSpec, build_sampler, seed_for_trial
+
+    def run(study, n):
+        def objective(trial):
+            seed_for_trial(trial.study.sampler, 0, trial.number)
+            return trial.suggest_float("x", 0.0, 1.0)
+
+        study.sampler = build_sampler(SamplerSpec(name="tpe", seed=0))  # a fresh process's sampler
+        study.optimize(objective, n_trials=n)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    run(study, 3)
+    run(study, 3)
+    xs = [t.params["x"] for t in study.trials]
+    assert len(set(xs)) == 6
+    again = optuna.create_study()
+    run(again, 3)
+    assert [t.params["x"] for t in again.trials] == xs[:3]
 
 
 def test_every_shipped_sweep_loads_and_its_trials_are_valid_recipes(monkeypatch):
@@ -260,3 +287,25 @@ def test_two_workers_share_one_sqlite_study_without_losing_trials(tmp_path):
     trials = [r for r in mlflow_runs(tmp_path, "sweep-study") if r.data.tags.get("sweep.role") == "trial"]
     assert sorted(r.data.tags["sweep.trial"] for r in trials) == ["0", "1", "2", "3"]
     assert os.path.isdir(tmp_path / "runs" / "sweep-study" / "study-trial0003")
+
+
+@needs_corpus
+def test_two_machines_on_one_storage_share_the_budget_and_propose_different_points(tmp_path):
+    """The study is created once (``--n-trials 0``), then two sweep commands run at the same time against the same
+    storage, as two machines would: together they run the sweep file's budget of 3 (one more at most, when two
+    trials end at the same instant), not 3 each, and their seeded samplers do not propose the same points (each trial draws from its own seed)."""
+    path = write_sweep(tmp_path, n_trials=3)
+    created = sweep_cli(path, "--n-trials", "0")
+    assert "0 trial(s) so far, running 0 more" in created.stderr
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    machines = [
+        subprocess.Popen([sys.executable, "-m", "nlplatform", "sweep", str(path)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    for proc in machines:
+        _, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-3000:]
+    trials = study_of(tmp_path).trials
+    assert 3 <= len(trials) <= 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.params["optim.lr"] for t in trials}) == len(trials)

@@ -4,9 +4,10 @@ Everything derived from the corpus is cached under ``<root>/tokens/<key>/`` wher
 sources, the split settings and the tokenizer, so a second ``prepare_data`` is a single ``stat``. The folder is
 built beside its final name and renamed into place: it exists complete (with ``meta.json``) or not at all.
 
-Training batches come from an infinite ``ResumableSampler`` started at the number of samples this rank has
-consumed (``global_step * accumulate_grad_batches * batch_size``): a run killed and resumed from a checkpoint sees
-exactly the batches the uninterrupted run would have seen. The module shards train, val and test data over ranks
+Training batches come from an infinite ``ResumableSampler`` started at the number of windows all ranks together
+have consumed, which checkpoints record: a run killed and resumed from a checkpoint sees exactly the batches the
+uninterrupted run would have seen, with the same or any other number of ranks (the global stream does not depend on
+the world size; rank r of W takes every W-th window of it). The module shards train, val and test data over ranks
 itself, so in multi-device runs the Trainer must be built with ``use_distributed_sampler=False``.
 """
 
@@ -57,6 +58,9 @@ class TextDataModule(L.LightningDataModule):
         self.fingerprint: str | None = None
         self.tokenizer_spec: str | None = None
         self._loaded_state: dict[str, Any] | None = None
+        # Training windows consumed by all ranks before optimizer step ``_base_step`` (from a resumed checkpoint): the
+        # world size or batch may have been different then, so the count is carried rather than recomputed.
+        self._base_consumed, self._base_step = 0, 0
 
     # ----------------------------------------------------------------------------------------- preparation
 
@@ -197,14 +201,16 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def consumed_samples(self) -> int:
-        """Training windows this rank has already used: ``global_step * accumulate_grad_batches * batch_size``."""
+        """Training windows consumed by all ranks together: the count carried by the resumed checkpoint plus
+        ``batch_size * world_size * accumulate_grad_batches`` per optimizer step since."""
         trainer = self.trainer
         if trainer is None:
-            return 0
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches) * self.cfg.batch_size
+            return self._base_consumed
+        per_step = self.cfg.batch_size * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
+        return self._base_consumed + (int(trainer.global_step) - self._base_step) * per_step
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled windows forever, resumed at ``consumed_samples()`` and sharded over ranks."""
+        """Shuffled windows forever, resumed at ``consumed_samples()`` of the global stream and sharded over ranks."""
         dataset = self.windows("train")
         rank, world = self._distribution()
         sampler = ResumableSampler(len(dataset), self.seed, rank=rank, world_size=world, start=self.consumed_samples())
@@ -273,14 +279,25 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """What the checkpoint records about the data: its cache key, tokenizer spec and vocabulary size."""
+        """What the checkpoint records about the data: its cache key, tokenizer spec and vocabulary size, and how
+        far into the training stream the run is (windows consumed by all ranks, at which optimizer step)."""
         if self.fingerprint is None:
             return {"fingerprint": self.data_key()}
-        return {"fingerprint": self.fingerprint, "tokenizer": self.tokenizer_spec, "vocab_size": self.vocab_size}
+        step = int(self.trainer.global_step) if self.trainer is not None else self._base_step
+        return {
+            "fingerprint": self.fingerprint,
+            "tokenizer": self.tokenizer_spec,
+            "vocab_size": self.vocab_size,
+            "consumed_samples": self.consumed_samples(),
+            "at_step": step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warn (do not fail) when a checkpoint was trained on different data than this configuration gives."""
+        """Resume the training stream where the checkpoint left it; warn (do not fail) when the checkpoint was
+        trained on different data than this configuration gives."""
         self._loaded_state = dict(state_dict)
+        self._base_consumed = int(state_dict.get("consumed_samples", 0))
+        self._base_step = int(state_dict.get("at_step", 0))
         if self.fingerprint is not None:
             self._compare_state(self._loaded_state)
 

@@ -143,9 +143,11 @@ class ResumableSampler(Sampler[int]):
     """An infinite, resumable stream of indices into ``num_samples`` windows, sharded over ranks.
 
     The global stream is epoch after epoch, each a permutation of all windows seeded by ``(seed, epoch)`` through a
-    private ``torch.Generator``: global position ``p`` is window ``perm(p // N)[p % N]``. Rank ``r`` of ``W`` takes
-    positions ``r, r + W, r + 2W, ...``, skipping the first ``start`` of its own, so a run resumed with ``start`` =
-    samples this rank already consumed continues exactly where it stopped. Nothing depends on the global RNG.
+    private ``torch.Generator``: global position ``p`` is window ``perm(p // N)[p % N]``. ``start`` is the number of
+    global positions already consumed (by all ranks together); rank ``r`` of ``W`` then takes positions
+    ``start + r, start + r + W, ...``. A global batch of ``W`` ranks x ``b`` windows is therefore the same set of
+    windows as one process's batch of ``W * b``, and a run resumed at ``start`` continues exactly where it stopped
+    with any number of ranks. Nothing depends on the global RNG.
 
     It has no ``__len__`` (the stream never ends): training length is set by ``max_steps``.
     """
@@ -170,7 +172,7 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
-        position = self.start * self.world_size + self.rank
+        position = self.start + self.rank
         epoch, order = -1, []
         while True:
             current, offset = divmod(position, self.num_samples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ class History(L.Callback):
         self._accum: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("global_loss", outputs["loss"]) if isinstance(outputs, dict) else outputs
         self._accum.append(float(loss.detach()))
         if _accumulating(trainer):
             return
@@ -167,3 +168,56 @@ class FinalValidation(L.Callback):
             return
         if trainer.global_step >= trainer.max_steps and trainer.global_step % self.every:
             trainer.should_stop = True
+
+
+class RunTracking(L.Callback):
+    """One MLflow run per training run, however many processes train it.
+
+    Rank 0's logger creates (or reopens) the run; ``setup`` broadcasts its id to every rank, so each node can log
+    into that same run: the local rank 0 of every node starts MLflow's system-metrics monitor (CPU, memory, disk,
+    network, and utilisation and memory of each GPU when NVML sees them), prefixed ``system/node<i>/`` when the run
+    spans several nodes. Rank 0 also tags the run with its world size, node count, devices and strategy.
+    """
+
+    def __init__(self, tracking_uri: str, every_s: float) -> None:
+        self.tracking_uri = tracking_uri
+        self.every_s = every_s
+        self.run_id: str | None = None
+        self._monitor = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        logger = trainer.logger
+        mine = getattr(logger, "run_id", None) if trainer.is_global_zero and logger is not None else None
+        self.run_id = trainer.strategy.broadcast(mine, src=0)
+        if self.run_id is None:
+            return
+        if trainer.is_global_zero:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            tags = {
+                "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes,
+                "devices_per_node": trainer.num_devices,
+                "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+                "strategy": type(trainer.strategy).__name__.removesuffix("Strategy").lower(),
+                "precision": str(trainer.precision),
+            }
+            for key, value in tags.items():
+                client.set_tag(self.run_id, key, str(value))
+        if self.every_s > 0 and trainer.local_rank == 0 and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop chatter on every run
+
+            node = f"node{trainer.node_rank}" if trainer.num_nodes > 1 else None
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self.every_s, resume_logging=True, node_id=node,
+                tracking_uri=self.tracking_uri,
+            )  # fmt: skip
+            self._monitor.start()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None

@@ -37,6 +37,17 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing per block: each block of ``model.layers`` keeps only its input in forward and runs
+    again in backward (torch's non-reentrant checkpoint wrapper, which also lets HOPE's in-context levels take
+    their inner gradients inside the block). Parameters and state-dict keys are unchanged, so checkpoints move freely
+    between runs with and without it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = {id(block) for block in model.layers}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+
+
 class LMModule(L.LightningModule):
     """Next-token language modelling for any registered family, with nested levels."""
 
@@ -47,6 +58,8 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters({"recipe": recipe, "tokenizer": tokenizer}, logger=False)
         self.cfg: RecipeConfig = recipe_from_dict(recipe)
         self.model: nn.Module = build_model(self.cfg.model)
+        if self.cfg.trainer.activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.val_ppl = Perplexity()
         self.level_scheduler: LevelScheduler | None = None
         self._pending_level_state: dict | None = None
@@ -102,15 +115,17 @@ class LMModule(L.LightningModule):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return loss, logits, targets
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, _, _ = self._loss(batch)
-        # Every rank must agree, or one rank would stop while the others wait in the next all-reduce.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise TrainingDiverged(self._divergence_message(loss))
-        self.log("train/loss", loss, prog_bar=True)
+        # The mean over ranks, one all-reduce of a scalar: what is logged and kept is the global batch's loss whatever
+        # the world size, and every rank sees a non-finite loss on any rank (so all stop together instead of one rank
+        # stopping while the others wait in the next all-reduce).
+        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        if not torch.isfinite(global_loss):
+            raise TrainingDiverged(self._divergence_message(global_loss))
+        self.log("train/loss", global_loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
-        return loss
+        return {"loss": loss, "global_loss": global_loss}
 
     def _divergence_message(self, loss: torch.Tensor) -> str:
         step = self.trainer.global_step + 1

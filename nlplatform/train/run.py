@@ -59,8 +59,14 @@ def _quiet_lightning() -> None:
 
 
 def is_rank_zero() -> bool:
-    """True in the process that writes the run folder (rank 0 of a multi-process launch, or a plain process)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """True in the process that writes the run folder: global rank 0 of a multi-process launch, or a plain process.
+
+    torchrun sets ``RANK`` and srun ``SLURM_PROCID`` (the global rank); Lightning's own launcher sets ``LOCAL_RANK``
+    and, on multi-node jobs started by hand, ``NODE_RANK``."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("NODE_RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -118,7 +124,9 @@ def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
         return run_dir, ckpt
     name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = _experiment_dir(cfg) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # Only rank 0 writes the folder; under torchrun or srun the other ranks start on their own and may find rank 0's
+    # folder already there (their choice is replaced by rank 0's once training starts).
+    if is_rank_zero() and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(
             f"run folder {run_dir} already exists; pick another tracking.run_name or continue it with "
             "trainer.resume=auto"
@@ -212,7 +220,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
 
     from nlplatform import tracking
     from nlplatform.data import TextDataModule
-    from nlplatform.train.callbacks import FinalValidation, History, LevelMonitor, Throughput
+    from nlplatform.train.callbacks import FinalValidation, History, LevelMonitor, RunTracking, Throughput
     from nlplatform.train.module import LMModule
 
     t_start = time.time()
@@ -249,6 +257,10 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
     history = History()
     extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=ckpt is None)]
     extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
+    if logger is not None:
+        extra.append(
+            RunTracking(tracking.absolute_uri(tracking.tracking_uri(cfg)), cfg.tracking.system_metrics_every_s)
+        )
     trainer = build_trainer(cfg, run_dir, logger, extra)
     module = LMModule(recipe_to_dict(cfg))
     if ckpt is None and getattr(cfg.model, "stack_from", None):
@@ -282,8 +294,11 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
 
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
 
+    # Ranks on other nodes decided nothing themselves: the run folder and the MLflow run are rank 0's.
+    run_dir = Path(trainer.strategy.broadcast(str(run_dir), src=0))
+    run_id = trainer.strategy.broadcast(run_meta.get("mlflow_run_id"), src=0)
     unigram = data.unigram_perplexity()
-    summary = _summary(cfg, module, trainer, unigram, throughput, history, t_start, run_meta.get("mlflow_run_id"))
+    summary = _summary(cfg, module, trainer, unigram, throughput, history, t_start, run_id)
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         tps = module.level_scheduler.tokens_per_step
@@ -312,6 +327,8 @@ def _summary(cfg, module, trainer, unigram_ppl, throughput, history, t_start, ru
         "tokens_per_sec": throughput.tokens_per_sec,
         "wall_s": time.time() - t_start,
         "mlflow_run_id": run_id,
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy").lower(),
         "levels": module.level_table(),
     }
 

@@ -80,6 +80,49 @@ def test_train_loader_resumes_at_the_consumed_samples(txt_corpus):
     assert torch.equal(resumed[0][0], fresh[6][0]) and torch.equal(resumed[1][0], fresh[7][0])
 
 
+def test_two_ranks_train_on_disjoint_halves_of_the_one_process_global_batch(txt_corpus):
+    """Rank 0 and rank 1 of 2 (batch b each) get disjoint windows whose union is one process's batch of 2b."""
+    folder = txt_corpus(12)
+    single = make_module(folder, seed=9, batch_size=8)
+    single.setup()
+    one = list(itertools.islice(iter(single.train_dataloader()), 3))
+    halves = []
+    for rank in range(2):
+        dm = make_module(folder, seed=9, batch_size=4)
+        dm.setup()
+        dm.trainer = fake_trainer(rank=rank, world=2)
+        halves.append(list(itertools.islice(iter(dm.train_dataloader()), 3)))
+
+    def rows(batch) -> list[tuple]:
+        return [tuple(r.tolist()) for r in batch[0]]
+
+    for step in range(3):
+        rank0, rank1 = rows(halves[0][step]), rows(halves[1][step])
+        assert not set(rank0) & set(rank1)
+        assert sorted(rank0 + rank1) == sorted(rows(one[step]))
+
+
+def test_checkpoint_carries_the_consumed_windows_so_a_resume_may_change_the_world_size(txt_corpus):
+    """A checkpoint written at step 3 of a 2-rank run resumes on 1 rank (batch 2b) at that run's next global batch."""
+    folder = txt_corpus(12)
+    single = make_module(folder, seed=9, batch_size=8)
+    single.setup()
+    uninterrupted = list(itertools.islice(iter(single.train_dataloader()), 5))
+    ddp = make_module(folder, seed=9, batch_size=4)
+    ddp.setup()
+    ddp.trainer = fake_trainer(step=3, rank=0, world=2)
+    state = ddp.state_dict()
+    assert state["consumed_samples"] == 3 * 4 * 2 and state["at_step"] == 3
+    resumed = make_module(folder, seed=9, batch_size=8)
+    resumed.setup()
+    resumed.load_state_dict(state)
+    resumed.trainer = fake_trainer(step=3, rank=0, world=1)
+    batches = list(itertools.islice(iter(resumed.train_dataloader()), 2))
+    assert torch.equal(batches[0][0], uninterrupted[3][0]) and torch.equal(batches[1][0], uninterrupted[4][0])
+    resumed.trainer = fake_trainer(step=5, rank=0, world=1)
+    assert resumed.state_dict()["consumed_samples"] == 24 + 2 * 8
+
+
 def test_eval_loaders_shard_disjoint_equal_blocks_over_ranks(txt_corpus):
     """With two ranks, val windows split into disjoint, equally long blocks; Lightning's own sharding is refused."""
     dm = make_module(txt_corpus(12), val_batches=0)

@@ -89,5 +89,15 @@ def test_ranks_take_disjoint_interleaved_positions_of_one_stream():
     full = take(ResumableSampler(13, seed=2), 60)
     ranks = [take(ResumableSampler(13, seed=2, rank=r, world_size=3), 20) for r in range(3)]
     assert [x for step in zip(*ranks) for x in step] == full
-    resumed = take(ResumableSampler(13, seed=2, rank=1, world_size=3, start=4), 16)
+    resumed = take(ResumableSampler(13, seed=2, rank=1, world_size=3, start=12), 16)
     assert resumed == ranks[1][4:]
+
+
+def test_start_counts_global_positions_so_any_world_size_resumes_the_same_stream():
+    """start = positions consumed by all ranks: 3 ranks resumed at 12 continue a 1- or 2-rank stream at 12."""
+    full = take(ResumableSampler(13, seed=2), 60)
+    for world in (1, 2, 3):
+        ranks = [
+            take(ResumableSampler(13, seed=2, rank=r, world_size=world, start=12), 48 // world) for r in range(world)
+        ]
+        assert [x for step in zip(*ranks) for x in step] == full[12:60]

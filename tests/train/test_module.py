@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nlplatform.config import load_recipe, recipe_to_dict
@@ -67,3 +69,54 @@ def test_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path, m
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# Every family and variant, shrunk: (recipe, extra overrides).
+FAMILIES = [
+    ("transformer", []), ("deltanet", []), ("gated_deltanet", []), ("titans", []), ("titans", ["model.variant=mac"]),
+    ("hope", []), ("hope", ["model.variant=attention"]),
+]  # fmt: skip
+SMALL = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2"]
+
+
+def _family_module(family: str, extra: list[str], *overrides: str) -> LMModule:
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / family / "tiny.yaml"
+    torch.manual_seed(0)
+    return LMModule(recipe_to_dict(load_recipe(recipe, [*SMALL, *extra, *overrides])))
+
+
+def _logits_and_grads(mod: LMModule, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logits = mod(ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    names = {id(p): n for n, p in mod.model.named_parameters()}
+    return logits.detach(), {names[id(p)]: p.grad for lv in mod.model.levels() for p in lv.params}
+
+
+@pytest.mark.parametrize(("family", "extra"), FAMILIES, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_activation_checkpointing_changes_neither_logits_nor_gradients_nor_checkpoint_keys(family, extra):
+    """trainer.activation_checkpointing=true recomputes every block in backward: same logits and gradients of
+    every level's parameters (HOPE's inner gradients included), and the same state-dict keys."""
+    ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(1))
+    plain = _family_module(family, extra)
+    ckpt = _family_module(family, extra, "trainer.activation_checkpointing=true")
+    assert type(ckpt.model.layers[0]).__name__ == "CheckpointWrapper"
+    assert ckpt.model.state_dict().keys() == plain.model.state_dict().keys()
+    (la, ga), (lb, gb) = _logits_and_grads(plain, ids), _logits_and_grads(ckpt, ids)
+    torch.testing.assert_close(lb, la)
+    assert len(ga) == len(gb)
+    for (na, a), b in zip(ga.items(), gb.values()):
+        assert (a is None) == (b is None), na
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=lambda m, n=na: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("family", "extra"), FAMILIES, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_in_context_state_never_crosses_sequences_of_a_batch(family, extra):
+    """Each sequence's logits are the same alone as inside a batch: fast state (HOPE's
+    self-modifying memories and in-context CMS, Titans' memory, the delta-rule state) is per sequence, so any split
+    of a global batch over ranks trains the same model."""
+    ids = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(2))
+    mod = _family_module(family, extra)
+    batch = mod(ids).detach()
+    for i in range(3):
+        torch.testing.assert_close(mod(ids[i : i + 1]).detach()[0], batch[i], atol=1e-5, rtol=1e-4)
