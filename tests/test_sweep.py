@@ -294,7 +294,9 @@ def test_two_machines_on_one_storage_share_the_budget_and_propose_different_poin
     """The study is created once (``--n-trials 0``), then two sweep commands run at the same time against the same
     storage, as two machines would: together they run the sweep file's budget of 3 (one more at most, when two
     trials end at the same instant), not 3 each, and their seeded samplers do not propose the same points (each trial draws from its own seed)."""
-    path = write_sweep(tmp_path, n_trials=3)
+    quick = [*FAST, "trainer.max_steps=4", "trainer.val_check_interval=2", f"output_dir={tmp_path / 'runs'}",
+             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"]  # fmt: skip
+    path = write_sweep(tmp_path, n_trials=3, overrides=quick)
     created = sweep_cli(path, "--n-trials", "0")
     assert "0 trial(s) so far, running 0 more" in created.stderr
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

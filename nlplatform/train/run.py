@@ -93,18 +93,21 @@ def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-# Multi-process launchers (Lightning's ddp, torchrun) start every rank with the same command line; rank 0 decides the
-# run folder and the checkpoint once and hands them to the others through the environment, which they inherit.
+# Lightning's ddp launcher starts ranks 1.. as child processes of rank 0 with the same command line; rank 0 decides the
+# run folder and the checkpoint once and hands them to its children through the environment, which they inherit.
+# Only a child of the process that wrote it trusts the value: ranks started by torchrun or srun are not (they get rank
+# 0's choice by broadcast once training starts), nor is anything launched later by a process that once trained.
 _RUN_ENV = "NLPLATFORM_RUN"
 
 
 def resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
     """(run folder, checkpoint to resume from or None), decided once by rank 0 and shared with the other ranks."""
-    if not is_rank_zero() and _RUN_ENV in os.environ:
-        shared = json.loads(os.environ[_RUN_ENV])
+    shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
+    if not is_rank_zero() and shared.get("pid") == os.getppid():
         return Path(shared["run_dir"]), Path(shared["ckpt"]) if shared["ckpt"] else None
     run_dir, ckpt = _resolve_run(cfg)
-    os.environ[_RUN_ENV] = json.dumps({"run_dir": str(run_dir), "ckpt": str(ckpt) if ckpt else None})
+    value = {"pid": os.getpid(), "run_dir": str(run_dir), "ckpt": str(ckpt) if ckpt else None}
+    os.environ[_RUN_ENV] = json.dumps(value)
     return run_dir, ckpt
 
 
