@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per family (trainer.max_steps)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (data.batch_size)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (data.seq_len)")
-    p.add_argument("--experiment", default="compare", help="MLflow experiment of the runs and of the leaderboard")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment of the runs and of the leaderboard (default: compare-STEPSxBATCHxSEQ_LEN)")  # fmt: skip
     p.add_argument("--families", default=None, help="comma-separated subset, e.g. transformer,hope (default: all)")
     p.add_argument("--suite", default="smoke", help="eval suite for every run, when the eval data is present")
     p.add_argument("--no-eval", action="store_true", help="train and rank only")

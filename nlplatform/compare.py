@@ -111,7 +111,7 @@ def compare(
     steps: int = 150,
     batch_size: int = 8,
     seq_len: int = 256,
-    experiment: str = "compare",
+    experiment: str | None = None,
     suite: str | None = "smoke",
     families: list[str] | None = None,
     overrides: list[str] | None = None,
@@ -119,7 +119,10 @@ def compare(
 ) -> CompareResult:
     """Train the chosen families (all by default) on one budget into ``experiment``, evaluate each new run on
     ``suite`` when the eval data is present (None: no evaluation), then build the experiment's leaderboard. Keeps
-    going when a family fails; the failures are in the result."""
+    going when a family fails; the failures are in the result.
+
+    The default experiment is named after the budget (``compare-<steps>x<batch>x<seq_len>``): repeated comparisons
+    on one budget rank together, and runs on another budget never share their table."""
     for name, value in (("steps", steps), ("batch size", batch_size), ("sequence length", seq_len)):
         if value < 1:
             raise UserError(f"the {name} must be at least 1, got {value}")
@@ -133,6 +136,7 @@ def compare(
         print("eval data not found (`make eval-data` fetches it once): training only, no evaluation", flush=True)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    experiment = experiment or f"compare-{steps}x{batch_size}x{seq_len}"
     shared = budget_overrides(steps, batch_size, seq_len, experiment)
     if tracking_uri:
         shared.append(f"tracking.tracking_uri={tracking_uri}")

@@ -280,7 +280,8 @@ def fake_compare(tmp_path, monkeypatch):
 
 
 def test_compare_trains_every_family_on_the_same_budget(fake_compare):
-    """Every family's tiny recipe gets the same sequence length, batch, steps and experiment, and its own run name."""
+    """Every family's tiny recipe gets the same sequence length, batch, steps and experiment (named after the
+    budget), and its own run name."""
     calls, _, _ = fake_compare
     result = compare_mod.compare(steps=12, batch_size=4, seq_len=64, suite="smoke")
     trains = [c for c in calls if c[0] == "train"]
@@ -292,7 +293,7 @@ def test_compare_trains_every_family_on_the_same_budget(fake_compare):
         "hope",
         "hope",
     ]
-    budget = ["data.seq_len=64", "data.batch_size=4", "trainer.max_steps=12", "tracking.experiment=compare"]
+    budget = ["data.seq_len=64", "data.batch_size=4", "trainer.max_steps=12", "tracking.experiment=compare-12x4x64"]
     for call in trains:
         assert all(b in call for b in budget), call
     run_names = {a for c in trains for a in c if a.startswith("tracking.run_name=")}
