@@ -27,7 +27,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data eval-data train eval sweep leaderboard compare test test-kernels lint format ui bench bench-kernels clean
+.PHONY: help setup data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -65,6 +65,10 @@ leaderboard: $(STAMP) ## rank the finished runs by val ppl into runs/leaderboard
 compare: $(STAMP) data ## train every family's tiny recipe on one budget (COMPARE_STEPS x COMPARE_BATCH x 256), eval, rank
 	$(PY) -m nlplatform compare --steps $(COMPARE_STEPS) --batch-size $(COMPARE_BATCH) --seq-len 256 \
 	  --suite $(COMPARE_SUITE) $(ARGS)
+
+compare-optimizers: $(STAMP) data ## tiny Transformer++ and HOPE with AdamW, Muon, M3 and DMGD on one budget, ranked
+	$(PY) -m nlplatform compare --families transformer,hope --optimizers adamw,muon,m3,dmgd --steps $(COMPARE_STEPS) \
+	  --batch-size $(COMPARE_BATCH) --seq-len 256 --no-eval $(ARGS)
 
 test: $(STAMP) data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

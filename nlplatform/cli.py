@@ -151,9 +151,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from nlplatform.compare import compare
 
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None
     result = compare(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, experiment=args.experiment,
-                     suite=None if args.no_eval else args.suite, families=families, overrides=args.overrides,
-                     tracking_uri=args.tracking_uri)  # fmt: skip
+                     suite=None if args.no_eval else args.suite, families=families, optimizers=optimizers,
+                     overrides=args.overrides, tracking_uri=args.tracking_uri)  # fmt: skip
     if result.leaderboard is not None:
         print(result.leaderboard.markdown.read_text(), end="")
     for failure in result.failures:
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment of the runs and of the leaderboard (default: compare-STEPSxBATCHxSEQ_LEN)")  # fmt: skip
     p.add_argument("--families", default=None, help="comma-separated subset, e.g. transformer,hope (default: all)")
+    p.add_argument("--optimizers", default=None,
+                   help="train each family once per optimizer, e.g. adamw,muon,m3,dmgd (default: the recipes' own)")  # fmt: skip
     p.add_argument("--suite", default="smoke", help="eval suite for every run, when the eval data is present")
     p.add_argument("--no-eval", action="store_true", help="train and rank only")
     p.add_argument(

@@ -68,6 +68,25 @@ def select_families(names: list[str] | None) -> list[tuple[str, str]]:
     return [(label, recipe) for label, recipe in FAMILIES if label in names]
 
 
+def select_optimizers(names: list[str] | None) -> list[str]:
+    """The optimizers named (``nlplatform.optim.OPTIMIZERS``), checked; empty when none are."""
+    from nlplatform.optim import OPTIMIZERS
+
+    for name in names or []:
+        if name not in OPTIMIZERS:
+            close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown optimizer {name!r}.{hint} Optimizers: {', '.join(OPTIMIZERS)}")
+    return list(names or [])
+
+
+def optimizer_overrides(name: str) -> list[str]:
+    """``optim.name`` and its tiny-scale learning rate; AdamW keeps each recipe's own tuned settings."""
+    from nlplatform.optim import TINY_LR
+
+    return [] if name == "adamw" else [f"optim.name={name}", f"optim.lr={TINY_LR[name]}"]
+
+
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str | None]:
     """Run ``python -m nlplatform ARGS`` in a child process with its stdout echoed as it comes (its stderr, progress
     bar included, goes straight to the terminal); return its exit code and the last line of its stdout (the
@@ -114,6 +133,7 @@ def compare(
     experiment: str | None = None,
     suite: str | None = "smoke",
     families: list[str] | None = None,
+    optimizers: list[str] | None = None,
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
 ) -> CompareResult:
@@ -121,12 +141,21 @@ def compare(
     ``suite`` when the eval data is present (None: no evaluation), then build the experiment's leaderboard. Keeps
     going when a family fails; the failures are in the result.
 
-    The default experiment is named after the budget (``compare-<steps>x<batch>x<seq_len>``): repeated comparisons
-    on one budget rank together, and runs on another budget never share their table."""
+    With ``optimizers``, every chosen family is trained once per optimizer (``<family>+<optimizer>`` runs, each
+    optimizer at its ``TINY_LR``, AdamW with the recipe's own settings).
+
+    The default experiment is named after the budget (``compare-<steps>x<batch>x<seq_len>``, with ``-optimizers``
+    when comparing optimizers): repeated comparisons on one budget rank together, and runs on another budget never
+    share their table."""
     for name, value in (("steps", steps), ("batch size", batch_size), ("sequence length", seq_len)):
         if value < 1:
             raise UserError(f"the {name} must be at least 1, got {value}")
     chosen = select_families(families)
+    optims = select_optimizers(optimizers)
+    if optims:
+        chosen = [(f"{label}+{name}", recipe, optimizer_overrides(name)) for label, recipe in chosen for name in optims]
+    else:
+        chosen = [(label, recipe, []) for label, recipe in chosen]
     if suite is not None:
         from nlplatform.eval.tasks import load_suite
 
@@ -136,16 +165,16 @@ def compare(
         print("eval data not found (`make eval-data` fetches it once): training only, no evaluation", flush=True)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    experiment = experiment or f"compare-{steps}x{batch_size}x{seq_len}"
+    experiment = experiment or f"compare{'-optimizers' if optims else ''}-{steps}x{batch_size}x{seq_len}"
     shared = budget_overrides(steps, batch_size, seq_len, experiment)
     if tracking_uri:
         shared.append(f"tracking.tracking_uri={tracking_uri}")
     result = CompareResult()
-    for i, (label, recipe) in enumerate(chosen, 1):
+    for i, (label, recipe, optim) in enumerate(chosen, 1):
         print(f"== [{i}/{len(chosen)}] {label}: training {recipe}, {steps} steps of {batch_size} x {seq_len} tokens",
               flush=True)  # fmt: skip
         # The caller's overrides come last, so they win over the shared ones.
-        run_overrides = [*shared, f"tracking.run_name={label}-{stamp}", *(overrides or [])]
+        run_overrides = [*shared, *optim, f"tracking.run_name={label.replace('+', '-')}-{stamp}", *(overrides or [])]
         run_dir = _train(label, RECIPES / recipe, run_overrides, result)
         if run_dir is not None and evaluate:
             print(f"== [{i}/{len(chosen)}] {label}: evaluating on suite {suite}", flush=True)

@@ -85,7 +85,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # outer optimizer; adamw now, the nested-learning optimizers join in nlplatform/optim
+    name: str = "adamw"  # adamw, momentum, delta_momentum, dmgd, muon, m3 (nlplatform/optim; spec §1.2-1.5, §3.3)
     lr: float = 3e-3  # peak learning rate after warm-up
     weight_decay: float = 0.1  # decoupled decay on matrices only (never on norms, biases or embeddings)
     beta1: float = 0.9  # first-moment decay (the momentum level of Adam, spec §1.4)
@@ -93,11 +93,39 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50  # linear warm-up from 0 to lr, in optimizer steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    # momentum, delta_momentum, muon: the momentum memory's retention alpha (m <- alpha m - lr P g)
+    momentum: float = 0.9
+    precondition: str = "none"  # momentum / delta_momentum value P(g): none (g) or adam (g / sqrt(second moment))
+    decay_lr: float = 0.5  # delta_momentum: step size on the gradient-dependent decay m (alpha I - decay_lr g^T g)
+    normalize_decay: bool = True  # delta_momentum: use g / ||g|| in the decay (keeps it in [alpha - decay_lr, alpha])
+    dmgd_hidden: int = 8  # dmgd: hidden width of each tensor's MLP momentum memory
+    dmgd_inner_lr: float = 0.1  # dmgd: the memory's own learning rate on its next-gradient prediction loss
+    dmgd_retention: float = 0.999  # dmgd: the memory parameters' retention per step (decay toward the identity)
+    ns_steps: int = 5  # muon, m3: Newton-Schulz iterations
+    beta3: float = 0.9  # m3: decay of the slow momentum between its chunk updates
+    slow_every: int = 10  # m3: optimizer steps per chunk of the slow momentum (the paper's frequency f)
+    slow_weight: float = 1.0  # m3: weight alpha of the slow momentum's read-out next to the fast one
+    m3_accumulate: str = "ema"  # m3: ema (decaying momenta, Adam's second moment) or sum (Alg. 1 as printed)
 
     def __post_init__(self) -> None:
         from nlplatform.optim import check_name
 
         check_name(self.name)
+        _positive("optim", slow_every=self.slow_every, ns_steps=self.ns_steps, dmgd_hidden=self.dmgd_hidden)
+        _non_negative("optim", decay_lr=self.decay_lr, dmgd_inner_lr=self.dmgd_inner_lr, slow_weight=self.slow_weight)
+        for name in ("momentum", "beta3"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.dmgd_retention <= 1.0:
+            raise ConfigError(f"optim.dmgd_retention must be in (0, 1], got {self.dmgd_retention}")
+        for name, allowed in (("precondition", ("none", "adam")), ("m3_accumulate", ("ema", "sum"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"optim.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.name == "delta_momentum" and self.normalize_decay and self.decay_lr > self.momentum:
+            raise ConfigError(
+                f"optim.decay_lr ({self.decay_lr}) must not exceed optim.momentum ({self.momentum}): the decay "
+                "factor momentum - decay_lr * sigma^2 of delta momentum would turn negative"
+            )
         _positive("optim", lr=self.lr, eps=self.eps)
         _non_negative("optim", weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
         for name in ("beta1", "beta2", "min_lr_ratio"):

@@ -96,7 +96,10 @@ class LMModule(L.LightningModule):
             for params, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
                 if params:
                     groups.append({"params": params, "lr": lr, "weight_decay": wd, "level": level.name})
-        optimizer = build_optimizer(groups, o)
+        # Orthogonalising optimizers (muon, m3) leave the embeddings and the output head to AdamW.
+        head = getattr(self.model, "output_weight", None)
+        adamw_only = embedding_ids | ({id(head)} if head is not None else set())
+        optimizer = build_optimizer(groups, o, adamw_only=adamw_only)
         total = self.cfg.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
