@@ -106,6 +106,7 @@ class OptimConfig:
     slow_every: int = 10  # m3: optimizer steps per chunk of the slow momentum (the paper's frequency f)
     slow_weight: float = 1.0  # m3: weight alpha of the slow momentum's read-out next to the fast one
     m3_accumulate: str = "ema"  # m3: ema (decaying momenta, Adam's second moment) or sum (Alg. 1 as printed)
+    m3_normalize: bool = True  # m3: scale each matrix's update to AdamW's RMS (false: Alg. 1's raw scale, unstable)
 
     def __post_init__(self) -> None:
         from nlplatform.optim import check_name

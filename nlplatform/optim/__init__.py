@@ -97,7 +97,8 @@ def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimiz
         return muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, ns_steps=cfg.ns_steps)
     if name == "m3":
         return M3(groups, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta3=cfg.beta3, slow_weight=cfg.slow_weight,
-                  slow_every=cfg.slow_every, eps=cfg.eps, ns_steps=cfg.ns_steps, accumulate=cfg.m3_accumulate)  # fmt: skip
+                  slow_every=cfg.slow_every, eps=cfg.eps, ns_steps=cfg.ns_steps, accumulate=cfg.m3_accumulate,
+                  normalize=cfg.m3_normalize)  # fmt: skip
     check_name(name)
     raise AssertionError(f"optimizer {name!r} is listed but not built")
 

@@ -17,6 +17,7 @@ from nlplatform.optim import OPTIMIZERS, TINY_LR, ParamSplit, build_optimizer
 from nlplatform.optim.dmgd import DeepMomentumGD
 from nlplatform.optim.momentum import DeltaMomentum, GeneralizedMomentum
 from nlplatform.optim.muon import M3, newton_schulz
+from tests.train.conftest import needs_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ def test_dmgd_starts_as_gradient_descent_then_steps_with_its_learned_memory():
 
 def test_muon_first_two_steps_are_nesterov_momentum_orthogonalised():
     """torch's Muon as configured: buf = mu buf + (1 - mu) g, update = NS((1 - mu) g + mu buf), lr scaled by
-    0.2 sqrt(max(rows, cols)). Its Newton-Schulz runs in bf16: tolerance 6% of one step."""
+    0.2 sqrt(max(rows, cols)). Off CUDA its Newton-Schulz iteration runs in float32 (ours), so the match is close."""
     lr, mu = 0.01, 0.95
     p = torch.nn.Parameter(P0.clone())
     opt = build_optimizer([{"params": [p], "weight_decay": 0.0}], OptimConfig(name="muon", lr=lr, momentum=mu))
@@ -106,20 +107,41 @@ def test_muon_first_two_steps_are_nesterov_momentum_orthogonalised():
         opt.step()
         buf = mu * buf + (1 - mu) * g
         expected = expected - scale * newton_schulz((1 - mu) * g + mu * buf)
-        torch.testing.assert_close(p.detach(), expected, atol=6e-2 * scale, rtol=0)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=0)
 
 
-def test_m3_first_two_steps_follow_algorithm_1():
+def test_muon_on_a_cpu_leaves_torchs_bf16_iteration_in_place_after_its_step():
+    """The float32 iteration is swapped in for the step only: torch's own function is back afterwards, and the update
+    differs from torch's bf16 one by bf16 rounding only (within 6% of a step)."""
+    torch_iteration = torch.optim._muon._zeropower_via_newtonschulz
+    ours, theirs = (torch.nn.Parameter(P0.clone()) for _ in range(2))
+    for p in (ours, theirs):
+        p.grad = G1.clone()
+    build_optimizer([{"params": [ours], "weight_decay": 0.0}], OptimConfig(name="muon", lr=0.01)).step()
+    assert torch.optim._muon._zeropower_via_newtonschulz is torch_iteration
+    torch.optim.Muon([theirs], lr=0.01, weight_decay=0.0, adjust_lr_fn="match_rms_adamw").step()
+    step = (P0 - ours.detach()).abs().max()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=6e-2 * step.item(), rtol=0)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["printed", "normalized"])
+def test_m3_first_two_steps_follow_algorithm_1(normalize):
     """With slow_every=1 the slow momentum absorbs the previous step's gradient at step 2:
-    W1 = W0 - lr NS(g1) / (sqrt(v1_hat) + eps), W2 = W1 - lr (NS(b1 g1 + g2) + alpha NS(g1)) / (sqrt(v2_hat) + eps)."""
+    U1 = NS(g1) / (sqrt(v1_hat) + eps), U2 = (NS(b1 g1 + g2) + alpha NS(g1)) / (sqrt(v2_hat) + eps), W_t = W_{t-1} -
+    lr U_t as printed, or lr 0.2 U_t / RMS(U_t) with normalize (the default)."""
     lr, b1, b2, b3, alpha, eps = 0.01, 0.9, 0.95, 0.9, 0.5, 1e-8
-    w1, w2 = two_steps(M3, P0, [G1, G2], lr=lr, beta1=b1, beta2=b2, beta3=b3, slow_weight=alpha, slow_every=1, eps=eps)
+    w1, w2 = two_steps(M3, P0, [G1, G2], lr=lr, beta1=b1, beta2=b2, beta3=b3, slow_weight=alpha, slow_every=1, eps=eps,
+                       normalize=normalize)  # fmt: skip
+
+    def scaled(u: torch.Tensor) -> torch.Tensor:
+        return 0.2 * u / u.square().mean().sqrt() if normalize else u
+
     v1 = (1 - b2) * G1**2
-    e1 = P0 - lr * newton_schulz(G1) / ((v1 / (1 - b2)).sqrt() + eps)
+    e1 = P0 - lr * scaled(newton_schulz(G1) / ((v1 / (1 - b2)).sqrt() + eps))
     v2 = b2 * v1 + (1 - b2) * G2**2
-    e2 = e1 - lr * (newton_schulz(b1 * G1 + G2) + alpha * newton_schulz(G1)) / ((v2 / (1 - b2**2)).sqrt() + eps)
+    u2 = (newton_schulz(b1 * G1 + G2) + alpha * newton_schulz(G1)) / ((v2 / (1 - b2**2)).sqrt() + eps)
     torch.testing.assert_close(w1, e1)
-    torch.testing.assert_close(w2, e2)
+    torch.testing.assert_close(w2, e1 - lr * scaled(u2))
 
 
 def test_m3_slow_momentum_changes_exactly_every_slow_every_steps():
@@ -182,12 +204,12 @@ def test_every_optimizer_decreases_the_papers_toy_objective(name):
 LM_LR = TINY_LR  # the learning rates `nlplatform compare --optimizers` uses
 
 
-def tiny_module(name: str):
+def tiny_module(name: str, steps: int = 30, lr: float | None = None):
     from nlplatform.train.module import LMModule
 
     recipe = ROOT / "recipes" / "transformer" / "tiny.yaml"
     small = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "data.seq_len=64",
-             "optim.warmup_steps=3", "trainer.max_steps=30", f"optim.name={name}", f"optim.lr={LM_LR[name]}"]  # fmt: skip
+             "optim.warmup_steps=3", f"trainer.max_steps={steps}", f"optim.name={name}", f"optim.lr={lr or LM_LR[name]}"]  # fmt: skip
     torch.manual_seed(0)
     module = LMModule(recipe_to_dict(load_recipe(recipe, small)))
     setup = module.configure_optimizers()
@@ -224,6 +246,59 @@ def test_every_optimizer_trains_a_tiny_language_model_for_30_steps(name):
         assert all(p.ndim == 2 for g in opt.parts[0].param_groups for p in g["params"])
     losses = [lm_step(module, opt, sched, s) for s in range(30)]
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
+
+
+def corpus_bytes(play: str) -> torch.Tensor:
+    from nlplatform.data.corpus import default_corpus_dir
+
+    return torch.tensor(list((default_corpus_dir() / f"{play}_gut.txt").read_bytes()), dtype=torch.long)
+
+
+# The plain-gradient family's best learning rates on this 2-layer, 64-wide model over 80 steps of real text (tried:
+# momentum 0.01-0.3, dmgd 0.03-0.3); the 4-layer tiny preset prefers TINY_LR's larger ones.
+REAL_TEXT_LR = {**TINY_LR, "momentum": 0.03, "delta_momentum": 0.03, "dmgd": 0.1}
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_beats_the_unigram_model_on_a_held_out_play(name):
+    """Real text, which the repeated sentence is too easy to stand for: 80 steps on random windows of Hamlet (batch 8
+    x 64 bytes, warm-up and cosine) bring the loss on Macbeth below that of a unigram model of Hamlet's bytes (about
+    3.40 nats): the model learned more than byte frequencies. Measured over three data seeds: AdamW 2.84-2.97, Muon
+    and M3 2.76-2.81, delta momentum 3.10-3.11, momentum 2.90-3.26, DMGD 3.27-3.29."""
+    steps, train, held = 80, corpus_bytes("hamlet"), corpus_bytes("macbeth")
+    counts = torch.bincount(train, minlength=257).double() + 1
+    unigram = -(counts / counts.sum()).log()[held].mean().item()
+
+    def windows(text: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        starts = torch.randint(0, len(text) - 65, (n,), generator=torch.Generator().manual_seed(seed))
+        return torch.stack([text[s : s + 65] for s in starts.tolist()])
+
+    module, opt, sched = tiny_module(name, steps, lr=REAL_TEXT_LR[name])
+    for step in range(steps):
+        ids = windows(train, 8, step)
+        loss = F.cross_entropy(module(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    ids = windows(held, 32, seed=10_000)
+    with torch.no_grad():
+        held_out = F.cross_entropy(module(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert held_out < unigram, (held_out, unigram)
+
+
+def test_m3_step_size_does_not_grow_as_gradients_shrink():
+    """Alg. 1's printed update NS(M) / sqrt(V) grows like 1/|g| (why it diverges late in training); the normalised
+    update (the default) is the same for g and g / 1000. (G2 has no zero entry: where g = 0 the printed step is
+    NS(g) / eps, huge at any scale.)"""
+    steps = {}
+    for normalize in (False, True):
+        for scale in (1.0, 1e-3):
+            (w,) = two_steps(M3, P0, [G2 * scale], lr=0.01, normalize=normalize)
+            steps[normalize, scale] = (P0 - w).norm().item()
+    assert steps[False, 1e-3] == pytest.approx(1e3 * steps[False, 1.0], rel=1e-3)
+    assert steps[True, 1e-3] == pytest.approx(steps[True, 1.0], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
