@@ -170,6 +170,18 @@ class FinalValidation(L.Callback):
             trainer.should_stop = True
 
 
+def process_layout(trainer) -> dict[str, Any]:
+    """How a run is spread over processes and devices: the run's MLflow tags and part of its summary."""
+    return {
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "devices_per_node": trainer.num_devices,
+        "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy").lower(),
+        "precision": str(trainer.precision),
+    }
+
+
 class RunTracking(L.Callback):
     """One MLflow run per training run, however many processes train it.
 
@@ -195,15 +207,7 @@ class RunTracking(L.Callback):
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(self.tracking_uri)
-            tags = {
-                "world_size": trainer.world_size,
-                "num_nodes": trainer.num_nodes,
-                "devices_per_node": trainer.num_devices,
-                "accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
-                "strategy": type(trainer.strategy).__name__.removesuffix("Strategy").lower(),
-                "precision": str(trainer.precision),
-            }
-            for key, value in tags.items():
+            for key, value in process_layout(trainer).items():
                 client.set_tag(self.run_id, key, str(value))
         if self.every_s > 0 and trainer.local_rank == 0 and self._monitor is None:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -314,6 +314,8 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
 
 
 def _summary(cfg, module, trainer, unigram_ppl, throughput, history, t_start, run_id) -> dict[str, Any]:
+    from nlplatform.train.callbacks import process_layout
+
     last_val = history.val[-1] if history.val else (trainer.global_step, float("nan"), float("nan"))
     tail = [loss for _, loss in history.train[-cfg.trainer.log_every_n_steps :]]
     params = sum(p.numel() for p in module.model.parameters())
@@ -330,8 +332,7 @@ def _summary(cfg, module, trainer, unigram_ppl, throughput, history, t_start, ru
         "tokens_per_sec": throughput.tokens_per_sec,
         "wall_s": time.time() - t_start,
         "mlflow_run_id": run_id,
-        "world_size": trainer.world_size,
-        "strategy": type(trainer.strategy).__name__.removesuffix("Strategy").lower(),
+        **process_layout(trainer),
         "levels": module.level_table(),
     }
 
