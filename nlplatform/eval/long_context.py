@@ -1,0 +1,187 @@
+"""Scoring long-context probes and loss by position, for any family of the platform (spec §7.5-7.6).
+
+Models with ``init_state``/``step`` (all families: a KV cache for attention, the recurrent or neural memory for the
+others) read the prompt once, in O(length) for the recurrent ones; each candidate answer and the greedy answer then
+continue from a copy of that state. Other modules are re-run on prompt + continuation.
+
+Two scores per probe:
+
+- **exact match**: greedy decoding of as many tokens as the true answer has (plus ``slack``) contains every value;
+- **rank** of the true answer's log-likelihood among the probe's candidates (1 = best). Top-1 by rank is 1 / number
+  of candidates for a model that ignores the context, so tiny models that cannot yet copy a number show a signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from nlplatform.eval.probes import Probe
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    task: str
+    length: int
+    depth: float
+    index: int
+    exact: bool  # the greedy answer contains every value
+    rank: int  # of the true answer among the candidates by log-likelihood (1 = most likely)
+    candidates: int
+    generated: str
+
+
+def clone_state(state):
+    """A copy of a model's decoding state that later steps can change without touching the original: tensors are
+    cloned inside lists, tuples, dicts and objects (dataclasses, KV caches). Tensors are detached, since HOPE's fast
+    weights carry autograd history from its inner gradient steps, which ``copy.deepcopy`` refuses."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple
+        return type(state)(*(clone_state(x) for x in state))
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(x) for x in state)
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if hasattr(state, "__dict__") and not isinstance(state, type):
+        new = copy.copy(state)
+        new.__dict__.update({k: clone_state(v) for k, v in vars(state).items()})
+        return new
+    return state
+
+
+class _Reader:
+    """The prompt read once; continuations scored or decoded from copies of the state after it."""
+
+    def __init__(self, model: nn.Module, prompt: list[int], room: int) -> None:
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.incremental = callable(getattr(model, "init_state", None)) and callable(getattr(model, "step", None))
+        ids = torch.tensor([prompt], device=self.device)
+        if self.incremental:
+            self.state = model.init_state(1, len(prompt) + room, self.device, param.dtype)
+            logits, self.state = model.step(ids, self.state)
+        else:
+            self.prompt, logits = ids, model(ids)
+        self.first = logits[0, -1].float().log_softmax(-1)  # log p(first continuation token | prompt)
+
+    def logprob(self, continuation: list[int]) -> float:
+        """log p(continuation | prompt), summed over its tokens."""
+        total = self.first[continuation[0]]
+        if len(continuation) > 1:
+            ids = torch.tensor([continuation[:-1]], device=self.device)
+            logits = self._continue(ids)[0, -len(continuation) + 1 :].float().log_softmax(-1)
+            total = total + logits.gather(1, torch.tensor(continuation[1:], device=self.device)[:, None]).sum()
+        return float(total)
+
+    def greedy(self, n: int) -> list[int]:
+        token = int(self.first.argmax())
+        out = [token]
+        state = clone_state(self.state) if self.incremental else None
+        ids = self.prompt if not self.incremental else None
+        while len(out) < n:
+            step = torch.tensor([[token]], device=self.device)
+            if self.incremental:
+                logits, state = self.model.step(step, state)
+            else:
+                ids = torch.cat((ids, step), dim=1)
+                logits = self.model(ids)
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+        return out
+
+    def _continue(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.incremental:
+            logits, _ = self.model.step(ids, clone_state(self.state))
+            return logits
+        return self.model(torch.cat((self.prompt, ids), dim=1))
+
+
+def score_probe(model: nn.Module, probe: Probe, decode, slack: int = 2) -> ProbeScore:
+    """Exact match and answer rank of ``model`` on ``probe``; ``decode`` turns token ids into text."""
+    n_answer = len(probe.candidates[0]) + slack
+    room = max(n_answer, max(len(c) for c in probe.candidates))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # not inference mode: Titans and HOPE take inner gradient steps
+            reader = _Reader(model, probe.prompt, room)
+            scores = [reader.logprob(c) for c in probe.candidates]
+            generated = decode(reader.greedy(n_answer))
+    finally:
+        model.train(was_training)
+    rank = 1 + sum(s > scores[0] for s in scores[1:])
+    exact = all(v in generated for v in probe.values)
+    return ProbeScore(probe.task, probe.length, probe.depth, probe.index, exact, rank, len(scores), generated)
+
+
+def summarize(scores: Sequence[ProbeScore], trained_length: int) -> dict[str, float]:
+    """Metrics for MLflow: exact match and top-1 rank accuracy per task and length, and overall within and beyond
+    the trained length (``eval/long_context/...``; accuracies in [0, 1])."""
+    groups: dict[tuple[str, ...], list[ProbeScore]] = defaultdict(list)
+    for s in scores:
+        where = "within" if s.length <= trained_length else "beyond"
+        for key in ((s.task, str(s.length)), ("all", str(s.length)), (s.task, where), ("all", where)):
+            groups[key].append(s)
+    out = {}
+    for (task, length), group in sorted(groups.items()):
+        out[f"eval/long_context/{task}/exact@{length}"] = sum(s.exact for s in group) / len(group)
+        out[f"eval/long_context/{task}/top1@{length}"] = sum(s.rank == 1 for s in group) / len(group)
+        out[f"eval/long_context/{task}/mrr@{length}"] = sum(1 / s.rank for s in group) / len(group)
+    return out
+
+
+def accuracy_grid(scores: Sequence[ProbeScore], metric: str = "exact") -> tuple[list[int], list[float], list[list]]:
+    """(lengths, depths, grid[depth][length]) of mean accuracy over all tasks: the heatmap's data."""
+    cells: dict[tuple[int, float], list[float]] = defaultdict(list)
+    for s in scores:
+        cells[s.length, s.depth].append(float(s.exact) if metric == "exact" else float(s.rank == 1))
+    lengths = sorted({k[0] for k in cells})
+    depths = sorted({k[1] for k in cells})
+    grid = [[_mean(cells.get((n, d))) for n in lengths] for d in depths]
+    return lengths, depths, grid
+
+
+def _mean(values: list[float] | None) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def loss_by_position(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Mean next-token loss at every position of ``windows`` [N, T + 1] (token t predicted from tokens < t): how well
+    a model uses its context as it grows (spec §7.6). Returns [T]."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    try:
+        with torch.no_grad():  # not inference mode: Titans and HOPE take inner gradient steps
+            for batch in windows.split(batch_size):
+                batch = batch.to(device)
+                logits = model(batch[:, :-1]).float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+                total += nll.sum(0).double().cpu()
+    finally:
+        model.train(was_training)
+    return (total / windows.shape[0]).float()
+
+
+def position_bins(losses: torch.Tensor, bins: int = 12) -> list[dict[str, float]]:
+    """Log-spaced position bins of a loss-by-position curve: ``[{"start", "end", "loss", "ppl"}]``."""
+    T = losses.numel()
+    edges = sorted({0, *(int(round(math.exp(math.log(T) * i / bins))) for i in range(1, bins + 1))})
+    rows = []
+    for a, b in zip(edges, edges[1:]):
+        if b > a:
+            mean = float(losses[a:b].mean())
+            rows.append({"start": a, "end": b, "loss": mean, "ppl": math.exp(mean)})
+    return rows
+
+
+def scores_as_dicts(scores: Sequence[ProbeScore]) -> list[dict]:
+    return [asdict(s) for s in scores]
