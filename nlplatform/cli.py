@@ -65,7 +65,30 @@ def _cmd_eval_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_long_context(args: argparse.Namespace) -> int:
+    from nlplatform.eval.long_context_suite import evaluate_long_context, format_summary
+
+    def numbers(text: str | None, kind):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()] if text else None
+        except ValueError:
+            raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    result = evaluate_long_context(args.checkpoint, tasks=tasks, lengths=numbers(args.lengths, int),
+                                   depths=numbers(args.depths, float), limit=args.limit, seed=args.seed,
+                                   device=args.device, track=not args.no_track)  # fmt: skip
+    print(format_summary(result.metrics))
+    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
+    print(f"metrics logged as eval/long_context/...: {where}; plots: {', '.join(p.name for p in result.plots)}",
+          file=sys.stderr)  # fmt: skip
+    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.suite == "long_context":
+        return _cmd_eval_long_context(args)
     from nlplatform.eval.tasks import check_tasks, load_suite
 
     suite = load_suite(args.suite)  # unknown suites and tasks fail before the heavy imports below
@@ -188,9 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a checkpoint with lm-eval on a suite (offline), results beside it")
     p.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
-    p.add_argument("--suite", default="commonsense", help="evals/suites/<name>.yaml: commonsense (default), smoke")
+    p.add_argument("--suite", default="commonsense",
+                   help="evals/suites/<name>.yaml (commonsense, the default; smoke; extended), or long_context")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
-    p.add_argument("--limit", type=int, default=None, help="items per task (default: the suite's; all for commonsense)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task (default: the suite's; all for commonsense); long_context: probes per task, "
+                   "length and depth (default 3)")  # fmt: skip
+    p.add_argument(
+        "--lengths",
+        default=None,
+        help="long_context: comma-separated context lengths (default: 1, 2, 4, 8, 16 x the trained one)",
+    )
+    p.add_argument("--depths", default=None, help="long_context: comma-separated needle depths in [0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="long_context: the probes' seed")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")

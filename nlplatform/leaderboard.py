@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import difflib
 import math
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -206,9 +205,12 @@ def _cell(key: str, value: Any) -> str:
 
 
 def is_score(column: str) -> bool:
-    """False for lm-eval's bookkeeping metrics (``*_stderr``, ``sample_len``): the CSV keeps them, but they would
-    triple the width of the printed table (a full suite logs some 40 eval metrics per run)."""
+    """False for lm-eval's bookkeeping metrics (``*_stderr``, ``sample_len``) and the long-context suite's per-task,
+    per-length metrics: the CSV keeps them, but they would bury the printed table (a full suite logs some 40 eval
+    metrics per run, the long-context suite over 100)."""
     metric = column.rsplit("/", 1)[-1]
+    if column.startswith("eval/long_context/"):  # per task and length in the CSV; pooled within/beyond in the table
+        return column.startswith("eval/long_context/all/") and metric.endswith(("_within", "_beyond"))
     return not (column.startswith("eval/") and (metric.endswith("_stderr") or metric == "sample_len"))
 
 
@@ -237,12 +239,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
 def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     """Two horizontal bar panels, validation perplexity and tokens/s, one bar per run (best at the top), coloured
     by family so a family's runs read as a group."""
-    os.environ.setdefault("MPLCONFIGDIR", str(Path(".cache/matplotlib").resolve()))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from nlplatform.plots import pyplot
+
+    plt = pyplot()
 
     families = list(dict.fromkeys(r["family"] for r in rows))
     palette = plt.get_cmap("tab10")

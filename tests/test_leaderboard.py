@@ -355,3 +355,14 @@ def test_compare_rejects_an_unknown_optimizer_with_did_you_mean(fake_compare, ca
     calls, _, _ = fake_compare
     assert main(["compare", "--optimizers", "adamw,m33"]) == 2
     assert "Did you mean 'm3'?" in capsys.readouterr().err and not calls
+
+
+def test_the_printed_table_keeps_only_the_pooled_long_context_scores():
+    """The long-context suite logs a metric per task and length; the table shows exact / top-1 / MRR within and
+    beyond the trained length, the CSV keeps everything."""
+    from nlplatform.leaderboard import is_score
+
+    assert is_score("eval/long_context/all/exact_within") and is_score("eval/long_context/all/top1_beyond")
+    assert not is_score("eval/long_context/passkey/exact_len512") and not is_score("eval/long_context/all/top1_len512")
+    assert not is_score("eval/long_context/loss_within")
+    assert is_score("eval/piqa/acc") and not is_score("eval/piqa/acc_stderr")

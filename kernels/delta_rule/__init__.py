@@ -19,6 +19,8 @@ __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "recurrent_gated_delta_
 # The Triton kernels (autograd.py and the kernel files it imports) load on first use, so that CPU runs never import
 # triton and TRITON_INTERPRET is read only when a kernel is really wanted.
 AVAILABLE_BACKENDS = ("reference", "triton") if importlib.util.find_spec("triton") else ("reference",)
+# On the reference backend, sequences this short (decoding steps) run the recurrence instead of the chunked form.
+RECURRENT_MAX_T = 8
 
 
 def _check_inputs(q, k, v, beta, g, initial_state, chunk_size) -> None:
@@ -79,6 +81,10 @@ def gated_delta_rule(
             run = autograd.triton_gated_delta_rule
         elif backend == "triton":
             raise ValueError(f"gated_delta_rule: the Triton backend does not take {reason}; use backend='reference'")
+    if run is chunk_gated_delta_rule and q.shape[1] <= RECURRENT_MAX_T:
+        # Decoding steps: a few tokens are cheaper one by one than padded to a chunk with its triangular solve.
+        return recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state)  # fmt: skip
     return run(
         q, k, v, beta, g,
         scale=scale,

@@ -122,18 +122,20 @@ def score_probe(model: nn.Module, probe: Probe, decode, slack: int = 2) -> Probe
 
 
 def summarize(scores: Sequence[ProbeScore], trained_length: int) -> dict[str, float]:
-    """Metrics for MLflow: exact match and top-1 rank accuracy per task and length, and overall within and beyond
-    the trained length (``eval/long_context/...``; accuracies in [0, 1])."""
+    """Metrics for MLflow: exact match, top-1 rank accuracy and mean reciprocal rank per task and per length
+    (``eval/long_context/<task>/top1_len512``) and within and beyond the trained length (``.../top1_within``,
+    ``top1_beyond``); ``all`` pools the tasks. Accuracies in [0, 1]."""
     groups: dict[tuple[str, ...], list[ProbeScore]] = defaultdict(list)
     for s in scores:
         where = "within" if s.length <= trained_length else "beyond"
         for key in ((s.task, str(s.length)), ("all", str(s.length)), (s.task, where), ("all", where)):
             groups[key].append(s)
     out = {}
-    for (task, length), group in sorted(groups.items()):
-        out[f"eval/long_context/{task}/exact@{length}"] = sum(s.exact for s in group) / len(group)
-        out[f"eval/long_context/{task}/top1@{length}"] = sum(s.rank == 1 for s in group) / len(group)
-        out[f"eval/long_context/{task}/mrr@{length}"] = sum(1 / s.rank for s in group) / len(group)
+    for (task, where), group in sorted(groups.items()):
+        where = where if where in ("within", "beyond") else f"len{where}"
+        out[f"eval/long_context/{task}/exact_{where}"] = sum(s.exact for s in group) / len(group)
+        out[f"eval/long_context/{task}/top1_{where}"] = sum(s.rank == 1 for s in group) / len(group)
+        out[f"eval/long_context/{task}/mrr_{where}"] = sum(1 / s.rank for s in group) / len(group)
     return out
 
 

@@ -92,8 +92,9 @@ def _data_files(tasks: list[str], recipe, work: Path, page_chars: int) -> dict[s
     return files
 
 
-def _log_to_mlflow(checkpoint: Path, metrics: dict[str, float], step: int, artifact: Path) -> str | None:
-    """Log into the checkpoint's own MLflow run (from its run.json); None when the run was not tracked."""
+def _log_to_mlflow(checkpoint: Path, metrics: dict[str, float], step: int, artifact: Path | list[Path]) -> str | None:
+    """Log into the checkpoint's own MLflow run (from its run.json), the artifacts under ``eval/``; None when the run
+    was not tracked."""
     run_json = checkpoint.resolve().parent.parent / "run.json"
     meta = json.loads(run_json.read_text()) if run_json.is_file() else {}
     run_id = meta.get("mlflow_run_id")
@@ -109,7 +110,8 @@ def _log_to_mlflow(checkpoint: Path, metrics: dict[str, float], step: int, artif
     try:
         client = MlflowClient(uri)
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
-        client.log_artifact(run_id, str(artifact), artifact_path="eval")
+        for path in artifact if isinstance(artifact, list) else [artifact]:
+            client.log_artifact(run_id, str(path), artifact_path="eval")
     except Exception as exc:  # the store moved or is unreachable: the results JSON is written either way
         print(f"warning: could not log to MLflow run {run_id} in {uri}: {one_line(exc)}", file=sys.stderr)
         return None

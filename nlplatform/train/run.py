@@ -341,12 +341,9 @@ def _plot_loss_curve(history, tokens_per_step: int, unigram_ppl: float, path: Pa
     """Train loss (raw and smoothed) and validation loss against tokens seen, with the unigram baseline."""
     import math
 
-    os.environ.setdefault("MPLCONFIGDIR", str(Path(".cache/matplotlib").resolve()))
-    import matplotlib
+    from nlplatform.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if history.train:
         steps, losses = zip(*history.train)

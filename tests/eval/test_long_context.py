@@ -64,7 +64,7 @@ def test_an_oracle_that_copies_the_needle_scores_every_probe():
     scores = [score_probe(CopyingOracle(p), p, TOK.decode) for p in probes]
     assert all(s.exact and s.rank == 1 for s in scores), [s for s in scores if not s.exact or s.rank != 1]
     metrics = summarize(scores, trained_length=512)
-    assert metrics["eval/long_context/all/exact@beyond"] == 1.0 and "eval/long_context/all/exact@within" not in metrics
+    assert metrics["eval/long_context/all/exact_beyond"] == 1.0 and "eval/long_context/all/exact_within" not in metrics
 
 
 def test_a_model_blind_to_the_context_scores_chance():
