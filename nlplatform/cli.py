@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from nlplatform.errors import TrainingDiverged, UserError
 
@@ -86,9 +87,31 @@ def _cmd_eval_long_context(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_continual(args: argparse.Namespace) -> int:
+    from nlplatform.eval.continual_suite import MODES, ContinualSettings, evaluate_continual, format_summary
+
+    settings = ContinualSettings()
+    if args.domains:
+        settings = replace(settings, domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
+    modes = MODES if args.mode == "both" else (args.mode,)
+    settings = replace(settings, modes=modes, seed=args.seed)
+    if args.stage_steps is not None:
+        settings = replace(settings, stage_steps=args.stage_steps)
+    if args.limit is not None:
+        settings = replace(settings, eval_windows=args.limit)
+    result = evaluate_continual(args.checkpoint, settings, device=args.device, track=not args.no_track)
+    print(format_summary(result.metrics))
+    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
+    print(f"metrics logged as eval/continual/...: {where}; plot: {result.plots[0].name}", file=sys.stderr)
+    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.suite == "long_context":
         return _cmd_eval_long_context(args)
+    if args.suite == "continual":
+        return _cmd_eval_continual(args)
     from nlplatform.eval.tasks import check_tasks, load_suite
 
     suite = load_suite(args.suite)  # unknown suites and tasks fail before the heavy imports below
@@ -212,18 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a checkpoint with lm-eval on a suite (offline), results beside it")
     p.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
     p.add_argument("--suite", default="commonsense",
-                   help="evals/suites/<name>.yaml (commonsense, the default; smoke; extended), or long_context")  # fmt: skip
+                   help="evals/suites/<name>.yaml (commonsense, the default; smoke; extended), long_context or continual")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
     p.add_argument("--limit", type=int, default=None,
                    help="items per task (default: the suite's; all for commonsense); long_context: probes per task, "
-                   "length and depth (default 3)")  # fmt: skip
+                   "length and depth (default 3); continual: held-out windows per domain (default 16)")  # fmt: skip
     p.add_argument(
         "--lengths",
         default=None,
         help="long_context: comma-separated context lengths (default: 1, 2, 4, 8, 16 x the trained one)",
     )
     p.add_argument("--depths", default=None, help="long_context: comma-separated needle depths in [0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="long_context: the probes' seed")
+    p.add_argument("--seed", type=int, default=0, help="long_context, continual: the probes' or the stages' seed")
+    p.add_argument(
+        "--domains",
+        default=None,
+        help="continual: comma-separated domains in training order (default encyclopedia,howto,fiction)",
+    )
+    p.add_argument("--stage-steps", type=int, default=None, help="continual: fine-tuning steps per domain (default 50)")
+    p.add_argument(
+        "--mode",
+        default="both",
+        choices=["both", "frozen", "ttl"],
+        help="continual: held-out text read window by window (frozen), as one stream (ttl), or both",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")

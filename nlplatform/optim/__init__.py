@@ -103,6 +103,25 @@ def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimiz
     raise AssertionError(f"optimizer {name!r} is listed but not built")
 
 
+def level_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> tuple[list[dict[str, Any]], set[int]]:
+    """The optimizer's parameter groups, two per persistent level (its own learning rate; weight decay on matrices
+    only, never on embeddings, norms or biases), and the ids of the parameters that orthogonalising optimizers leave
+    to AdamW (embeddings and the output head). In-context levels are learned inside the forward pass, not here."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    groups = []
+    for level in model.levels():
+        if level.scope != "persistent" or not level.params:
+            continue
+        lr = level.lr if level.lr is not None else cfg.lr
+        decay = [p for p in level.params if p.ndim >= 2 and id(p) not in embedding_ids]
+        no_decay = [p for p in level.params if p.ndim < 2 or id(p) in embedding_ids]
+        for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "level": level.name})
+    head = getattr(model, "output_weight", None)
+    return groups, embedding_ids | ({id(head)} if head is not None else set())
+
+
 def build_optimizer(
     param_groups: list[dict[str, Any]], cfg: OptimConfig, adamw_only: set[int] | None = None
 ) -> Optimizer:

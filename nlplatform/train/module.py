@@ -20,7 +20,7 @@ from torchmetrics.text import Perplexity
 from nlplatform.config import RecipeConfig, recipe_from_dict
 from nlplatform.errors import ConfigError, TrainingDiverged
 from nlplatform.levels import LevelScheduler, check_levels
-from nlplatform.optim import build_optimizer
+from nlplatform.optim import build_optimizer, level_param_groups
 from nlplatform.registry import build_model
 
 
@@ -84,21 +84,7 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        # No weight decay on embeddings, norms and biases (anything that is not a matrix of a linear map).
-        embedding_ids = {id(p) for m in self.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        groups = []
-        for level in self.model.levels():
-            if level.scope != "persistent" or not level.params:
-                continue
-            lr = level.lr if level.lr is not None else o.lr
-            decay = [p for p in level.params if p.ndim >= 2 and id(p) not in embedding_ids]
-            no_decay = [p for p in level.params if p.ndim < 2 or id(p) in embedding_ids]
-            for params, wd in ((decay, o.weight_decay), (no_decay, 0.0)):
-                if params:
-                    groups.append({"params": params, "lr": lr, "weight_decay": wd, "level": level.name})
-        # Orthogonalising optimizers (muon, m3) leave the embeddings and the output head to AdamW.
-        head = getattr(self.model, "output_weight", None)
-        adamw_only = embedding_ids | ({id(head)} if head is not None else set())
+        groups, adamw_only = level_param_groups(self.model, o)
         optimizer = build_optimizer(groups, o, adamw_only=adamw_only)
         total = self.cfg.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(

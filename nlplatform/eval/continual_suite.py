@@ -1,0 +1,300 @@
+"""``nlplatform eval CHECKPOINT --suite continual``: learn a sequence of text domains, measure what is forgotten.
+
+Protocol (spec §7.5, the domain-sequence form): starting from the checkpoint, stage ``i`` fine-tunes the model on
+domain ``i`` for ``stage_steps`` optimizer steps; after every stage (and once before the first) the model's loss is
+measured on the held-out part of every domain and of the checkpoint's own corpus. The stage-by-domain perplexity
+matrix gives the average perplexity, average forgetting and backward / forward transfer (``continual.py``).
+
+Domains are text the platform has offline, in the eval data (``make eval-data``), each split by document into
+training (80%) and held-out (20%) parts: ``encyclopedia`` (BoolQ's Wikipedia passages), ``howto`` (HellaSwag's
+WikiHow / ActivityNet contexts with their true endings), ``fiction`` (LAMBADA's book passages), ``science`` (SciQ's
+support passages), ``social`` (Social IQa situations with their answers) and ``physical`` (PIQA goals with their
+right solutions).
+
+Two ways to read the held-out text (``--mode``):
+
+- ``frozen``: each window of ``seq_len`` tokens from a fresh state, as in training;
+- ``ttl`` (test-time learning): the windows of a domain read as one stream through the model's decoding state, so
+  in-context levels (Titans' and HOPE's neural memories, the delta-rule states) keep learning across windows; for
+  attention the state is a growing KV cache, i.e. the whole stream as context.
+
+Results: ``eval-continual-<checkpoint>.json`` beside the checkpoint, ``...-matrix.png`` (the forgetting matrix as a
+heatmap, one panel per mode), ``eval/continual/...`` metrics and the files in the checkpoint's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nlplatform.data import atomic_write_text
+from nlplatform.errors import UserError
+from nlplatform.eval.continual import continual_scores
+
+SUITE = "continual"
+MODES = ("frozen", "ttl")
+
+
+def _first(*keys: str) -> Callable[[dict], str]:
+    return lambda row: " ".join(str(row[k]) for k in keys)
+
+
+# domain -> (eval dataset, row -> text)
+DOMAINS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "encyclopedia": ("boolq", _first("passage")),
+    "howto": ("hellaswag", lambda r: f"{r['ctx']} {r['endings'][int(r['label'])]}"),
+    "fiction": ("lambada", _first("text")),
+    "science": ("sciq", _first("support")),
+    "social": ("social_iqa", lambda r: f"{r['context']} {r['question']} {r['answer' + 'ABC'[int(r['label']) - 1]]}"),
+    "physical": ("piqa", lambda r: f"{r['goal']} {r['sol1'] if int(r['label']) == 0 else r['sol2']}"),
+}
+DEFAULT_DOMAINS = ("encyclopedia", "howto", "fiction")
+
+
+@dataclass(frozen=True)
+class ContinualSettings:
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    stage_steps: int = 50  # optimizer steps of fine-tuning per domain
+    batch_size: int = 8  # windows per step
+    lr_scale: float | None = None  # fine-tuning lr = each level's peak lr times this; None: the recipe's min_lr_ratio
+    eval_windows: int = 16  # held-out windows per domain (consecutive: the ttl stream)
+    modes: tuple[str, ...] = MODES
+    seed: int = 0
+
+    def check(self) -> None:
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise UserError(f"unknown continual domain(s) {', '.join(unknown)}; available: {', '.join(DOMAINS)}")
+        if len(self.domains) < 2 or len(set(self.domains)) != len(self.domains):
+            raise UserError(f"give at least 2 different domains, got {list(self.domains)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise UserError(f"--mode must be one of frozen, ttl or both, got {', '.join(bad) or 'none'}")
+        for name in ("stage_steps", "batch_size", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if self.lr_scale is not None and not self.lr_scale > 0:
+            raise UserError(f"the fine-tuning lr scale must be > 0, got {self.lr_scale}")
+
+
+def domain_texts(domain: str) -> list[str]:
+    """The documents of ``domain`` from the offline eval data (fetched on first use)."""
+    from nlplatform.eval.data import dataset_file, require_eval_data
+
+    dataset, to_text = DOMAINS[domain]
+    path = dataset_file(dataset, require_eval_data())
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from datasets import Dataset
+
+        rows = Dataset.from_file(str(path))
+    return [text for text in (to_text(r).strip() for r in rows) if text]
+
+
+def split_documents(docs: list[str], seed: int, held_out: float = 0.2) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: a seeded shuffle, the last ``held_out`` share held out."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    cut = len(docs) - max(1, round(held_out * len(docs)))
+    return [docs[i] for i in order[:cut]], [docs[i] for i in order[cut:]]
+
+
+def stream(docs: list[str], encode, eot_id: int) -> torch.Tensor:
+    """The documents' tokens, each followed by end-of-text, as one 1-D tensor."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += encode(doc) + [eot_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _windows(tokens: torch.Tensor, seq_len: int, n: int, what: str) -> torch.Tensor:
+    """The first ``n`` consecutive windows of ``seq_len + 1`` tokens (inputs and shifted targets)."""
+    if tokens.numel() < n * seq_len + 1:
+        raise UserError(
+            f"{what} has {tokens.numel():,} tokens, fewer than {n} windows of {seq_len}: use fewer (--limit)"
+        )
+    return torch.stack([tokens[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
+
+
+def held_out_loss(model, windows: torch.Tensor, mode: str, batch_size: int = 8) -> float:
+    """Mean next-token loss over ``windows`` [N, T + 1]: each from a fresh state (``frozen``) or all of them as one
+    stream through the decoding state (``ttl``)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():  # not inference mode: Titans and HOPE take inner gradient steps while reading
+        if mode == "frozen":
+            for batch in windows.split(batch_size):
+                batch = batch.to(device)
+                logits = model(batch[:, :-1]).float()
+                total += float(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="sum"))
+                count += batch[:, 1:].numel()
+            return total / count
+        T = windows.shape[1] - 1
+        state = model.init_state(1, T * windows.shape[0], device, next(model.parameters()).dtype)
+        for window in windows:
+            window = window.to(device)[None]
+            logits, state = model.step(window[:, :-1], state)
+            total += float(F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="sum"))
+            count += T
+    return total / count
+
+
+def finetune(model, tokens: torch.Tensor, recipe, settings: ContinualSettings, seed: int) -> float:
+    """``stage_steps`` steps on random windows of ``tokens`` with the recipe's optimizer and level structure: each
+    persistent level steps at its own period (``LevelScheduler``) with its own learning rate times ``lr_scale``,
+    held constant. Returns the last step's loss."""
+    from nlplatform.levels import LevelScheduler
+    from nlplatform.optim import build_optimizer, level_param_groups
+
+    device = next(model.parameters()).device
+    optim_cfg, seq_len, clip = recipe.optim, recipe.data.seq_len, recipe.trainer.gradient_clip_val
+    groups, adamw_only = level_param_groups(model, optim_cfg)
+    for group in groups:
+        group["lr"] *= settings.lr_scale if settings.lr_scale is not None else optim_cfg.min_lr_ratio
+    opt = build_optimizer(groups, optim_cfg, adamw_only=adamw_only)
+    levels = LevelScheduler(model.levels(), settings.batch_size * seq_len)
+    params = [p for g in groups for p in g["params"]]
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(math.nan)
+    for step in range(settings.stage_steps):
+        starts = torch.randint(0, tokens.numel() - seq_len - 1, (settings.batch_size,), generator=generator)
+        batch = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()]).to(device)
+        loss = F.cross_entropy(model(batch[:, :-1]).float().transpose(1, 2), batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        levels.before_optimizer_step(step)
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+@dataclass
+class ContinualResult:
+    path: Path
+    metrics: dict[str, float]
+    plots: list[Path]
+    mlflow_run_id: str | None
+
+
+def evaluate_continual(
+    checkpoint: str | Path, settings: ContinualSettings, *, device: str | None = None, track: bool = True
+) -> ContinualResult:
+    """Run the protocol above on ``checkpoint``; write and log the matrices and scores."""
+    from tqdm.auto import tqdm
+
+    from nlplatform.checkpoint import load_checkpoint
+    from nlplatform.eval.long_context_suite import heldout_tokens
+    from nlplatform.eval.run import _default_device, _log_to_mlflow
+
+    settings.check()
+    checkpoint = Path(checkpoint)
+    loaded = load_checkpoint(checkpoint, device=device or _default_device())
+    recipe, tok = loaded.recipe, loaded.tokenizer
+    seq_len = recipe.data.seq_len
+    t0 = time.time()
+
+    train_streams, eval_windows = {}, {}
+    for i, domain in enumerate(settings.domains):
+        train_docs, held_docs = split_documents(domain_texts(domain), settings.seed + i)
+        train_streams[domain] = stream(train_docs, tok.encode, tok.eot_id)
+        eval_windows[domain] = _windows(stream(held_docs, tok.encode, tok.eot_id), seq_len, settings.eval_windows,
+                                        f"the held-out part of domain {domain!r}")  # fmt: skip
+    corpus = torch.tensor(heldout_tokens(loaded), dtype=torch.long)
+    eval_windows["corpus"] = _windows(corpus, seq_len, settings.eval_windows, "the checkpoint corpus's test split")
+    columns = [*settings.domains, "corpus"]
+
+    model = loaded.model
+    losses: dict[str, list[list[float]]] = {mode: [] for mode in settings.modes}
+    stage_loss: list[float] = []
+    stages = ["start", *settings.domains]
+    for stage, name in enumerate(tqdm(stages, desc="continual stages", unit="stage")):
+        if stage > 0:
+            stage_loss.append(finetune(model, train_streams[name], recipe, settings, settings.seed + stage))
+        for mode in settings.modes:
+            losses[mode].append([held_out_loss(model, eval_windows[c], mode) for c in columns])
+
+    metrics: dict[str, float] = {}
+    matrices = {}
+    T = len(settings.domains)
+    for mode in settings.modes:
+        ppl = [[math.exp(x) for x in row] for row in losses[mode]]
+        matrices[mode] = ppl
+        square = [row[:T] for row in ppl[1:]]
+        scores = continual_scores(square, higher_is_better=False, baseline=ppl[0][:T])
+        scores["corpus_ppl_start"] = ppl[0][T]
+        scores["corpus_ppl_end"] = ppl[-1][T]
+        metrics.update({f"eval/continual/{mode}/{k}": v for k, v in scores.items()})
+
+    stem = f"eval-{SUITE}-{checkpoint.stem}"
+    title = f"{recipe.model.name} ({recipe.model.preset}), step {loaded.step}"
+    plots = [plot_matrices(matrices, stages, columns, checkpoint.parent / f"{stem}-matrix.png", title)]
+    path = checkpoint.parent / f"{stem}.json"
+    report = {
+        "checkpoint": str(checkpoint.resolve()),
+        "step": loaded.step,
+        "model": recipe.model.name,
+        "preset": recipe.model.preset,
+        "suite": SUITE,
+        "settings": asdict(settings),
+        "seq_len": seq_len,
+        "stages": stages,
+        "columns": columns,
+        "perplexity": matrices,
+        "stage_final_train_loss": stage_loss,
+        "metrics": metrics,
+        "wall_s": time.time() - t0,
+    }
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    run_id = _log_to_mlflow(checkpoint, metrics, loaded.step, [path, *plots]) if track else None
+    return ContinualResult(path=path, metrics=metrics, plots=plots, mlflow_run_id=run_id)
+
+
+def format_summary(metrics: dict[str, float]) -> str:
+    lines = ["| mode | avg ppl | forgetting (ppl) | backward transfer | forward transfer |", "|---|---|---|---|---|"]
+    for mode in MODES:
+        keys = ("average", "forgetting", "backward_transfer", "forward_transfer")
+        values = [metrics.get(f"eval/continual/{mode}/{k}") for k in keys]
+        if values[0] is not None:
+            lines.append(f"| {mode} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def plot_matrices(matrices: dict[str, list[list[float]]], stages, columns, path: Path, title: str) -> Path:
+    """The perplexity after each stage on each domain, one heatmap per mode (log colour scale, lower is better)."""
+    from matplotlib.colors import LogNorm
+
+    from nlplatform.plots import pyplot
+
+    plt = pyplot()
+    modes = list(matrices)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 0.6 * len(stages) + 2.2), dpi=120,
+                             squeeze=False)  # fmt: skip
+    for ax, mode in zip(axes[0], modes):
+        grid = matrices[mode]
+        image = ax.imshow(grid, cmap="RdYlGn_r", norm=LogNorm(), aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(columns)), columns, rotation=20)
+        ax.set_yticks(range(len(stages)), [s if s == "start" else f"after {s}" for s in stages])
+        ax.set_xlabel("held-out domain")
+        ax.set_title(f"perplexity, {mode}", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"continual learning: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""`nlplatform eval CHECKPOINT --suite continual` end to end on tiny checkpoints of two families, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.eval.test_data import needs_eval_data
+from tests.eval.test_eval_cli import checkpoint_of
+from tests.train.conftest import needs_corpus, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@needs_corpus
+@needs_eval_data
+@pytest.mark.parametrize("family", ["transformer", "deltanet"])
+def test_continual_suite_writes_the_forgetting_matrix_and_its_scores(family, trained_run, family_run, tmp_path):
+    """Two domains, two fine-tuning steps each: a 3 x 3 perplexity matrix per mode (start and one row per stage;
+    the two domains and the checkpoint's corpus), the scores computed from it, the heatmap, all in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from nlplatform.eval.continual import continual_scores
+
+    ckpt, uri = checkpoint_of(family, trained_run, family_run)
+    proc = run_cli("eval", str(ckpt), "--suite", "continual", "--domains", "encyclopedia,howto", "--stage-steps",
+                   "2", "--limit", "2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path == ckpt.parent / "eval-continual-last.json"
+    report = json.loads(path.read_text())
+    assert report["stages"] == ["start", "encyclopedia", "howto"]
+    assert report["columns"] == ["encyclopedia", "howto", "corpus"]
+    metrics = report["metrics"]
+    for mode in ("frozen", "ttl"):
+        matrix = report["perplexity"][mode]
+        assert len(matrix) == 3 and all(len(row) == 3 and all(1 < x < 1e4 for x in row) for row in matrix)
+        expected = continual_scores([row[:2] for row in matrix[1:]], higher_is_better=False, baseline=matrix[0][:2])
+        for key, value in expected.items():
+            assert metrics[f"eval/continual/{mode}/{key}"] == pytest.approx(value)
+        assert metrics[f"eval/continual/{mode}/corpus_ppl_end"] == pytest.approx(matrix[-1][2])
+    assert (ckpt.parent / "eval-continual-last-matrix.png").stat().st_size > 10_000
+    assert "| frozen |" in proc.stdout and "| ttl |" in proc.stdout
+
+    run = MlflowClient(uri).get_run(json.loads((ckpt.parent.parent / "run.json").read_text())["mlflow_run_id"])
+    assert run.data.metrics["eval/continual/frozen/forgetting"] == pytest.approx(
+        metrics["eval/continual/frozen/forgetting"]
+    )
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval")}
+    assert "eval/eval-continual-last-matrix.png" in artifacts
+
+
+@pytest.mark.parametrize("family", ["transformer", "deltanet", "titans", "hope"])
+def test_reading_one_window_as_a_stream_is_reading_it_frozen(family):
+    """Test-time learning differs from frozen reading only across windows: on a single window the decoding state
+    gives the loss of the plain forward pass."""
+    from nlplatform.config import load_recipe
+    from nlplatform.eval.continual_suite import held_out_loss
+    from nlplatform.registry import build_model
+
+    recipe = load_recipe(ROOT / "recipes" / family / "tiny.yaml", ["model.vocab_size=257", "model.d_model=64",
+                                                                    "model.n_layers=2"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    window = torch.randint(0, 257, (1, 65))
+    assert held_out_loss(model, window, "ttl") == pytest.approx(held_out_loss(model, window, "frozen"), abs=1e-5)
+    two = torch.randint(0, 257, (2, 65))
+    assert held_out_loss(model, two, "ttl") != held_out_loss(model, two, "frozen")  # the state carries over
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--domains", "encyclopedia,poetry"], "unknown continual domain(s) poetry"),
+        (["--domains", "howto"], "give at least 2 different domains"),
+        (["--stage-steps", "0"], "stage steps must be > 0"),
+    ],
+    ids=["unknown-domain", "one-domain", "zero-steps"],
+)
+def test_bad_continual_arguments_exit_2_with_a_message(args, fragment, trained_run, tmp_path):
+    ckpt, _ = checkpoint_of("transformer", trained_run, None)
+    proc = run_cli("eval", str(ckpt), "--suite", "continual", *args, "--no-track", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
