@@ -88,21 +88,34 @@ def _cmd_eval_long_context(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_continual(args: argparse.Namespace) -> int:
-    from nlplatform.eval.continual_suite import MODES, ContinualSettings, evaluate_continual, format_summary
+    from nlplatform.eval.continual_suite import (
+        MODES,
+        PROTOCOLS,
+        ContinualSettings,
+        evaluate_continual,
+        format_summary,
+    )
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(d.strip() for d in text.split(",") if d.strip())
 
     settings = ContinualSettings()
     if args.domains:
-        settings = replace(settings, domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
+        settings = replace(settings, domains=names(args.domains))
+    if args.class_tasks:
+        settings = replace(settings, class_tasks=names(args.class_tasks))
     modes = MODES if args.mode == "both" else (args.mode,)
-    settings = replace(settings, modes=modes, seed=args.seed)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    settings = replace(settings, modes=modes, protocols=protocols, seed=args.seed)
     if args.stage_steps is not None:
         settings = replace(settings, stage_steps=args.stage_steps)
     if args.limit is not None:
-        settings = replace(settings, eval_windows=args.limit)
+        settings = replace(settings, eval_windows=args.limit, test_per_label=args.limit)
     result = evaluate_continual(args.checkpoint, settings, device=args.device, track=not args.no_track)
     print(format_summary(result.metrics))
     where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
-    print(f"metrics logged as eval/continual/...: {where}; plot: {result.plots[0].name}", file=sys.stderr)
+    print(f"metrics logged as eval/continual/...: {where}; plots: {', '.join(p.name for p in result.plots)}",
+          file=sys.stderr)  # fmt: skip
     print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
     return 0
 
@@ -239,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
     p.add_argument("--limit", type=int, default=None,
                    help="items per task (default: the suite's; all for commonsense); long_context: probes per task, "
-                   "length and depth (default 3); continual: held-out windows per domain (default 16)")  # fmt: skip
+                   "length and depth (default 3); continual: held-out windows per domain and test utterances per intent "
+                   "(default 16 each)")  # fmt: skip
     p.add_argument(
         "--lengths",
         default=None,
@@ -252,7 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continual: comma-separated domains in training order (default encyclopedia,howto,fiction)",
     )
-    p.add_argument("--stage-steps", type=int, default=None, help="continual: fine-tuning steps per domain (default 50)")
+    p.add_argument(
+        "--class-tasks",
+        default=None,
+        help="continual: comma-separated intent tasks in training order (default banking,travel,home; also food, work)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="both",
+        choices=["both", "domains", "classes"],
+        help="continual: text domains one after the other, class-incremental intents, or both",
+    )
+    p.add_argument(
+        "--stage-steps", type=int, default=None, help="continual: fine-tuning steps per domain or task (default 50)"
+    )
     p.add_argument(
         "--mode",
         default="both",

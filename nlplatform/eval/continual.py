@@ -16,6 +16,7 @@ in every case:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -36,7 +37,11 @@ def continual_scores(
     T = _check(matrix)
     sign = 1.0 if higher_is_better else -1.0
     last = matrix[T - 1]
-    forgetting = [sign * (max(sign * matrix[i][j] for i in range(T - 1)) * sign - last[j]) for j in range(T - 1)]
+    # NaN entries (a class-incremental task not learned yet) do not count as a previous best
+    forgetting = [
+        sign * (max(sign * matrix[i][j] for i in range(T - 1) if not math.isnan(matrix[i][j])) * sign - last[j])
+        for j in range(T - 1)
+    ]
     scores = {
         "average": sum(last) / T,
         "forgetting": sum(forgetting) / (T - 1),

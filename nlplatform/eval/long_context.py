@@ -56,7 +56,7 @@ def clone_state(state):
     return state
 
 
-class _Reader:
+class PromptReader:
     """The prompt read once; continuations scored or decoded from copies of the state after it."""
 
     def __init__(self, model: nn.Module, prompt: list[int], room: int) -> None:
@@ -111,7 +111,7 @@ def score_probe(model: nn.Module, probe: Probe, decode, slack: int = 2) -> Probe
     model.eval()
     try:
         with torch.no_grad():  # not inference mode: Titans and HOPE take inner gradient steps
-            reader = _Reader(model, probe.prompt, room)
+            reader = PromptReader(model, probe.prompt, room)
             scores = [reader.logprob(c) for c in probe.candidates]
             generated = decode(reader.greedy(n_answer))
     finally:

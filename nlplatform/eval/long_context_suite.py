@@ -88,13 +88,13 @@ def evaluate_long_context(
     from tqdm.auto import tqdm
 
     from nlplatform.checkpoint import load_checkpoint
-    from nlplatform.eval.run import _default_device, _log_to_mlflow
+    from nlplatform.eval.run import default_device, log_eval_to_mlflow
 
     tasks = list(tasks or DEFAULT_TASKS)
     depths = list(depths if depths is not None else DEPTHS)
     per_cell = limit if limit is not None else PER_CELL
     checkpoint = Path(checkpoint)
-    loaded = load_checkpoint(checkpoint, device=device or _default_device())
+    loaded = load_checkpoint(checkpoint, device=device or default_device())
     trained = loaded.recipe.data.seq_len
     lengths = sorted(lengths or [trained * m for m in LENGTH_MULTIPLES])
     _check(tasks, lengths, depths, per_cell)
@@ -155,7 +155,7 @@ def evaluate_long_context(
         "scores": scores_as_dicts(scores),
     }
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    run_id = _log_to_mlflow(checkpoint, metrics, loaded.step, [path, *plots]) if track else None
+    run_id = log_eval_to_mlflow(checkpoint, metrics, loaded.step, [path, *plots]) if track else None
     return LongContextResult(path=path, metrics=metrics, plots=plots, mlflow_run_id=run_id)
 
 

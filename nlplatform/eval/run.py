@@ -92,7 +92,9 @@ def _data_files(tasks: list[str], recipe, work: Path, page_chars: int) -> dict[s
     return files
 
 
-def _log_to_mlflow(checkpoint: Path, metrics: dict[str, float], step: int, artifact: Path | list[Path]) -> str | None:
+def log_eval_to_mlflow(
+    checkpoint: Path, metrics: dict[str, float], step: int, artifact: Path | list[Path]
+) -> str | None:
     """Log into the checkpoint's own MLflow run (from its run.json), the artifacts under ``eval/``; None when the run
     was not tracked."""
     run_json = checkpoint.resolve().parent.parent / "run.json"
@@ -142,14 +144,14 @@ def evaluate(
 
     from nlplatform.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, device=device or _default_device())
+    loaded = load_checkpoint(checkpoint, device=device or default_device())
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from nlplatform.eval.harness import NLPlatformLM
 
     lm = NLPlatformLM(model=loaded.model, tokenizer=loaded.tokenizer, max_length=loaded.recipe.data.seq_len,
-                      batch_size=batch_size, device=device or _default_device(), dtype=dtype)  # fmt: skip
+                      batch_size=batch_size, device=device or default_device(), dtype=dtype)  # fmt: skip
     scratch = cache_root() / "eval"
     scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tasks-", dir=scratch))
@@ -188,11 +190,11 @@ def evaluate(
         "versions": out.get("versions"),
     }
     atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
-    run_id = _log_to_mlflow(checkpoint, metrics, loaded.step, path) if track else None
+    run_id = log_eval_to_mlflow(checkpoint, metrics, loaded.step, path) if track else None
     return EvalResult(path=path, metrics=metrics, row=row, mlflow_run_id=run_id)
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,3 +33,11 @@ def test_no_forgetting_when_nothing_is_lost():
 def test_non_square_matrices_are_refused(matrix):
     with pytest.raises(ValueError, match="must be square with at least 2 stages"):
         continual_scores(matrix)
+
+
+def test_blank_cells_of_tasks_not_learned_yet_are_not_a_previous_best():
+    """Class-incremental matrices leave R[i][j] blank (NaN) for j > i: forgetting of task 0 is 0.9 - 0.3 (its best
+    after it was learned), of task 1 0.8 - 0.6."""
+    nan = float("nan")
+    scores = continual_scores([[0.9, nan, nan], [0.5, 0.8, nan], [0.3, 0.6, 0.7]])
+    assert scores == pytest.approx({"average": 1.6 / 3, "forgetting": 0.4, "backward_transfer": -0.4})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,39 +19,47 @@ ROOT = Path(__file__).resolve().parents[2]
 @needs_corpus
 @needs_eval_data
 @pytest.mark.parametrize("family", ["transformer", "deltanet"])
-def test_continual_suite_writes_the_forgetting_matrix_and_its_scores(family, trained_run, family_run, tmp_path):
-    """Two domains, two fine-tuning steps each: a 3 x 3 perplexity matrix per mode (start and one row per stage;
-    the two domains and the checkpoint's corpus), the scores computed from it, the heatmap, all in MLflow."""
+def test_continual_suite_writes_the_forgetting_matrices_and_their_scores(family, trained_run, family_run, tmp_path):
+    """Both protocols, two stages each of two fine-tuning steps. Domains: a 3 x 3 perplexity matrix per mode (start
+    and one row per stage; the two domains and the checkpoint's corpus). Classes: 2 x 2 accuracy matrices, class-IL
+    and task-IL, the task not learned yet blank. The scores computed from them, both heatmaps, all in MLflow."""
     from mlflow.tracking import MlflowClient
 
     from nlplatform.eval.continual import continual_scores
 
     ckpt, uri = checkpoint_of(family, trained_run, family_run)
-    proc = run_cli("eval", str(ckpt), "--suite", "continual", "--domains", "encyclopedia,howto", "--stage-steps",
-                   "2", "--limit", "2", cwd=tmp_path)  # fmt: skip
+    proc = run_cli("eval", str(ckpt), "--suite", "continual", "--domains", "encyclopedia,howto", "--class-tasks",
+                   "banking,travel", "--stage-steps", "2", "--limit", "2", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path == ckpt.parent / "eval-continual-last.json"
     report = json.loads(path.read_text())
-    assert report["stages"] == ["start", "encyclopedia", "howto"]
-    assert report["columns"] == ["encyclopedia", "howto", "corpus"]
+    domains, classes = report["domains"], report["classes"]
+    assert domains["stages"] == ["start", "encyclopedia", "howto"]
+    assert domains["columns"] == ["encyclopedia", "howto", "corpus"]
     metrics = report["metrics"]
     for mode in ("frozen", "ttl"):
-        matrix = report["perplexity"][mode]
+        matrix = domains["perplexity"][mode]
         assert len(matrix) == 3 and all(len(row) == 3 and all(1 < x < 1e4 for x in row) for row in matrix)
         expected = continual_scores([row[:2] for row in matrix[1:]], higher_is_better=False, baseline=matrix[0][:2])
         for key, value in expected.items():
             assert metrics[f"eval/continual/{mode}/{key}"] == pytest.approx(value)
         assert metrics[f"eval/continual/{mode}/corpus_ppl_end"] == pytest.approx(matrix[-1][2])
-    assert (ckpt.parent / "eval-continual-last-matrix.png").stat().st_size > 10_000
-    assert "| frozen |" in proc.stdout and "| ttl |" in proc.stdout
+    assert classes["tasks"] == ["banking", "travel"] and classes["chance_class_il"] == pytest.approx([1 / 3, 1 / 6])
+    for setting in ("class_il", "task_il"):
+        (a, blank), (b, c) = classes["accuracy"][setting]
+        assert math.isnan(blank) and all(6 * x == pytest.approx(round(6 * x)) for x in (a, b, c))  # 6 test utterances
+        expected = continual_scores(classes["accuracy"][setting])
+        assert {k: metrics[f"eval/continual/{setting}/{k}"] for k in expected} == pytest.approx(expected)
+    for name in ("matrix", "classes"):
+        assert (ckpt.parent / f"eval-continual-last-{name}.png").stat().st_size > 10_000
+    assert all(f"| {kind} |" in proc.stdout for kind in ("frozen", "ttl", "class_il", "task_il"))
 
     run = MlflowClient(uri).get_run(json.loads((ckpt.parent.parent / "run.json").read_text())["mlflow_run_id"])
-    assert run.data.metrics["eval/continual/frozen/forgetting"] == pytest.approx(
-        metrics["eval/continual/frozen/forgetting"]
-    )
+    for key in ("eval/continual/frozen/forgetting", "eval/continual/class_il/average"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval")}
-    assert "eval/eval-continual-last-matrix.png" in artifacts
+    assert {"eval/eval-continual-last-matrix.png", "eval/eval-continual-last-classes.png"} <= artifacts
 
 
 @pytest.mark.parametrize("family", ["transformer", "deltanet", "titans", "hope"])
@@ -77,8 +86,10 @@ def test_reading_one_window_as_a_stream_is_reading_it_frozen(family):
         (["--domains", "encyclopedia,poetry"], "unknown continual domain(s) poetry"),
         (["--domains", "howto"], "give at least 2 different domains"),
         (["--stage-steps", "0"], "stage steps must be > 0"),
+        (["--class-tasks", "banking,gardening"], "unknown continual intent task(s) gardening"),
+        (["--class-tasks", "home,home"], "give at least 2 different intent tasks"),
     ],
-    ids=["unknown-domain", "one-domain", "zero-steps"],
+    ids=["unknown-domain", "one-domain", "zero-steps", "unknown-intent-task", "repeated-task"],
 )
 def test_bad_continual_arguments_exit_2_with_a_message(args, fragment, trained_run, tmp_path, monkeypatch, capsys):
     """Refused with exit status 2 and a one-line message, before any work (run in process: no start-up cost)."""
