@@ -205,12 +205,14 @@ def _cell(key: str, value: Any) -> str:
 
 
 def is_score(column: str) -> bool:
-    """False for lm-eval's bookkeeping metrics (``*_stderr``, ``sample_len``) and the long-context suite's per-task,
-    per-length metrics: the CSV keeps them, but they would bury the printed table (a full suite logs some 40 eval
-    metrics per run, the long-context suite over 100)."""
+    """False for lm-eval's bookkeeping metrics (``*_stderr``, ``sample_len``), the long-context suite's per-task,
+    per-length metrics and the continual suite's transfer scores: the CSV keeps them, but they would bury the printed
+    table (a full suite logs some 40 eval metrics per run, the long-context suite over 100)."""
     metric = column.rsplit("/", 1)[-1]
     if column.startswith("eval/long_context/"):  # per task and length in the CSV; pooled within/beyond in the table
         return column.startswith("eval/long_context/all/") and metric.endswith(("_within", "_beyond"))
+    if column.startswith("eval/continual/"):  # average and forgetting per mode / setting in the table
+        return metric in ("average", "forgetting")
     return not (column.startswith("eval/") and (metric.endswith("_stderr") or metric == "sample_len"))
 
 

@@ -357,12 +357,15 @@ def test_compare_rejects_an_unknown_optimizer_with_did_you_mean(fake_compare, ca
     assert "Did you mean 'm3'?" in capsys.readouterr().err and not calls
 
 
-def test_the_printed_table_keeps_only_the_pooled_long_context_scores():
+def test_the_printed_table_keeps_the_pooled_long_context_and_the_main_continual_scores():
     """The long-context suite logs a metric per task and length; the table shows exact / top-1 / MRR within and
-    beyond the trained length, the CSV keeps everything."""
+    beyond the trained length. The continual suite's table columns are average and forgetting per mode or setting.
+    The CSV keeps everything."""
     from nlplatform.leaderboard import is_score
 
     assert is_score("eval/long_context/all/exact_within") and is_score("eval/long_context/all/top1_beyond")
     assert not is_score("eval/long_context/passkey/exact_len512") and not is_score("eval/long_context/all/top1_len512")
     assert not is_score("eval/long_context/loss_within")
     assert is_score("eval/piqa/acc") and not is_score("eval/piqa/acc_stderr")
+    assert is_score("eval/continual/class_il/forgetting") and is_score("eval/continual/ttl/average")
+    assert not is_score("eval/continual/frozen/backward_transfer") and not is_score("eval/continual/ttl/corpus_ppl_end")
