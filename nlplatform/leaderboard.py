@@ -3,8 +3,8 @@
 The figures come from MLflow, not from the run folders, so the leaderboard also covers runs trained on other
 machines into a shared store: ``summary/*`` metrics (logged at the end of ``train()``), ``eval/<task>/<metric>``
 (logged by ``nlplatform eval``), the ``family`` / ``preset`` tags. The table is written as markdown, CSV and a PNG
-chart into one folder and logged as the artifacts of a run in the ``leaderboard`` experiment, so it shows in
-``make ui`` beside the runs it ranks.
+chart (plus, when some runs have long-context scores, their accuracy by context length) into one folder and logged
+as the artifacts of a run in the ``leaderboard`` experiment, so it shows in ``make ui`` beside the runs it ranks.
 
 Sweep parents (tag ``sweep.role=study``) hold no model of their own and are left out; their trials are ordinary
 runs and are ranked like any other.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +53,8 @@ class Leaderboard:
     markdown: Path
     csv: Path
     chart: Path
-    run_id: str  # the run in the `leaderboard` experiment holding the three files
+    run_id: str  # the run in the `leaderboard` experiment holding the files
+    long_context_chart: Path | None = None  # accuracy by context length, when some run has long-context scores
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -272,6 +274,48 @@ def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
+LONG_CONTEXT_KEY = re.compile(r"eval/long_context/all/(exact|top1)_len(\d+)$")
+
+
+def plot_long_context(path: Path, rows: list[dict[str, Any]], title: str) -> bool:
+    """Pooled long-context accuracy by context length, top-1 rank and exact match, one line per run that was scored
+    (``nlplatform eval --suite long_context``). False (nothing written) when no run has these scores."""
+    series: dict[str, dict[str, dict[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            match = LONG_CONTEXT_KEY.match(key)
+            if match:
+                series.setdefault(row["run"], {}).setdefault(match[1], {})[int(match[2])] = value
+    if not series:
+        return False
+    from nlplatform.plots import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    for ax, metric, label in (
+        (axes[0], "top1", "top-1 of the true answer among 10"),
+        (axes[1], "exact", "exact match"),
+    ):
+        for run, by_metric in series.items():
+            points = sorted(by_metric.get(metric, {}).items())
+            if points:
+                ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=run)
+        if metric == "top1":
+            ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy, all probe tasks")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def _log_run(uri: str, stamp: str, experiments: list[str], rows: list[dict], files: list[Path]) -> str:
     """A run in the ``leaderboard`` experiment holding the three files, so the table is one click away in the UI."""
     from mlflow.entities import RunStatus
@@ -312,6 +356,13 @@ def build_leaderboard(
     md.write_text(markdown_table(rows, cols))
     write_csv(table, rows, cols)
     plural = "run" if len(rows) == 1 else "runs"
-    plot_chart(chart, rows, f"{len(rows)} {plural} of {', '.join(covered)} ({stamp})")
-    run_id = _log_run(uri, stamp, covered, rows, [md, table, chart])
-    return Leaderboard(rows, cols, covered, folder, md, table, chart, run_id)
+    title = f"{len(rows)} {plural} of {', '.join(covered)} ({stamp})"
+    plot_chart(chart, rows, title)
+    files = [md, table, chart]
+    long_context = folder / "leaderboard-long_context.png"
+    if plot_long_context(long_context, rows, f"needle-in-a-haystack probes by length: {title}"):
+        files.append(long_context)
+    run_id = _log_run(uri, stamp, covered, rows, files)
+    return Leaderboard(
+        rows, cols, covered, folder, md, table, chart, run_id, long_context if long_context.exists() else None
+    )

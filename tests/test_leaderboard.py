@@ -178,6 +178,7 @@ def test_leaderboard_runs_are_logged_with_the_files_and_never_ranked(in_store_di
     assert run.data.tags["leaderboard.experiments"] == "alpha,sweep"
     names = {Path(a.path).name for a in client.list_artifacts(second.run_id)}
     assert names == {"leaderboard.md", "leaderboard.csv", "leaderboard.png"}
+    assert second.long_context_chart is None  # no run has long-context scores
 
 
 def test_a_trained_run_is_ranked_with_its_summary_and_eval_figures(trained_run, trained_summary, tmp_path, monkeypatch):
@@ -369,3 +370,21 @@ def test_the_printed_table_keeps_the_pooled_long_context_and_the_main_continual_
     assert is_score("eval/piqa/acc") and not is_score("eval/piqa/acc_stderr")
     assert is_score("eval/continual/class_il/forgetting") and is_score("eval/continual/ttl/average")
     assert not is_score("eval/continual/frozen/backward_transfer") and not is_score("eval/continual/ttl/corpus_ppl_end")
+
+
+def test_runs_with_long_context_scores_get_an_accuracy_by_length_chart(tmp_path, monkeypatch):
+    """A second PNG, logged with the table, plots the pooled top-1 and exact match by context length of the runs that
+    have them; a store without such scores gets no such chart (the other tests: three files)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = _client(uri)
+    scores = {
+        f"eval/long_context/all/{m}_len{n}": 0.5 / i for i, n in enumerate((64, 128, 256), 1) for m in ("exact", "top1")
+    }
+    _add_run(client, "memory", "hope-run", {**_summary(3.0, 100.0), **scores}, family="hope")
+    _add_run(client, "memory", "plain-run", _summary(4.0, 900.0))
+    board = build_leaderboard(out=tmp_path / "lb", tracking_uri=uri)
+    assert board.long_context_chart == tmp_path / "lb" / "leaderboard-long_context.png"
+    assert board.long_context_chart.read_bytes().startswith(PNG_MAGIC)
+    names = {Path(a.path).name for a in client.list_artifacts(board.run_id)}
+    assert "leaderboard-long_context.png" in names
