@@ -35,6 +35,7 @@ class ProbeScore:
     rank: int  # of the true answer among the candidates by log-likelihood (1 = most likely)
     candidates: int
     generated: str
+    finite: bool = True  # every candidate's log-likelihood is a number (False: the model's state blew up)
 
 
 def clone_state(state):
@@ -116,15 +117,21 @@ def score_probe(model: nn.Module, probe: Probe, decode, slack: int = 2) -> Probe
             generated = decode(reader.greedy(n_answer))
     finally:
         model.train(was_training)
-    rank = 1 + sum(s > scores[0] for s in scores[1:])
+    finite = all(math.isfinite(s) for s in scores)
+    # A NaN compares False with everything, so it would rank first: a non-finite true answer ranks last, and a
+    # non-finite distractor counts as beating it (the model gets no credit from a state that blew up).
+    rank = (
+        1 + sum(not math.isfinite(s) or s > scores[0] for s in scores[1:]) if math.isfinite(scores[0]) else len(scores)
+    )
     exact = all(v in generated for v in probe.values)
-    return ProbeScore(probe.task, probe.length, probe.depth, probe.index, exact, rank, len(scores), generated)
+    return ProbeScore(probe.task, probe.length, probe.depth, probe.index, exact, rank, len(scores), generated, finite)
 
 
 def summarize(scores: Sequence[ProbeScore], trained_length: int) -> dict[str, float]:
     """Metrics for MLflow: exact match, top-1 rank accuracy and mean reciprocal rank per task and per length
     (``eval/long_context/<task>/top1_len512``) and within and beyond the trained length (``.../top1_within``,
-    ``top1_beyond``); ``all`` pools the tasks. Accuracies in [0, 1]."""
+    ``top1_beyond``); ``all`` pools the tasks. Accuracies in [0, 1]. ``all/nonfinite_<where>``: the share of probes
+    with a non-finite log-likelihood (scored as wrong)."""
     groups: dict[tuple[str, ...], list[ProbeScore]] = defaultdict(list)
     for s in scores:
         where = "within" if s.length <= trained_length else "beyond"
@@ -136,6 +143,8 @@ def summarize(scores: Sequence[ProbeScore], trained_length: int) -> dict[str, fl
         out[f"eval/long_context/{task}/exact_{where}"] = sum(s.exact for s in group) / len(group)
         out[f"eval/long_context/{task}/top1_{where}"] = sum(s.rank == 1 for s in group) / len(group)
         out[f"eval/long_context/{task}/mrr_{where}"] = sum(1 / s.rank for s in group) / len(group)
+        if task == "all" and where in ("within", "beyond"):
+            out[f"eval/long_context/all/nonfinite_{where}"] = sum(not s.finite for s in group) / len(group)
     return out
 
 

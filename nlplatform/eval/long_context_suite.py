@@ -160,11 +160,13 @@ def evaluate_long_context(
 
 
 def format_summary(metrics: dict[str, float]) -> str:
-    """Exact match and top-1 within and beyond the trained length, as a small markdown table."""
+    """Exact match and top-1 within and beyond the trained length, as a small markdown table; the share of probes with
+    non-finite log-likelihoods (scored as wrong) when there are any."""
     lines = ["| | within trained length | beyond |", "|---|---|---|"]
-    for metric in ("exact", "top1"):
+    for metric in ("exact", "top1", "nonfinite"):
         cells = [metrics.get(f"eval/long_context/all/{metric}_{where}") for where in ("within", "beyond")]
-        lines.append(f"| {metric} | " + " | ".join("-" if c is None else f"{100 * c:.1f}%" for c in cells) + " |")
+        if metric != "nonfinite" or any(cells):
+            lines.append(f"| {metric} | " + " | ".join("-" if c is None else f"{100 * c:.1f}%" for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,14 @@ from torch import nn
 
 from nlplatform.config import load_recipe
 from nlplatform.data.tokenizer import Tokenizer
-from nlplatform.eval.long_context import _Reader, accuracy_grid, loss_by_position, position_bins, score_probe, summarize
+from nlplatform.eval.long_context import (
+    PromptReader,
+    accuracy_grid,
+    loss_by_position,
+    position_bins,
+    score_probe,
+    summarize,
+)
 from nlplatform.eval.probes import TASKS, ProbeBuilder, build_probes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +88,29 @@ def test_a_model_blind_to_the_context_scores_chance():
     )
 
 
+class BlownUp(nn.Module):
+    """A model whose state overflowed: every logit NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.full((*ids.shape, TOK.vocab_size), float("nan"))
+
+
+def test_non_finite_log_likelihoods_rank_last_and_are_counted():
+    """NaN compares False with everything, so a naive rank would put the true answer first: a model whose state blew
+    up must score no top-1 at all, and the summary says how many probes were affected."""
+    probes = build_probes(BUILDER, ["passkey"], lengths=[300, 700], depths=[0.5], per_cell=2, seed=1)
+    scores = [score_probe(BlownUp(), p, TOK.decode) for p in probes]
+    assert all(s.rank == s.candidates == 10 and not s.finite and not s.exact for s in scores)
+    metrics = summarize(scores, trained_length=512)
+    assert metrics["eval/long_context/all/top1_within"] == metrics["eval/long_context/all/top1_beyond"] == 0.0
+    assert metrics["eval/long_context/all/nonfinite_within"] == metrics["eval/long_context/all/nonfinite_beyond"] == 1
+    assert all(s.finite for s in [score_probe(CopyingOracle(p), p, TOK.decode) for p in probes])
+
+
 @pytest.mark.parametrize("family", ["transformer", "deltanet", "titans", "hope"])
 def test_reading_through_the_state_gives_the_log_likelihoods_of_a_full_forward(family):
     """KV cache / recurrent memory: the prompt read once and candidates continued from copies of the state score
@@ -105,7 +135,7 @@ def test_reading_through_the_state_gives_the_log_likelihoods_of_a_full_forward(f
             return self.inner(ids)
 
     with torch.no_grad():
-        fast, slow = _Reader(model, prompt, 8), _Reader(Plain(), prompt, 8)
+        fast, slow = PromptReader(model, prompt, 8), PromptReader(Plain(), prompt, 8)
         assert fast.incremental and not slow.incremental
         for candidate in candidates:
             assert fast.logprob(candidate) == pytest.approx(slow.logprob(candidate), abs=1e-4)
