@@ -163,23 +163,28 @@ def _mean(values: list[float] | None) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def loss_by_position(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+def loss_by_position(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, int]:
     """Mean next-token loss at every position of ``windows`` [N, T + 1] (token t predicted from tokens < t): how well
-    a model uses its context as it grows (spec §7.6). Returns [T]."""
+    a model uses its context as it grows (spec §7.6). Returns ([T], the number of windows left out because some of
+    their losses are not finite: a memory that blew up on a long window would otherwise turn the whole curve NaN)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    kept = 0
     try:
         with torch.no_grad():  # not inference mode: Titans and HOPE take inner gradient steps
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(batch[:, :-1]).float()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-                total += nll.sum(0).double().cpu()
+                finite = torch.isfinite(nll).all(-1)
+                total += nll[finite].sum(0).double().cpu()
+                kept += int(finite.sum())
     finally:
         model.train(was_training)
-    return (total / windows.shape[0]).float()
+    losses = (total / kept).float() if kept else torch.full_like(total, math.nan, dtype=torch.float32)
+    return losses, windows.shape[0] - kept
 
 
 def position_bins(losses: torch.Tensor, bins: int = 12) -> list[dict[str, float]]:

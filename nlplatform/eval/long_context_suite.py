@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,12 @@ def evaluate_long_context(
     longest = max(lengths)
     starts = torch.linspace(0, len(filler) - longest - 1, POSITION_WINDOWS).long().tolist()
     windows = torch.tensor([filler[s : s + longest + 1] for s in starts])
-    losses = loss_by_position(loaded.model, windows, batch_size=1)
+    losses, blown = loss_by_position(loaded.model, windows, batch_size=1)
+    if blown:
+        print(f"warning: {blown} of {len(starts)} held-out windows of {longest:,} tokens gave non-finite losses (the "
+              "model's state blew up); the loss by position leaves them out", file=sys.stderr)  # fmt: skip
     metrics = summarize(scores, trained)
+    metrics["eval/long_context/nonfinite_windows"] = float(blown)
     metrics["eval/long_context/loss_within"] = float(losses[:trained].mean())
     if longest > trained:
         metrics["eval/long_context/loss_beyond"] = float(losses[trained:].mean())

@@ -109,6 +109,8 @@ def test_non_finite_log_likelihoods_rank_last_and_are_counted():
     assert metrics["eval/long_context/all/top1_within"] == metrics["eval/long_context/all/top1_beyond"] == 0.0
     assert metrics["eval/long_context/all/nonfinite_within"] == metrics["eval/long_context/all/nonfinite_beyond"] == 1
     assert all(s.finite for s in [score_probe(CopyingOracle(p), p, TOK.decode) for p in probes])
+    losses, blown = loss_by_position(BlownUp(), torch.randint(0, 257, (3, 41)))
+    assert blown == 3 and losses.shape == (40,) and losses.isnan().all()
 
 
 @pytest.mark.parametrize("family", ["transformer", "deltanet", "titans", "hope"])
@@ -149,7 +151,8 @@ def test_accuracy_grid_and_position_bins_cover_their_inputs():
     scores = [score_probe(CopyingOracle(p), p, TOK.decode) for p in probes]
     lengths, depths, grid = accuracy_grid(scores)
     assert lengths == [300, 600] and depths == [0.0, 1.0] and grid == [[1.0, 1.0], [1.0, 1.0]]
-    losses = loss_by_position(ContextBlind(), torch.randint(0, 257, (3, 101)), batch_size=2)
+    losses, blown = loss_by_position(ContextBlind(), torch.randint(0, 257, (3, 101)), batch_size=2)
+    assert blown == 0
     bins = position_bins(losses, bins=5)
     assert losses.shape == (100,) and bins[0]["start"] == 0 and bins[-1]["end"] == 100
     assert all(a["end"] == b["start"] for a, b in zip(bins, bins[1:]))
