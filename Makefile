@@ -95,6 +95,9 @@ bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/res
 bench-kernels: $(STAMP) ## time the delta-rule op (Triton, reference) against fla and SDPA, fwd and fwd+bwd (ARGS="--repeats 20 ...")
 	$(PY) bench/bench_kernels.py $(ARGS)
 
+bench-train: $(STAMP) ## tokens/s, peak memory, MFU of a training step per family (GPU: 340m, T=2K/4K/8K, bf16; resumable; ARGS=...)
+	$(PY) bench/bench_train_step.py $(ARGS)
+
 clean: ## remove run outputs, caches and the tracking database (keeps .venv)
 	rm -rf runs mlruns mlruns.db sweeps.db mlartifacts .cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

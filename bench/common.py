@@ -76,14 +76,17 @@ def median_cuda_event_seconds(step: Callable[[], object], iters: int, warmup: in
     return statistics.median(times)
 
 
-def write_results(name: str, label: str, meta: dict, rows: list[dict], table: list[str], note: str = "") -> Path:
-    """``results/<name>-<label>.json`` (meta + rows) and ``.md`` (a header line, the table, the note)."""
-    RESULTS.mkdir(exist_ok=True)
+def write_results(
+    name: str, label: str, meta: dict, rows: list[dict], table: list[str], note: str = "", folder: Path = RESULTS
+) -> Path:
+    """``<folder>/<name>-<label>.json`` (meta + rows) and ``.md`` (a header line, the table, the note); the folder is
+    ``bench/results`` unless given."""
+    folder.mkdir(parents=True, exist_ok=True)
     tag = label.replace(" ", "_")
     meta = {"device": label, "torch": torch.__version__, "platform": platform.platform(), **meta}
-    path = RESULTS / f"{name}-{tag}.json"
+    path = folder / f"{name}-{tag}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     body = f"Device: {label}, torch {torch.__version__}\n\n" + "\n".join(table) + "\n"
-    (RESULTS / f"{name}-{tag}.md").write_text(body + (f"\n{note}\n" if note else ""))
+    (folder / f"{name}-{tag}.md").write_text(body + (f"\n{note}\n" if note else ""))
     print(f"results: {path}")
     return path

@@ -1,0 +1,50 @@
+"""`make bench-train` (bench/bench_train_step.py): cases in priority order, each written as soon as it is measured,
+and a second call runs only the cases the results file lacks. Run in process (the script's ``main``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling `common`
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH / "bench_train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(bench, out: Path, families: str) -> dict:
+    assert bench.main(["--preset", "tiny", "--families", families, "--seq-lens", "32,64", "--tokens-per-step", "64",
+                       "--steps", "1", "--out", str(out)]) == 0  # fmt: skip
+    (path,) = out.glob("train_step-tiny-*.json")
+    return json.loads(path.read_text())
+
+
+def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
+    first = _run(bench, tmp_path, "deltanet,transformer")
+    # the middle length first, Transformer++ before the others; batch keeps tokens per step at 64
+    assert [(r["family"], r["seq_len"], r["batch"]) for r in first["rows"]] == [
+        ("transformer", 64, 1), ("deltanet", 64, 1), ("transformer", 32, 2), ("deltanet", 32, 2)
+    ]  # fmt: skip
+    assert all(r["tokens_per_sec"] > 0 and r["peak_mem_gib"] > 0 and not r["compile"] for r in first["rows"])
+    assert first["rows"][0]["flops_per_token"] > 6 * 1e6 and first["rows"][1]["flops_per_token"] is None
+    assert first["meta"]["dtype"] == "fp32" and first["meta"]["device"].startswith("cpu-")
+
+    second = _run(bench, tmp_path, "deltanet,transformer,gated_deltanet")
+    assert second["rows"][:4] == first["rows"]  # measured cases are kept, not re-run
+    assert [(r["family"], r["seq_len"]) for r in second["rows"][4:]] == [("gated_deltanet", 64), ("gated_deltanet", 32)]
+    table = next(tmp_path.glob("train_step-tiny-*.md")).read_text()
+    assert table.count("| transformer | tiny |") == 2 and "| gated_deltanet | tiny |" in table
+
+
+def test_an_unknown_family_exits_2_naming_the_known_ones(bench, tmp_path, capsys):
+    assert bench.main(["--families", "transformer,mamba", "--out", str(tmp_path)]) == 2
+    assert "unknown families ['mamba']" in capsys.readouterr().err and not list(tmp_path.iterdir())
