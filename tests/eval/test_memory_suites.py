@@ -14,7 +14,7 @@ from tests.eval.test_data import needs_eval_data
 from tests.train.conftest import needs_corpus
 
 SMALL = {
-    "long_context": ["--lengths", "128,256", "--depths", "0.5", "--limit", "1", "--tasks", "passkey,niah_single_passkey"],
+    "long_context": ["--lengths", "128,192", "--depths", "0.5", "--limit", "1", "--tasks", "passkey,niah_single_passkey"],
     "continual": ["--domains", "encyclopedia,howto", "--class-tasks", "banking,travel", "--stage-steps", "1",
                   "--limit", "1", "--mode", "ttl"],
 }  # fmt: skip

@@ -11,16 +11,16 @@ FAMILIES = pytest.mark.parametrize("family", ["deltanet", "gated_deltanet"])
 
 @needs_corpus
 @FAMILIES
-def test_tiny_recipe_trains_50_steps_with_a_falling_loss(family_run, family):
-    """50 steps of the tiny recipe lower the training loss by more than 1 nat and beat the unigram baseline."""
+def test_tiny_recipe_trains_30_steps_with_a_falling_loss(family_run, family):
+    """30 steps of the tiny recipe lower the training loss by more than 1 nat and beat the unigram baseline."""
     from mlflow.tracking import MlflowClient
 
     _, uri, summary = family_run(family)
     history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(losses) >= 20
+    assert len(losses) >= 25
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
-    assert summary["steps"] == 50 and summary["val_ppl"] < summary["unigram_ppl"]
+    assert summary["steps"] == 30 and summary["val_ppl"] < summary["unigram_ppl"]
 
 
 @needs_corpus

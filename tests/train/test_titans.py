@@ -11,17 +11,17 @@ VARIANTS = pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal"])
 
 @needs_corpus
 @VARIANTS
-def test_tiny_variant_trains_50_steps_with_a_falling_loss(family_run, variant):
-    """50 steps of recipes/titans/tiny_<variant>.yaml lower the training loss by more than 1 nat and beat the unigram
+def test_tiny_variant_trains_30_steps_with_a_falling_loss(family_run, variant):
+    """30 steps of recipes/titans/tiny_<variant>.yaml lower the training loss by more than 1 nat and beat the unigram
     baseline on validation."""
     from mlflow.tracking import MlflowClient
 
     _, uri, summary = family_run("titans", f"tiny_{variant}")
     history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(losses) >= 20
+    assert len(losses) >= 25
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
-    assert summary["steps"] == 50 and summary["val_ppl"] < summary["unigram_ppl"]
+    assert summary["steps"] == 30 and summary["val_ppl"] < summary["unigram_ppl"]
 
 
 @needs_corpus
