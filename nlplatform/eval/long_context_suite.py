@@ -210,14 +210,18 @@ def plot_by_length(scores, path: Path, title: str, trained: int) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
     tasks = sorted({s.task for s in scores})
     for ax, metric, label in zip(axes, ("exact", "top1"), ("exact match", "top-1 by log-likelihood")):
-        for task in tasks:
+        for task in [*tasks, None]:  # None: every task pooled, the thick line (per task, a few probes per point)
             by_length: dict[int, list[float]] = {}
             for s in scores:
-                if s.task == task:
+                if task is None or s.task == task:
                     hit = s.exact if metric == "exact" else s.rank == 1
                     by_length.setdefault(s.length, []).append(float(hit))
             xs = sorted(by_length)
-            ax.plot(xs, [sum(by_length[x]) / len(by_length[x]) for x in xs], "o-", label=task, markersize=3)
+            ys = [sum(by_length[x]) / len(by_length[x]) for x in xs]
+            if task is None:
+                ax.plot(xs, ys, "o-", color="black", linewidth=2.5, markersize=5, label="all tasks")
+            else:
+                ax.plot(xs, ys, "o-", label=task, markersize=3, linewidth=1, alpha=0.6)
         if metric == "top1":
             chance = 1 / scores[0].candidates
             ax.axhline(chance, color="gray", linestyle=":", linewidth=1, label=f"chance ({chance:.0%})")
