@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import torch
 import torch.nn.functional as F
-from common import device_and_label, peak_mem_gib, wall_times, write_results
+from common import device_and_label, in_child, peak_mem_gib, wall_times, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from nlplatform import registry
@@ -175,21 +173,6 @@ def scale_row(learning: bool, *, n_layers: int, seq_len: int, steps: int, warmup
         "peak_mem_gib": peak,
     }
     return {**row, **fast_state_bytes(model, inputs, device)}
-
-
-def _child_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def in_child(fn, *args, threads: int, **kw) -> dict:
-    """``fn(*args, **kw)`` in a fresh spawned process; an exception or a killed child becomes an error entry."""
-    try:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_init, initargs=(threads,)) as pool:
-            return pool.submit(fn, *args, **kw).result()
-    except Exception as exc:  # out of memory, a crash, a killed child
-        text = str(exc).strip()
-        return {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
 
 
 def _gib(b: int) -> str:

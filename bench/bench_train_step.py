@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, device_and_label, median_seconds, peak_mem_gib, write_results
+from common import RESULTS, device_and_label, in_child, median_seconds, peak_mem_gib, write_results
 
 from nlplatform import registry
 
@@ -104,9 +104,9 @@ def table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("oom"):
+        if r.get("oom") or r.get("error"):
             lines.append(f"| {r['family']} | {r['preset']} | | {r['seq_len']}x{r['batch']} | {r['compile']} | "
-                         "out of memory | | | |")  # fmt: skip
+                         f"{r.get('error', 'out of memory')} | | | |")  # fmt: skip
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         lines.append(
@@ -118,7 +118,9 @@ def table(rows: list[dict]) -> list[str]:
 
 def ratio_note(rows: list[dict]) -> str:
     """HOPE's tokens/s as a share of Transformer++'s at each length (eager): the platform's speed goal is >= 50%."""
-    fast = {(r["family"], r["seq_len"]): r["tokens_per_sec"] for r in rows if not r.get("oom") and not r["compile"]}
+    fast = {
+        (r["family"], r["seq_len"]): r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r and not r["compile"]
+    }
     parts = [f"T={t}: {fast['hope', t] / fast['transformer', t]:.0%}" for (f, t) in sorted(fast)
              if f == "transformer" and ("hope", t) in fast]  # fmt: skip
     return "HOPE / Transformer++ tokens/s (eager): " + ", ".join(parts) if parts else ""
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--fresh", action="store_true", help="ignore the cases already in the results file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: run the cases in this process (their peak memory is then a running high-water mark)")  # fmt: skip
     args = parser.parse_args(argv)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -159,19 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         row = {"family": family, "preset": args.preset, "seq_len": seq_len, "batch": batch, "compile": compiled}
         if case_key(row) in done:
             continue
+        case = f"{family:>16} T={seq_len:<5} x{batch:<3} compile={compiled!s:<5}"
+        kwargs = dict(seq_len=seq_len, batch=batch, steps=args.steps, vocab=args.vocab, device=device,
+                      compile_model=compiled)  # fmt: skip
         try:
-            row |= bench_one(family, args.preset, seq_len=seq_len, batch=batch, steps=args.steps, vocab=args.vocab,
-                             device=device, compile_model=compiled)  # fmt: skip
-            if peak is not None and row["flops_per_token"] is not None:
-                row["mfu"] = row["tokens_per_sec"] * row["flops_per_token"] / (peak * 1e12)
-            print(f"{family:>16} T={seq_len:<5} x{batch:<3} compile={compiled!s:<5}: "
-                  f"{row['tokens_per_sec']:>10,.0f} tokens/s  {row['peak_mem_gib']:6.2f} GiB")  # fmt: skip
+            if gpu or args.in_process:
+                row |= bench_one(family, args.preset, **kwargs)
+            else:  # a fresh process per case, so each peak resident set is the case's own
+                row |= in_child(bench_one, family, args.preset, threads=torch.get_num_threads(), **kwargs)
         except torch.cuda.OutOfMemoryError:
             row["oom"] = True
-            print(f"{family:>16} T={seq_len:<5} x{batch:<3} compile={compiled!s:<5}: out of memory")
         finally:
             if gpu:
                 torch.cuda.empty_cache()
+        if row.get("oom") or row.get("error"):
+            print(f"{case}: {row.get('error', 'out of memory')}")
+        else:
+            if peak is not None and row["flops_per_token"] is not None:
+                row["mfu"] = row["tokens_per_sec"] * row["flops_per_token"] / (peak * 1e12)
+            print(f"{case}: {row['tokens_per_sec']:>10,.0f} tokens/s  {row['peak_mem_gib']:6.2f} GiB")
         rows.append(row)
         meta = {"preset": args.preset, "tokens_per_step": args.tokens_per_step, "peak_bf16_tflops": peak,
                 "dtype": "bf16 autocast" if gpu else "fp32"}  # fmt: skip

@@ -8,6 +8,8 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -74,6 +76,21 @@ def median_cuda_event_seconds(step: Callable[[], object], iters: int, warmup: in
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)  # elapsed_time is in milliseconds
     return statistics.median(times)
+
+
+def _child_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def in_child(fn, *args, threads: int, **kw) -> dict:
+    """``fn(*args, **kw)`` in a fresh spawned process; an exception or a killed child becomes an error entry."""
+    try:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_init, initargs=(threads,)) as pool:
+            return pool.submit(fn, *args, **kw).result()
+    except Exception as exc:  # out of memory, a crash, a killed child
+        text = str(exc).strip()
+        return {"error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
 
 
 def write_results(

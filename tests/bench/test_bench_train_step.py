@@ -23,7 +23,7 @@ def bench(monkeypatch):
 
 def _run(bench, out: Path, families: str) -> dict:
     assert bench.main(["--preset", "tiny", "--families", families, "--seq-lens", "32,64", "--tokens-per-step", "64",
-                       "--steps", "1", "--out", str(out)]) == 0  # fmt: skip
+                       "--steps", "1", "--out", str(out), "--in-process"]) == 0  # fmt: skip
     (path,) = out.glob("train_step-tiny-*.json")
     return json.loads(path.read_text())
 
