@@ -140,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--fresh", action="store_true", help="ignore the cases already in the results file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="CPU: run the cases in this process (their peak memory is then a running high-water mark)")  # fmt: skip
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: run the cases in this process (peak memory then a running high-water mark)",
+    )
     args = parser.parse_args(argv)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]

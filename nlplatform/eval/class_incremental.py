@@ -80,8 +80,9 @@ def accuracy(scores: Sequence[dict[str, float]], examples: Sequence[Example], am
 
 def run_class_incremental(model, tokenizer, tasks: Sequence[str], finetune, *, train_per_label: int,
                           test_per_label: int, seq_len: int, seed: int, progress=None) -> dict:  # fmt: skip
-    """The protocol above on ``model`` (changed in place). ``finetune(model, tokens, targets, seed)`` runs one stage on a
-    token stream, the loss on the ``targets`` tokens. Returns the report section: tasks, labels, the matrices, chance levels, scores per setting."""
+    """The protocol above on ``model`` (changed in place). ``finetune(model, tokens, targets, seed)`` runs one stage
+    on a token stream, the loss on the ``targets`` tokens. Returns the report section: tasks, labels, the matrices,
+    chance levels, scores per setting."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown intent task(s) {unknown}")
