@@ -7,6 +7,8 @@ truth) and the chunkwise form it runs. The math is in README.md beside this file
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
@@ -30,7 +32,8 @@ __all__ = [
     "titans_memory",
 ]
 
-AVAILABLE_BACKENDS = ("reference",)
+# The Triton kernels (autograd.py and chunk_kernels.py) load on first use, so that CPU runs never import triton.
+AVAILABLE_BACKENDS = ("reference", "triton") if importlib.util.find_spec("triton") else ("reference",)
 
 
 def _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max_grad_norm) -> None:
@@ -87,13 +90,24 @@ def titans_memory(
         activation: the MLP memory's non-linearity between layers (``"gelu"`` or ``"silu"``).
         max_grad_norm: clip each token's inner gradient (all layers together) to this Frobenius norm; None = plain
             gradient descent as in Titans. Clipping bounds every write, so with forgetting the memory stays bounded.
-        backend: ``"auto"`` or ``"reference"`` (a Triton kernel is a later step).
+        backend: ``"auto"`` (Triton on CUDA when the kernels take these inputs, the reference otherwise),
+            ``"triton"`` (depth 1 or 2, chunks of at most 64, fp32/fp16/bf16, K and V at most 128) or ``"reference"``.
 
     Returns:
         ``y`` ``[B, T, H, V]`` in v's dtype, and the state after the last token.
     """
     _check_inputs(q, k, v, theta, eta, alpha, state, chunk_size, activation, max_grad_norm)
-    resolve_backend("titans_memory", backend, q, AVAILABLE_BACKENDS)
+    if resolve_backend("titans_memory", backend, q, AVAILABLE_BACKENDS) == "triton":
+        from kernels.titans_memory import autograd
+
+        reason = autograd.unsupported(q, v, state, chunk_size)
+        if reason is None:
+            return autograd.triton_titans_memory(
+                q, k, v, theta, eta, alpha, state,
+                chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
+            )  # fmt: skip
+        if backend == "triton":
+            raise ValueError(f"titans_memory: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_titans_memory(
         q, k, v, theta, eta, alpha, state,
         chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,

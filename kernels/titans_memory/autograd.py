@@ -1,0 +1,173 @@
+"""The Triton backend of ``titans_memory``: the gate coefficients in PyTorch, the chunk loop in Triton, joined by one
+autograd Function.
+
+The coefficients of a chunk (README, "The chunkwise form": c = beta, d = D_beta E, Gamma = D_beta D_eta diag(theta),
+and the state update's rows g = Gamma[last], h = theta * E_last / E_s, c_end, d_end, e_end) depend only on the gates,
+not on the memory, so they are computed for every chunk at once, in PyTorch, and autograd takes their gradients back
+to theta, eta and alpha. What depends on the memory, the gradient factors at each chunk's start weights, the read
+and the state update, runs in ``chunk_kernels``: one program per (batch, head), chunk after chunk.
+
+The forward keeps every chunk-start state (float32) for the backward, as the reference's autograd graph does; the
+backward walks the chunks in reverse, recomputing each chunk's factors and read from its start state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.titans_memory.chunk_kernels import titans_memory_bwd_kernel, titans_memory_fwd_kernel
+from kernels.titans_memory.reference import MemoryState, _segment_products
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_CHUNK = 64  # the [C, C] score and coefficient tiles live in registers
+MAX_HEAD_DIM = 128  # K and V are one register tile each (the hidden width D is tiled: any D)
+DEPTHS = (1, 2)
+
+
+def unsupported(q: torch.Tensor, v: torch.Tensor, state: MemoryState, chunk_size: int) -> str | None:
+    """Why the Triton backend cannot run these inputs, or None when it can."""
+    if len(state.weights) not in DEPTHS:
+        return f"a depth-{len(state.weights)} memory (the kernels take depths 1 and 2)"
+    if chunk_size > MAX_CHUNK:
+        return f"chunk_size={chunk_size} (the kernels take chunks of at most {MAX_CHUNK} tokens)"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (the kernels take float32, float16 or bfloat16)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} (at most {MAX_HEAD_DIM})"
+    return None
+
+
+def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
+    """Per chunk, padded to ``block`` rows: c, d, g, h [B, H, NC, block], Gamma [B, H, NC, block, block] and the
+    end coefficients (c_end, d_end, e_end) [B, H, NC, 3], float32 and differentiable. Padded tokens have keep = eta = 1
+    and theta = 0, so they add nothing to the rows of real tokens; the end row is the chunk's last real token."""
+    B, T, H = theta.shape
+    NC = triton.cdiv(T, chunk_size)
+
+    def chunked(x: torch.Tensor, pad: float) -> torch.Tensor:  # [B, T, H] -> [B, H, NC, block]
+        x = F.pad(x.float().transpose(1, 2), (0, NC * chunk_size - T), value=pad)
+        return F.pad(x.reshape(B, H, NC, chunk_size), (0, block - chunk_size), value=pad)
+
+    keep, e, th = chunked(1 - alpha, 1.0), chunked(eta, 1.0), chunked(theta, 0.0)
+    d_beta, d_eta = _segment_products(keep), _segment_products(e)
+    c, big_e = keep.cumprod(-1), e.cumprod(-1)
+    d = (d_beta @ big_e[..., None]).squeeze(-1)
+    gamma = (d_beta @ d_eta) * th[..., None, :]
+    chunks = torch.arange(NC, device=theta.device)
+    last = torch.full((NC,), chunk_size - 1, device=theta.device)
+    last[-1] = T - 1 - (NC - 1) * chunk_size
+    g, h = gamma[:, :, chunks, last], d_eta[:, :, chunks, last] * th
+    ends = torch.stack([c[:, :, chunks, last], d[:, :, chunks, last], big_e[:, :, chunks, last]], dim=-1)
+    return c, d, g, h, gamma, ends
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # The kernels multiply float32 tiles (the state is float32). TF32 rounds to 10 mantissa bits: finer than bf16/fp16
+    # inputs carry; float32 inputs get it only when torch's own matmuls may use it.
+    if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+class _Shape:
+    """Tile sizes of one call: chunk block BC, key/value tiles BK/BV, the last layer's input width D_IN tiled by BD."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, depth: int, hidden: int, chunk_size: int):
+        self.B, self.T, self.H, self.K = q.shape
+        self.V, self.depth = v.shape[-1], depth
+        self.D = hidden if depth == 2 else self.K
+        self.D_IN = self.D  # the last layer's input: the hidden layer (depth 2) or the key (depth 1)
+        self.C, self.NC = chunk_size, triton.cdiv(self.T, chunk_size)
+        self.BC = max(16, triton.next_power_of_2(chunk_size))
+        self.BK, self.BV = max(16, triton.next_power_of_2(self.K)), max(16, triton.next_power_of_2(self.V))
+        self.BD = min(64, max(16, triton.next_power_of_2(self.D_IN)))
+        self.DP = triton.cdiv(self.D_IN, self.BD) * self.BD
+
+    def launch(self, kernel, *args, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> None:
+        kernel[(self.B * self.H,)](
+            *args, self.T, self.NC, max_grad_norm or 1.0,
+            H=self.H, K=self.K, V=self.V, D=self.D, D_IN=self.D_IN, DP=self.DP, C=self.C,
+            BC=self.BC, BK=self.BK, BV=self.BV, BD=self.BD, DEPTH=self.depth, ACT=activation,
+            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype),
+            num_warps=8 if self.BC >= 64 else 4, num_stages=1,
+        )  # fmt: skip
+
+
+def _by_layer(tensors: list, depth: int, dummy: torch.Tensor) -> list:
+    """Per-layer tensors (W_1..W_L, S_1..S_L) as the kernels' (W1, S1, W2, S2); depth 1 has no first layer."""
+    if depth == 2:
+        return [tensors[0], tensors[2], tensors[1], tensors[3]]
+    return [dummy, dummy, tensors[0], tensors[1]]
+
+
+def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation, max_grad_norm):
+    """Returns y and the chunk-start states: per layer [B, H, NC + 1, d_in, d_out] float32, slot NC the final one."""
+    L = len(weights)
+    s = _Shape(q, v, L, weights[0].shape[-1], chunk_size)
+    states = []
+    for x in (*weights, *momentum):
+        buf = x.new_empty(s.B, s.H, s.NC + 1, *x.shape[2:], dtype=torch.float32)
+        buf[:, :, 0] = x
+        states.append(buf)
+    dummy = q.new_empty(1, dtype=torch.float32)
+    y = torch.empty_like(v)
+    sc = q.new_empty(s.B * s.H * 2 * s.BC * s.DP if L == 2 else 1, dtype=torch.float32)
+    s.launch(titans_memory_fwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), y, sc,
+             activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype)  # fmt: skip
+    return y, states
+
+
+def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activation, max_grad_norm):
+    """Gradients of (q, k, v), of the coefficients, and of the initial weights and momenta (float32)."""
+    L = len(states) // 2
+    s = _Shape(q, v, L, states[0].shape[-1], chunk_size)
+    # the gradient w.r.t. the state after the last chunk, rewritten chunk by chunk into the one before the first
+    grads = []
+    for g, buf in zip(d_final, states):
+        grad = buf.new_zeros(buf.shape[:2] + buf.shape[3:])
+        grads.append(grad.copy_(g) if g is not None else grad)
+    dummy = q.new_empty(1, dtype=torch.float32)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
+    dcoefs = [torch.empty_like(x) for x in coefs]
+    sc = q.new_empty(s.B * s.H * 5 * s.BC * s.DP, dtype=torch.float32)
+    s.launch(titans_memory_bwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), dy, *_by_layer(grads, L, dummy),
+             dq, dk, dv, *dcoefs, sc, activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype)  # fmt: skip
+    return dq, dk, dv, dcoefs, grads
+
+
+class TitansMemoryFunction(torch.autograd.Function):
+    """(q, k, v, c, d, g, h, Gamma, ends, W_1..W_L, S_1..S_L) -> (y, W'_1..W'_L, S'_1..S'_L)."""
+
+    @staticmethod
+    def forward(ctx, chunk_size, activation, max_grad_norm, q, k, v, *rest):
+        coefs, state = [x.contiguous() for x in rest[:6]], rest[6:]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        L = len(state) // 2
+        y, states = titans_memory_fwd(q, k, v, coefs, state[:L], state[L:], chunk_size, activation, max_grad_norm)
+        ctx.save_for_backward(q, k, v, *coefs, *states)
+        ctx.settings = (chunk_size, activation, max_grad_norm)
+        ctx.state_dtypes = [x.dtype for x in state]
+        return (y, *(buf[:, :, -1].clone() for buf in states))
+
+    @staticmethod
+    def backward(ctx, dy, *d_final):
+        q, k, v, *rest = ctx.saved_tensors
+        dq, dk, dv, dcoefs, dstate = titans_memory_bwd(
+            q, k, v, rest[:6], rest[6:], dy.contiguous(), d_final, *ctx.settings
+        )  # fmt: skip
+        dstate = [g.to(dt) for g, dt in zip(dstate, ctx.state_dtypes)]
+        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoefs, *dstate)
+
+
+@torch.compiler.disable
+def triton_titans_memory(q, k, v, theta, eta, alpha, state: MemoryState, *, chunk_size, activation, max_grad_norm):
+    """The Triton backend, with the reference backend's contract (y in v's dtype, the state in float32)."""
+    block = max(16, triton.next_power_of_2(chunk_size))
+    coefs = chunk_coefficients(theta, eta, alpha, chunk_size, block)
+    L = len(state.weights)
+    y, *final = TitansMemoryFunction.apply(
+        chunk_size, activation, max_grad_norm, q, k, v, *coefs, *state.weights, *state.momentum
+    )
+    return y, MemoryState(tuple(final[:L]), tuple(final[L:]))
