@@ -23,6 +23,9 @@ from kernels.titans_memory.reference import MemoryState, _segment_products
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHUNK = 64  # the [C, C] score and coefficient tiles live in registers
 MAX_HEAD_DIM = 128  # K and V are one register tile each (the hidden width D is tiled: any D)
+# float32 inputs multiply float32 tiles, twice the shared memory of half ones: a [C, K] tile of more than 4096 entries
+# (chunk 64 with K or V above 64) takes the backward past an H100's 227 KiB (bench/kernel_build.py measures it)
+MAX_FP32_TILE = 4096
 DEPTHS = (1, 2)
 
 
@@ -34,9 +37,21 @@ def unsupported(q: torch.Tensor, v: torch.Tensor, state: MemoryState, chunk_size
         return f"chunk_size={chunk_size} (the kernels take chunks of at most {MAX_CHUNK} tokens)"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (the kernels take float32, float16 or bfloat16)"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+    width = max(q.shape[-1], v.shape[-1])
+    if width > MAX_HEAD_DIM:
         return f"head dims K={q.shape[-1]}, V={v.shape[-1]} (at most {MAX_HEAD_DIM})"
+    if q.dtype == torch.float32 and _block(chunk_size) * _block(width) > MAX_FP32_TILE:
+        return (
+            f"float32 inputs at chunk_size={chunk_size} with head dim {width} (float32 tiles of more than "
+            f"{MAX_FP32_TILE} entries exceed the GPU's shared memory: use bf16 inputs or a chunk of at most "
+            f"{MAX_FP32_TILE // _block(width)})"
+        )
     return None
+
+
+def _block(n: int) -> int:
+    """A tile edge: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
@@ -64,11 +79,11 @@ def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # The kernels multiply float32 tiles (the state is float32). TF32 rounds to 10 mantissa bits: finer than bf16/fp16
-    # inputs carry; float32 inputs get it only when torch's own matmuls may use it.
-    if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """How the kernels multiply their float32 tiles: rounded to the inputs' half type for bf16/fp16 inputs (tensor
+    cores, as the delta-rule kernels do), TF32 for float32 inputs only when torch's own matmuls may use it."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 class _Shape:
@@ -80,9 +95,9 @@ class _Shape:
         self.D = hidden if depth == 2 else self.K
         self.D_IN = self.D  # the last layer's input: the hidden layer (depth 2) or the key (depth 1)
         self.C, self.NC = chunk_size, triton.cdiv(self.T, chunk_size)
-        self.BC = max(16, triton.next_power_of_2(chunk_size))
-        self.BK, self.BV = max(16, triton.next_power_of_2(self.K)), max(16, triton.next_power_of_2(self.V))
-        self.BD = min(64, max(16, triton.next_power_of_2(self.D_IN)))
+        self.BC = _block(chunk_size)
+        self.BK, self.BV = _block(self.K), _block(self.V)
+        self.BD = min(32, _block(self.D_IN))  # 32: the backward's shared memory at chunk 64, K = 128
         self.DP = triton.cdiv(self.D_IN, self.BD) * self.BD
 
     def launch(self, kernel, *args, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> None:
@@ -164,8 +179,7 @@ class TitansMemoryFunction(torch.autograd.Function):
 @torch.compiler.disable
 def triton_titans_memory(q, k, v, theta, eta, alpha, state: MemoryState, *, chunk_size, activation, max_grad_norm):
     """The Triton backend, with the reference backend's contract (y in v's dtype, the state in float32)."""
-    block = max(16, triton.next_power_of_2(chunk_size))
-    coefs = chunk_coefficients(theta, eta, alpha, chunk_size, block)
+    coefs = chunk_coefficients(theta, eta, alpha, chunk_size, _block(chunk_size))
     L = len(state.weights)
     y, *final = TitansMemoryFunction.apply(
         chunk_size, activation, max_grad_norm, q, k, v, *coefs, *state.weights, *state.momentum

@@ -27,8 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -59,8 +59,15 @@ def _phi_second(z, ACT: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
-
+    """a @ b with float32 accumulation. PREC "bf16" / "fp16" multiplies roundings of the float32 tiles to the inputs'
+    half type (tensor cores, half the shared memory; the state itself stays float32); "ieee" and "tf32" multiply the
+    float32 tiles."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -200,7 +207,15 @@ def titans_memory_fwd_kernel(
             b_xs += _dot(b_x, b_s2, PREC)
             b_p2 += _dot(b_x, tl.trans(b_a), PREC)
             b_at = tl.trans(b_a)
-            _st(W2 + D_IN * V, o_t, o_v, V, m_t, m_v, c_end * b_w2 + d_end * b_s2 - _dot(b_at, b_g[:, None] * b_d2, PREC))
+            _st(
+                W2 + D_IN * V,
+                o_t,
+                o_v,
+                V,
+                m_t,
+                m_v,
+                c_end * b_w2 + d_end * b_s2 - _dot(b_at, b_g[:, None] * b_d2, PREC),
+            )
             _st(S2 + D_IN * V, o_t, o_v, V, m_t, m_v, e_end * b_s2 - _dot(b_at, b_h[:, None] * b_d2, PREC))
         b_m2 = tl.where(m_causal, b_gam * b_p2, 0.0)
         b_y = b_c[:, None] * b_xw + b_cd[:, None] * b_xs - _dot(b_m2, b_d2, PREC)
@@ -262,8 +277,11 @@ def titans_memory_bwd_kernel(
             m_t = o_t < D_IN
             if DEPTH == 2:
                 b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None]
-                b_z1 = (b_c[:, None] * _dot(b_q, _ld(W1, o_k, o_t, D, m_k, m_t), PREC)
-                        + b_cd[:, None] * _dot(b_q, _ld(S1, o_k, o_t, D, m_k, m_t), PREC) - _dot(b_m1, b_d1, PREC))
+                b_z1 = (
+                    b_c[:, None] * _dot(b_q, _ld(W1, o_k, o_t, D, m_k, m_t), PREC)
+                    + b_cd[:, None] * _dot(b_q, _ld(S1, o_k, o_t, D, m_k, m_t), PREC)
+                    - _dot(b_m1, b_d1, PREC)
+                )
                 _st_sc(sc_zq, o_c, o_t, DP, b_z1)
                 b_x = _phi(b_z1, ACT)
                 b_a = _phi(_ld_sc(sc_z, o_c, o_t, DP), ACT)

@@ -187,8 +187,9 @@ class MemoryBranch(nn.Module):
         else:
             qkv, conv = self.conv(qkv, conv)
         q, k, v = qkv.view(B, T, 3, H, K).unbind(2)
-        q = F.normalize(q, dim=-1, eps=1e-6)
-        k = F.normalize(k, dim=-1, eps=1e-6)
+        # CUDA autocast computes the norm in fp32, which would promote q and k: keep them in the projection's dtype
+        q = F.normalize(q, dim=-1, eps=1e-6).to(qkv.dtype)
+        k = F.normalize(k, dim=-1, eps=1e-6).to(qkv.dtype)
         acc = torch.promote_types(x.dtype, torch.float32)
         theta, eta, alpha = torch.sigmoid(self.gates(x).to(acc)).view(B, T, 3, H).unbind(2)
         memory = self.fresh_memory(B, x.dtype) if memory is None else memory
