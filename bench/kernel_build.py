@@ -1,11 +1,12 @@
-"""Build every delta-rule Triton kernel for an H100 (sm_90) on a machine without a GPU, and report its resources.
+"""Build every Triton kernel (delta rule, Titans memory) for an H100 (sm_90) without a GPU, and report its resources.
 
     python bench/kernel_build.py [--quick]
 
 Triton compiles ahead of time for a named target with its bundled ptxas, so this checks that the kernels lower to
 GPU code (the CPU interpreter does not) and reads, per kernel, the registers per thread, the bytes spilled to the
-stack and the shared memory, at the launch settings the host functions use (tiles from ``kernels/delta_rule/tiling``).
-Registers at 255 with a stack means spills: the first thing to look at when a kernel is slow. Writes
+stack and the shared memory, at the launch settings the host functions use (tiles from ``kernels/delta_rule/tiling``
+and ``kernels.titans_memory.autograd.LaunchShape``). Registers at 255 with a stack means spills: the first thing to
+look at when a kernel is slow. Shared memory above 227 KiB (232448 bytes) would not launch on an H100. Writes
 bench/results/kernel-build-sm90.json and .md; ``--quick`` builds one variant and writes nothing (for the tests).
 Must run without TRITON_INTERPRET (the interpreter replaces the compiler); the script refuses otherwise.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("kernel_build.py: unset TRITON_INTERPRET (the interpreter cannot build GPU code)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from common import write_results  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -35,12 +37,18 @@ from kernels.delta_rule.chunk_h import (  # noqa: E402
 from kernels.delta_rule.chunk_o import chunk_bwd_dqkwg_kernel, chunk_fwd_o_kernel  # noqa: E402
 from kernels.delta_rule.tiling import block, num_warps, state_block  # noqa: E402
 from kernels.delta_rule.wy_fast import prepare_wy_repr_bwd_kernel, prepare_wy_repr_fwd_kernel  # noqa: E402
+from kernels.titans_memory.autograd import LaunchShape  # noqa: E402
+from kernels.titans_memory.chunk_kernels import titans_memory_bwd_kernel, titans_memory_fwd_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # pointer arguments that are float32 whatever the input dtype (gates, their cumsum, T, gradients kept in fp32)
 FP32 = {"beta", "g", "gc", "A", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dbeta", "dgc", "dg"}
-SCALARS = {"T": "i32", "scale": "fp32"}
+SCALARS = {"T": "i32", "NC": "i32", "scale": "fp32", "max_grad_norm": "fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the Titans memory kernels' pointers in the input dtype; every other pointer (gate coefficients, states, scratch,
+# gradients other than dy) is float32
+TITANS_INPUT_DTYPE = {"q", "k", "v", "y", "dy"}
 
 
 def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
@@ -61,6 +69,18 @@ def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
         (chunk_bwd_dqkwg_kernel, chunk, w, 3, set(), none_g),
         (prepare_wy_repr_bwd_kernel, chunk, w, 3, {"dv"}, none_g),
     ]  # fmt: skip
+
+
+def titans_launches(dtype: str, chunk: int, K: int, hidden: int | None) -> list[tuple]:
+    """The Titans memory kernels as ``kernels.titans_memory.autograd`` launches them (H = 8, K = V, clipping on, gelu;
+    ``hidden=None`` is a depth-1 memory)."""
+    q = torch.empty(1, 4096, 8, K, device="meta")
+    shape = LaunchShape(q, q, 1 if hidden is None else 2, hidden or K, chunk)
+    settings = shape.settings("gelu", 1.0, TORCH_DTYPES[dtype])
+    warps, stages = settings.pop("num_warps"), settings.pop("num_stages")
+    fp32 = lambda kernel: set(kernel.arg_names) - TITANS_INPUT_DTYPE  # noqa: E731
+    return [(kernel, settings, warps, stages, fp32(kernel), set())
+            for kernel in (titans_memory_fwd_kernel, titans_memory_bwd_kernel)]  # fmt: skip
 
 
 def build(kernel, constexprs: dict, warps: int, stages: int, fp32_extra: set, none: set, dtype: str) -> dict:
@@ -94,38 +114,52 @@ def build(kernel, constexprs: dict, warps: int, stages: int, fp32_extra: set, no
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one variant (bf16, gated, BT 64, D 128); no files")
+    parser.add_argument("--quick", action="store_true", help="one variant of each op (bf16, the 340m shapes); no files")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, set to silence its warning
-    variants = [("bf16", 64, 128, True, True)]
+    # (op, dtype, chunk, launches, widths, variant)
+    variants = [("delta_rule", "bf16", 64, 128, True, True)]
+    memory = [("bf16", 64, 128, 512)]  # dtype, chunk, K = V, hidden (None: depth 1): the 340m Titans memory first
     if not args.quick:
-        variants += [("bf16", 64, 128, False, False), ("bf16", 64, 64, True, True), ("bf16", 32, 128, True, True),
-                     ("fp16", 64, 128, True, True), ("fp32", 64, 128, True, True)]  # fmt: skip
+        variants += [("delta_rule", "bf16", 64, 128, False, False), ("delta_rule", "bf16", 64, 64, True, True),
+                     ("delta_rule", "bf16", 32, 128, True, True), ("delta_rule", "fp16", 64, 128, True, True),
+                     ("delta_rule", "fp32", 64, 128, True, True)]  # fmt: skip
+        memory += [("bf16", 16, 128, 512), ("bf16", 64, 64, 256), ("bf16", 64, 128, None), ("fp16", 64, 128, 512),
+                   ("fp32", 32, 128, 512), ("fp32", 64, 64, 256)]  # fmt: skip
+    jobs = []
+    for _, dtype, BT, D, gated, state in variants:
+        variant = ("gated" if gated else "ungated") + (" + state" if state else "")
+        jobs += [("delta_rule", dtype, BT, f"K=V={D}", variant, launch) for launch in launches(BT, D, D, gated, state)]
+    for dtype, chunk, K, hidden in memory:
+        widths = f"K=V={K}" + (f" D={hidden}" if hidden else "")
+        variant = "depth 1" if hidden is None else "depth 2"
+        jobs += [
+            ("titans_memory", dtype, chunk, widths, variant, launch)
+            for launch in titans_launches(dtype, chunk, K, hidden)
+        ]
     rows = []
-    for dtype, BT, D, gated, state in variants:
-        for kernel, constexprs, warps, stages, fp32_extra, none in launches(BT, D, D, gated, state):
-            row = build(kernel, constexprs, warps, stages, fp32_extra, none, dtype)
-            row.update(dtype=dtype, chunk_size=BT, head_dim=D, gated=gated, state=state)
-            rows.append(row)
-            print(
-                f"{dtype} BT={BT} D={D} {'gated' if gated else 'ungated'}{' +state' if state else ''} "
-                f"{row['kernel']:40s} warps={warps} stages={stages} regs={row['registers']} "
-                f"spill={row['spill_bytes']} B shared={row['shared_bytes']} B"
-            )
+    for op, dtype, chunk, widths, variant, (kernel, constexprs, warps, stages, fp32_extra, none) in jobs:
+        row = build(kernel, constexprs, warps, stages, fp32_extra, none, dtype)
+        row.update(op=op, dtype=dtype, chunk_size=chunk, widths=widths, variant=variant)
+        rows.append(row)
+        print(
+            f"{dtype} C={chunk} {widths} {variant} {row['kernel']:40s} warps={warps} stages={stages} "
+            f"regs={row['registers']} spill={row['spill_bytes']} B shared={row['shared_bytes']} B"
+        )
     if args.quick:
         return
-    lines = ["| dtype | BT | D | variant | kernel | warps | stages | registers | spill bytes | shared bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| op | dtype | chunk | widths | variant | kernel | warps | stages | registers | spill bytes | shared bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        variant = ("gated" if r["gated"] else "ungated") + (" + state" if r["state"] else "")
         lines.append(
-            f"| {r['dtype']} | {r['chunk_size']} | {r['head_dim']} | {variant} | {r['kernel']} | {r['num_warps']} | "
-            f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |"
+            f"| {r['op']} | {r['dtype']} | {r['chunk_size']} | {r['widths']} | {r['variant']} | {r['kernel']} | "
+            f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |"
         )
     note = (
-        f"Built with triton {triton.__version__} for sm_90 without a GPU (ptxas from the triton wheel); H = 16, "
-        "K = V = D. Registers per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per "
-        "program. The fp32 rows use IEEE products."
+        f"Built with triton {triton.__version__} for sm_90 without a GPU (ptxas from the triton wheel). Delta rule: "
+        "H = 16, K = V. Titans memory: H = 8, gelu, clipping on; D is the hidden width of a depth-2 memory. Registers "
+        "per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per program (an H100 launches "
+        "at most 232448 bytes). The fp32 rows use IEEE products."
     )
     meta = {"triton": triton.__version__, "target": "cuda sm_90"}
     write_results("kernel-build", "sm90", meta, rows, lines, note)

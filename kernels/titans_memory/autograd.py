@@ -86,7 +86,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-class _Shape:
+class LaunchShape:
     """Tile sizes of one call: chunk block BC, key/value tiles BK/BV, the last layer's input width D_IN tiled by BD."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, depth: int, hidden: int, chunk_size: int):
@@ -100,13 +100,18 @@ class _Shape:
         self.BD = min(32, _block(self.D_IN))  # 32: the backward's shared memory at chunk 64, K = 128
         self.DP = triton.cdiv(self.D_IN, self.BD) * self.BD
 
-    def launch(self, kernel, *args, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> None:
-        kernel[(self.B * self.H,)](
-            *args, self.T, self.NC, max_grad_norm or 1.0,
+    def settings(self, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> dict:
+        """The kernels' compile-time arguments and launch settings (bench/kernel_build.py builds with these too)."""
+        return dict(
             H=self.H, K=self.K, V=self.V, D=self.D, D_IN=self.D_IN, DP=self.DP, C=self.C,
             BC=self.BC, BK=self.BK, BV=self.BV, BD=self.BD, DEPTH=self.depth, ACT=activation,
             CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype),
             num_warps=8 if self.BC >= 64 else 4, num_stages=1,
+        )  # fmt: skip
+
+    def launch(self, kernel, *args, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> None:
+        kernel[(self.B * self.H,)](
+            *args, self.T, self.NC, max_grad_norm or 1.0, **self.settings(activation, max_grad_norm, dtype)
         )  # fmt: skip
 
 
@@ -120,7 +125,7 @@ def _by_layer(tensors: list, depth: int, dummy: torch.Tensor) -> list:
 def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation, max_grad_norm):
     """Returns y and the chunk-start states: per layer [B, H, NC + 1, d_in, d_out] float32, slot NC the final one."""
     L = len(weights)
-    s = _Shape(q, v, L, weights[0].shape[-1], chunk_size)
+    s = LaunchShape(q, v, L, weights[0].shape[-1], chunk_size)
     states = []
     for x in (*weights, *momentum):
         buf = x.new_empty(s.B, s.H, s.NC + 1, *x.shape[2:], dtype=torch.float32)
@@ -137,7 +142,7 @@ def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation,
 def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activation, max_grad_norm):
     """Gradients of (q, k, v), of the coefficients, and of the initial weights and momenta (float32)."""
     L = len(states) // 2
-    s = _Shape(q, v, L, states[0].shape[-1], chunk_size)
+    s = LaunchShape(q, v, L, states[0].shape[-1], chunk_size)
     # the gradient w.r.t. the state after the last chunk, rewritten chunk by chunk into the one before the first
     grads = []
     for g, buf in zip(d_final, states):

@@ -1,4 +1,4 @@
-"""The delta-rule kernels build for an H100 (sm_90) here, without a GPU: the interpreter alone would not catch code
+"""The delta-rule and Titans memory kernels build for an H100 (sm_90) here, without a GPU: the interpreter alone would not catch code
 that runs in numpy but does not lower to GPU code."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = 6
+KERNELS = 8  # six delta-rule kernels, the Titans memory's forward and backward
 
 
-def test_every_delta_rule_kernel_builds_for_sm90_and_reports_its_registers():
-    """bench/kernel_build.py --quick compiles the six kernels with Triton's bundled ptxas and reads their resources."""
+def test_every_kernel_builds_for_sm90_and_reports_its_registers_within_an_h100s_shared_memory():
+    """bench/kernel_build.py --quick compiles the eight kernels with Triton's bundled ptxas and reads their resources."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton wheel ships no ptxas, so it cannot build GPU code without a GPU")
@@ -28,3 +28,5 @@ def test_every_delta_rule_kernel_builds_for_sm90_and_reports_its_registers():
     regs = [int(r) for r in re.findall(r"regs=(\d+)", proc.stdout)]
     assert len(regs) == KERNELS, proc.stdout
     assert all(0 < r <= 255 for r in regs), proc.stdout
+    shared = [int(b) for b in re.findall(r"shared=(\d+)", proc.stdout)]
+    assert len(shared) == KERNELS and max(shared) <= 232448, proc.stdout
