@@ -8,6 +8,8 @@ ground truth) and the chunked form it runs. The math is in README.md beside this
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from kernels._checks import check_one_device
@@ -32,7 +34,8 @@ __all__ = [
     "self_modifying_titans",
 ]
 
-AVAILABLE_BACKENDS = ("reference",)
+# The Triton backend (the main memory on kernels/titans_memory's kernels) loads on first use.
+AVAILABLE_BACKENDS = ("reference", "triton") if importlib.util.find_spec("triton") else ("reference",)
 
 _NAME = "self_modifying_titans"
 
@@ -153,7 +156,8 @@ def self_modifying_titans(
         dgd: Delta Gradient Descent (False: plain gradient descent); retention: the learned alpha (False: alpha = 1).
         activation: ``"gelu"`` or ``"silu"`` between the MLP layers.
         max_grad_norm: clip each token's inner gradient (all layers of one memory together) to this Frobenius norm.
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"`` (the main memory on the Triton kernels on CUDA when they take it, the reference
+            otherwise), ``"triton"`` or ``"reference"``. The generators always run in PyTorch.
 
     Returns:
         ``o`` ``[B, T, H, K]`` in x's dtype, and the state after the last token.
@@ -162,10 +166,18 @@ def self_modifying_titans(
         x, q, gate_w, gate_b, state, static_k, static_v, momentum_decay,
         chunk_size, memory_chunk_size, eta_max, activation, max_grad_norm,
     )  # fmt: skip
-    resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS)
+    main_memory = None
+    if resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS) == "triton":
+        from kernels.self_modifying import autograd
+
+        reason = autograd.unsupported(x, len(state.weights), memory_chunk_size)
+        if reason is None:
+            main_memory = autograd.triton_main_memory
+        elif backend == "triton":
+            raise ValueError(f"{_NAME}: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_self_modifying_titans(
         x, q, gate_w, gate_b, state,
         static_k=static_k, static_v=static_v, momentum_decay=momentum_decay,
         chunk_size=chunk_size, memory_chunk_size=memory_chunk_size, eta_max=eta_max, dgd=dgd, retention=retention,
-        activation=activation, max_grad_norm=max_grad_norm,
+        activation=activation, max_grad_norm=max_grad_norm, main_memory=main_memory,
     )  # fmt: skip

@@ -166,49 +166,72 @@ def chunk_self_modifying_titans(
     retention: bool = True,
     activation: str = "gelu",
     max_grad_norm: float | None = None,
+    main_memory=None,
 ) -> tuple[torch.Tensor, SelfModState]:
     """The chunked closed form. Each group of memories advances once per chunk of its own: the generators every
     ``chunk_size`` tokens (they generate the chunk's k, v, eta and alpha from, and take its gradients at, their
     chunk-start state, all in parallel), the main memory every ``memory_chunk_size`` tokens (gradients at its
     chunk-start state, each token read exactly before its own write). Inside a chunk everything is batched matmuls
     over [B, G, H, n, .]; the recurrence of (W, S) is folded into [n, n] coefficient matrices. Only the states cross
-    chunk boundaries, so the state is rewritten once per chunk, not once per token. Returns (o, final state)."""
+    chunk boundaries, so the state is rewritten once per chunk, not once per token. ``main_memory`` replaces the main
+    memory's chunk loop (``_main_memory``, same signature): the Triton backend passes its kernel. Returns (o, final
+    state)."""
     check_chunk_sizes(chunk_size, memory_chunk_size)
     names = memory_names(static_k is not None, static_v is not None)
-    B, T, H, _ = x.shape
     acc, out_dtype = torch.promote_types(x.dtype, torch.float32), x.dtype
     x, q, static_k, static_v = (None if t is None else t.transpose(1, 2) for t in _cast(acc, x, q, static_k, static_v))
     gate_w, gate_b = _cast(acc, gate_w, gate_b)
-    beta = x.new_zeros(H) if momentum_decay is None else momentum_decay.to(acc)
+    beta = x.new_zeros(x.shape[1]) if momentum_decay is None else momentum_decay.to(acc)
     main_w, gen_w = [w.to(acc)[:, :1] for w in state.weights], [w.to(acc)[:, 1:] for w in state.weights]
     main_s, gen_s = [s.to(acc)[:, :1] for s in state.momentum], [s.to(acc)[:, 1:] for s in state.momentum]
-    reps = 2 if dgd else 1
-    span = max(chunk_size, memory_chunk_size)
-    outs = []
-    for start in range(0, T, span):
-        stop = min(start + span, T)
-        inputs = []  # (k, v, eta, alpha) of each generator chunk, [B, H, n, .]
-        for s in range(start, stop, chunk_size):
-            sl = slice(s, min(s + chunk_size, stop))
-            generated = dict(zip(names[1:], _residual_read(x[:, None, :, sl], gen_w, activation).unbind(1)))
-            k = static_k[:, :, sl] if static_k is not None else F.normalize(generated["k"], dim=-1, eps=NORM_EPS)
-            v = static_v[:, :, sl] if static_v is not None else generated["v"]
-            eta, alpha = _gates(generated["eta"], generated["alpha"], gate_w, gate_b, eta_max, retention)
-            lefts, rights = _update_factors(k, v, gen_w, activation, max_grad_norm, dgd)
-            gen_w, gen_s = _advance(gen_w, gen_s, lefts, rights, _coefficients(eta, alpha, beta), reps)
-            inputs.append((k, v, eta, alpha))
-        k, v, eta, alpha = (torch.cat(t, dim=2) for t in zip(*inputs))
-        for s in range(0, stop - start, memory_chunk_size):
-            sl = slice(s, min(s + memory_chunk_size, stop - start))
-            lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, activation, max_grad_norm, dgd)
-            co = _coefficients(eta[:, :, sl], alpha[:, :, sl], beta)
-            outs.append(_read_before_write(q[:, :, start + sl.start : start + sl.stop], main_w, main_s, lefts, rights,
-                                           co, reps, activation))  # fmt: skip
-            main_w, main_s = _advance(main_w, main_s, lefts, rights, co, reps)
-    o = torch.cat(outs, dim=2).transpose(1, 2).to(out_dtype)
+    # The main memory never feeds the generators, so all generator chunks can run first (README, "The chunked form").
+    (k, v, eta, alpha), gen_w, gen_s = _generate(
+        x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta,
+        chunk_size=chunk_size, eta_max=eta_max, dgd=dgd, retention=retention, activation=activation,
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
+    run_main = main_memory or _main_memory
+    o, main_w, main_s = run_main(
+        q, k, v, eta, alpha, beta, main_w, main_s,
+        chunk_size=memory_chunk_size, dgd=dgd, activation=activation, max_grad_norm=max_grad_norm,
+    )  # fmt: skip
     weights = tuple(torch.cat([m, g], dim=1) for m, g in zip(main_w, gen_w))
     momentum = tuple(torch.cat([m, g], dim=1) for m, g in zip(main_s, gen_s))
-    return o, SelfModState(weights, momentum)
+    return o.transpose(1, 2).to(out_dtype), SelfModState(weights, momentum)
+
+
+def _generate(x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta, *, chunk_size, eta_max, dgd,
+              retention, activation, max_grad_norm):  # fmt: skip
+    """The generators over the whole sequence, chunk by chunk: each chunk generates its tokens' k, v, eta and alpha
+    from the generators' chunk-start state and advances the generators over them. Returns ((k, v, eta, alpha) with
+    heads first, [B, H, T, .]) and the generators' final weights and momentum."""
+    reps = 2 if dgd else 1
+    generated_chunks = []
+    for start in range(0, x.shape[2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        generated = dict(zip(names[1:], _residual_read(x[:, None, :, sl], gen_w, activation).unbind(1)))
+        k = static_k[:, :, sl] if static_k is not None else F.normalize(generated["k"], dim=-1, eps=NORM_EPS)
+        v = static_v[:, :, sl] if static_v is not None else generated["v"]
+        eta, alpha = _gates(generated["eta"], generated["alpha"], gate_w, gate_b, eta_max, retention)
+        lefts, rights = _update_factors(k, v, gen_w, activation, max_grad_norm, dgd)
+        gen_w, gen_s = _advance(gen_w, gen_s, lefts, rights, _coefficients(eta, alpha, beta), reps)
+        generated_chunks.append((k, v, eta, alpha))
+    return [torch.cat(t, dim=2) for t in zip(*generated_chunks)], gen_w, gen_s
+
+
+def _main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, activation, max_grad_norm):
+    """The main memory over the whole sequence (inputs [B, H, T, .], state [B, 1, H, d_in, d_out] per layer), chunk
+    by chunk: factors at the chunk-start state, every token read before its own write. Returns (o [B, H, T, K], final
+    weights, final momentum)."""
+    reps = 2 if dgd else 1
+    outs = []
+    for start in range(0, q.shape[2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, activation, max_grad_norm, dgd)
+        co = _coefficients(eta[:, :, sl], alpha[:, :, sl], beta)
+        outs.append(_read_before_write(q[:, :, sl], main_w, main_s, lefts, rights, co, reps, activation))
+        main_w, main_s = _advance(main_w, main_s, lefts, rights, co, reps)
+    return torch.cat(outs, dim=2), main_w, main_s
 
 
 def _inner_grads(k, target, anchor, activation, outer):

@@ -100,7 +100,7 @@ def titans_memory(
     if resolve_backend("titans_memory", backend, q, AVAILABLE_BACKENDS) == "triton":
         from kernels.titans_memory import autograd
 
-        reason = autograd.unsupported(q, v, state, chunk_size)
+        reason = autograd.unsupported(q.dtype, q.shape[-1], v.shape[-1], len(state.weights), chunk_size)
         if reason is None:
             return autograd.triton_titans_memory(
                 q, k, v, theta, eta, alpha, state,

@@ -29,18 +29,19 @@ MAX_FP32_TILE = 4096
 DEPTHS = (1, 2)
 
 
-def unsupported(q: torch.Tensor, v: torch.Tensor, state: MemoryState, chunk_size: int) -> str | None:
-    """Why the Triton backend cannot run these inputs, or None when it can."""
-    if len(state.weights) not in DEPTHS:
-        return f"a depth-{len(state.weights)} memory (the kernels take depths 1 and 2)"
+def unsupported(dtype: torch.dtype, K: int, V: int, depth: int, chunk_size: int) -> str | None:
+    """Why the kernels cannot run a memory of this depth and head dims on inputs of this dtype, or None when they
+    can."""
+    if depth not in DEPTHS:
+        return f"a depth-{depth} memory (the kernels take depths 1 and 2)"
     if chunk_size > MAX_CHUNK:
         return f"chunk_size={chunk_size} (the kernels take chunks of at most {MAX_CHUNK} tokens)"
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} (the kernels take float32, float16 or bfloat16)"
-    width = max(q.shape[-1], v.shape[-1])
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (the kernels take float32, float16 or bfloat16)"
+    width = max(K, V)
     if width > MAX_HEAD_DIM:
-        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} (at most {MAX_HEAD_DIM})"
-    if q.dtype == torch.float32 and _block(chunk_size) * _block(width) > MAX_FP32_TILE:
+        return f"head dims K={K}, V={V} (at most {MAX_HEAD_DIM})"
+    if dtype == torch.float32 and _block(chunk_size) * _block(width) > MAX_FP32_TILE:
         return (
             f"float32 inputs at chunk_size={chunk_size} with head dim {width} (float32 tiles of more than "
             f"{MAX_FP32_TILE} entries exceed the GPU's shared memory: use bf16 inputs or a chunk of at most "
@@ -54,10 +55,13 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
+def chunk_coefficients(theta, eta, keep, chunk_size: int, block: int, read_before_write: bool = False):
     """Per chunk, padded to ``block`` rows: c, d, g, h [B, H, NC, block], Gamma [B, H, NC, block, block] and the
-    end coefficients (c_end, d_end, e_end) [B, H, NC, 3], float32 and differentiable. Padded tokens have keep = eta = 1
-    and theta = 0, so they add nothing to the rows of real tokens; the end row is the chunk's last real token."""
+    end coefficients (c_end, d_end, e_end) [B, H, NC, 3], float32 and differentiable, for the recurrence
+    S_t = eta_t S_{t-1} - theta_t u_t, W_t = keep_t W_{t-1} + S_t (gates [B, T, H]). Padded tokens have
+    keep = eta = 1 and theta = 0, so they add nothing to the rows of real tokens; the end row is the chunk's last real
+    token. With ``read_before_write`` the read's rows c, d, Gamma are those of the token before (the chunk start for
+    the first token: c = 1, d = 0, Gamma = 0), for a token that reads the memory before its own write (HOPE)."""
     B, T, H = theta.shape
     NC = triton.cdiv(T, chunk_size)
 
@@ -65,7 +69,7 @@ def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
         x = F.pad(x.float().transpose(1, 2), (0, NC * chunk_size - T), value=pad)
         return F.pad(x.reshape(B, H, NC, chunk_size), (0, block - chunk_size), value=pad)
 
-    keep, e, th = chunked(1 - alpha, 1.0), chunked(eta, 1.0), chunked(theta, 0.0)
+    keep, e, th = chunked(keep, 1.0), chunked(eta, 1.0), chunked(theta, 0.0)
     d_beta, d_eta = _segment_products(keep), _segment_products(e)
     c, big_e = keep.cumprod(-1), e.cumprod(-1)
     d = (d_beta @ big_e[..., None]).squeeze(-1)
@@ -75,6 +79,10 @@ def chunk_coefficients(theta, eta, alpha, chunk_size: int, block: int):
     last[-1] = T - 1 - (NC - 1) * chunk_size
     g, h = gamma[:, :, chunks, last], d_eta[:, :, chunks, last] * th
     ends = torch.stack([c[:, :, chunks, last], d[:, :, chunks, last], big_e[:, :, chunks, last]], dim=-1)
+    if read_before_write:
+        c = F.pad(c[..., :-1], (1, 0), value=1.0)
+        d = F.pad(d[..., :-1], (1, 0))
+        gamma = F.pad(gamma[..., :-1, :], (0, 0, 1, 0))
     return c, d, g, h, gamma, ends
 
 
@@ -100,18 +108,26 @@ class LaunchShape:
         self.BD = min(32, _block(self.D_IN))  # 32: the backward's shared memory at chunk 64, K = 128
         self.DP = triton.cdiv(self.D_IN, self.BD) * self.BD
 
-    def settings(self, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> dict:
+    def settings(
+        self,
+        activation: str,
+        max_grad_norm: float | None,
+        dtype: torch.dtype,
+        residual: bool = False,
+        dgd: bool = False,
+    ) -> dict:
         """The kernels' compile-time arguments and launch settings (bench/kernel_build.py builds with these too)."""
         return dict(
             H=self.H, K=self.K, V=self.V, D=self.D, D_IN=self.D_IN, DP=self.DP, C=self.C,
             BC=self.BC, BK=self.BK, BV=self.BV, BD=self.BD, DEPTH=self.depth, ACT=activation,
-            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype),
+            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype), RESIDUAL=residual, DGD=dgd,
             num_warps=8 if self.BC >= 64 else 4, num_stages=1,
         )  # fmt: skip
 
-    def launch(self, kernel, *args, activation: str, max_grad_norm: float | None, dtype: torch.dtype) -> None:
+    def launch(self, kernel, *args, activation, max_grad_norm, dtype, residual: bool, dgd: bool) -> None:
         kernel[(self.B * self.H,)](
-            *args, self.T, self.NC, max_grad_norm or 1.0, **self.settings(activation, max_grad_norm, dtype)
+            *args, self.T, self.NC, max_grad_norm or 1.0,
+            **self.settings(activation, max_grad_norm, dtype, residual, dgd),
         )  # fmt: skip
 
 
@@ -122,7 +138,7 @@ def _by_layer(tensors: list, depth: int, dummy: torch.Tensor) -> list:
     return [dummy, dummy, tensors[0], tensors[1]]
 
 
-def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation, max_grad_norm):
+def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation, max_grad_norm, residual, dgd):
     """Returns y and the chunk-start states: per layer [B, H, NC + 1, d_in, d_out] float32, slot NC the final one."""
     L = len(weights)
     s = LaunchShape(q, v, L, weights[0].shape[-1], chunk_size)
@@ -135,11 +151,11 @@ def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation,
     y = torch.empty_like(v)
     sc = q.new_empty(s.B * s.H * 2 * s.BC * s.DP if L == 2 else 1, dtype=torch.float32)
     s.launch(titans_memory_fwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), y, sc,
-             activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype)  # fmt: skip
+             activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype, residual=residual, dgd=dgd)  # fmt: skip
     return y, states
 
 
-def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activation, max_grad_norm):
+def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activation, max_grad_norm, residual, dgd):
     """Gradients of (q, k, v), of the coefficients, and of the initial weights and momenta (float32)."""
     L = len(states) // 2
     s = LaunchShape(q, v, L, states[0].shape[-1], chunk_size)
@@ -153,21 +169,24 @@ def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activatio
     dcoefs = [torch.empty_like(x) for x in coefs]
     sc = q.new_empty(s.B * s.H * 5 * s.BC * s.DP, dtype=torch.float32)
     s.launch(titans_memory_bwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), dy, *_by_layer(grads, L, dummy),
-             dq, dk, dv, *dcoefs, sc, activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype)  # fmt: skip
+             dq, dk, dv, *dcoefs, sc, activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype,
+             residual=residual, dgd=dgd)  # fmt: skip
     return dq, dk, dv, dcoefs, grads
 
 
 class TitansMemoryFunction(torch.autograd.Function):
-    """(q, k, v, c, d, g, h, Gamma, ends, W_1..W_L, S_1..S_L) -> (y, W'_1..W'_L, S'_1..S'_L)."""
+    """(q, k, v, c, d, g, h, Gamma, ends, W_1..W_L, S_1..S_L) -> (y, W'_1..W'_L, S'_1..S'_L). ``settings`` is
+    (chunk_size, activation, max_grad_norm, residual, dgd): residual and dgd select HOPE's main-memory rule (a
+    residual memory regressing its own read of v, Delta Gradient Descent)."""
 
     @staticmethod
-    def forward(ctx, chunk_size, activation, max_grad_norm, q, k, v, *rest):
+    def forward(ctx, settings, q, k, v, *rest):
         coefs, state = [x.contiguous() for x in rest[:6]], rest[6:]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         L = len(state) // 2
-        y, states = titans_memory_fwd(q, k, v, coefs, state[:L], state[L:], chunk_size, activation, max_grad_norm)
+        y, states = titans_memory_fwd(q, k, v, coefs, state[:L], state[L:], *settings)
         ctx.save_for_backward(q, k, v, *coefs, *states)
-        ctx.settings = (chunk_size, activation, max_grad_norm)
+        ctx.settings = settings
         ctx.state_dtypes = [x.dtype for x in state]
         return (y, *(buf[:, :, -1].clone() for buf in states))
 
@@ -178,15 +197,14 @@ class TitansMemoryFunction(torch.autograd.Function):
             q, k, v, rest[:6], rest[6:], dy.contiguous(), d_final, *ctx.settings
         )  # fmt: skip
         dstate = [g.to(dt) for g, dt in zip(dstate, ctx.state_dtypes)]
-        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoefs, *dstate)
+        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoefs, *dstate)
 
 
 @torch.compiler.disable
 def triton_titans_memory(q, k, v, theta, eta, alpha, state: MemoryState, *, chunk_size, activation, max_grad_norm):
     """The Triton backend, with the reference backend's contract (y in v's dtype, the state in float32)."""
-    coefs = chunk_coefficients(theta, eta, alpha, chunk_size, _block(chunk_size))
+    coefs = chunk_coefficients(theta, eta, 1 - alpha, chunk_size, _block(chunk_size))
     L = len(state.weights)
-    y, *final = TitansMemoryFunction.apply(
-        chunk_size, activation, max_grad_norm, q, k, v, *coefs, *state.weights, *state.momentum
-    )
+    settings = (chunk_size, activation, max_grad_norm, False, False)
+    y, *final = TitansMemoryFunction.apply(settings, q, k, v, *coefs, *state.weights, *state.momentum)
     return y, MemoryState(tuple(final[:L]), tuple(final[L:]))

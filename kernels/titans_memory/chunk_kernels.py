@@ -95,14 +95,34 @@ def _st_sc(ptr, rows, cols, DP: tl.constexpr, x):
 
 
 @triton.jit
+def _mlp(x, bos, b_x, W1, W2, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
+         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, BC: tl.constexpr,
+         BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """MLP(x) = phi(x W1) W2 (depth 1: x W2) for the chunk's rows of x [B, T, H, K] (``b_x`` the whole rows)."""
+    b_m = tl.zeros([BC, BV], dtype=tl.float32)
+    for t in range(0, D_IN, BD):
+        o_t = t + o_d
+        m_t = o_t < D_IN
+        if DEPTH == 2:
+            b_h = _phi(_dot(b_x, _ld(W1, o_k, o_t, D, m_k, m_t), PREC), ACT)
+        else:
+            b_h = _ld(x + bos * K, o_c, o_t, H * K, m_c, m_t)
+        b_m += _dot(b_h, _ld(W2, o_t, o_v, V, m_t, m_v), PREC)
+    return b_m
+
+
+@triton.jit
 def _factors(
     q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     """The chunk's gradient factors at its start weights W1 [K, D], W2 [D_IN, V] (pointers to the chunk's slot):
-    returns (q, k, delta2, squared row norms |k|^2, |a|^2, |delta1|^2, |delta2|^2), all unclipped. For depth 2 it
-    parks z = k W1 in scratch 0 and delta1 in scratch 1 (``sc`` points to the program's scratch)."""
+    returns (q, k, delta2, yk = MLP(k), squared row norms |k|^2, |a|^2, |delta1|^2, |delta2|^2), all unclipped. For
+    depth 2 it parks z = k W1 in scratch 0 and delta1 in scratch 1 (``sc`` points to the program's scratch). The
+    target is v, or with ``RESIDUAL`` (HOPE's memories, K = V) the residual memory's own read of v minus k:
+    ||k + MLP(k) - (v + MLP(v))||^2 is the MLP's loss with target v + MLP(v) - k."""
     b_q = _ld(q + bos * K, o_c, o_k, H * K, m_c, m_k)
     b_k = _ld(k + bos * K, o_c, o_k, H * K, m_c, m_k)
     b_yk = tl.zeros([BC, BV], dtype=tl.float32)
@@ -118,7 +138,11 @@ def _factors(
             b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
         b_na += tl.sum(b_a * b_a, 1)
         b_yk += _dot(b_a, _ld(W2, o_t, o_v, V, m_t, m_v), PREC)
-    b_d2 = tl.where(m_c[:, None], 2 * (b_yk - _ld(v + bos * V, o_c, o_v, H * V, m_c, m_v)), 0.0)
+    b_target = _ld(v + bos * V, o_c, o_v, H * V, m_c, m_v)
+    if RESIDUAL:
+        b_target += _mlp(v, bos, b_target, W1, W2, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
+                         H, K, V, D, D_IN, BC, BV, BD, DEPTH, ACT, PREC) - b_k  # fmt: skip
+    b_d2 = tl.where(m_c[:, None], 2 * (b_yk - b_target), 0.0)
     b_nd1 = tl.zeros([BC], dtype=tl.float32)
     if DEPTH == 2:
         tl.debug_barrier()
@@ -129,7 +153,18 @@ def _factors(
             _st_sc(sc + BC * DP, o_c, o_t, DP, b_d1)
             b_nd1 += tl.sum(b_d1 * b_d1, 1)
         tl.debug_barrier()
-    return b_q, b_k, b_d2, tl.sum(b_k * b_k, 1), b_na, b_nd1, tl.sum(b_d2 * b_d2, 1)
+    return b_q, b_k, b_d2, b_yk, tl.sum(b_k * b_k, 1), b_na, b_nd1, tl.sum(b_d2 * b_d2, 1)
+
+
+@triton.jit
+def _dgd_weight(norm_sq, DGD: tl.constexpr):
+    """(w, dw/d|a|^2) of the DGD term a_hat^T (a_hat W) = w a^T (a W), w = 1 / max(|a|, eps)^2 (eps = 1e-6, as
+    F.normalize): a row scale on the layer's pre-activation, so DGD adds w z to the gradient's right factor."""
+    if DGD:
+        big = tl.maximum(norm_sq, 1e-12)
+        return 1.0 / big, tl.where(norm_sq > 1e-12, -1.0 / (big * big), 0.0)
+    else:
+        return tl.zeros(norm_sq.shape, dtype=tl.float32), tl.zeros(norm_sq.shape, dtype=tl.float32)
 
 
 @triton.jit
@@ -155,6 +190,7 @@ def titans_memory_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
 ):  # fmt: skip
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -167,12 +203,15 @@ def titans_memory_fwd_kernel(
         bos = (i_b * T + n * C).to(tl.int64) * H + i_h
         slot = i_bh.to(tl.int64) * (NC + 1) + n
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_q, b_k, b_d2, b_nk, b_na, b_nd1, b_nd2 = _factors(
+        b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
             q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC,
+            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
         )  # fmt: skip
+        b_u1, b_du1 = _dgd_weight(b_nk, DGD)  # DGD's row scales of layer 1 (input k) and of the last layer
+        b_u2, b_du2 = _dgd_weight(b_na, DGD)
         b_f, _ = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
-        b_d2 *= b_f[:, None]  # the clipped factor: every use below is of the clipped gradient
+        # the right factors every use below takes: the clipped gradient's, plus DGD's w z (README, "HOPE")
+        b_d2 = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk
 
         o_cf = (i_bh.to(tl.int64) * NC + n) * BC
         b_c, b_cd = tl.load(cc + o_cf + o_c), tl.load(cd + o_cf + o_c)
@@ -191,8 +230,9 @@ def titans_memory_fwd_kernel(
             m_t = o_t < D_IN
             if DEPTH == 2:
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
-                b_a = _phi(_ld_sc(sc, o_c, o_t, DP), ACT)
-                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None]
+                b_z = _ld_sc(sc, o_c, o_t, DP)
+                b_a = _phi(b_z, ACT)
+                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None] + b_u1[:, None] * b_z
                 b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
                 b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
                 b_kt = tl.trans(b_k)
@@ -231,6 +271,7 @@ def titans_memory_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
 ):  # fmt: skip
     """Chunks in reverse. dW1 .. dS2 hold the gradient w.r.t. the state after the chunk and are rewritten in place
     into the gradient w.r.t. the state before it (each tile is read before it is written, by the same program).
@@ -250,12 +291,14 @@ def titans_memory_bwd_kernel(
         bos = (i_b * T + n * C).to(tl.int64) * H + i_h
         slot = i_bh.to(tl.int64) * (NC + 1) + n
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_q, b_k, b_d2, b_nk, b_na, b_nd1, b_nd2 = _factors(
+        b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
             q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC,
+            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
         )  # fmt: skip
+        b_u1, b_du1 = _dgd_weight(b_nk, DGD)  # DGD's row scales of layer 1 (input k) and of the last layer
+        b_u2, b_du2 = _dgd_weight(b_na, DGD)
         b_f, b_dfdn = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
-        b_d2c = b_d2 * b_f[:, None]
+        b_d2c = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk  # the right factor the read and the update take
 
         o_cf = (i_bh.to(tl.int64) * NC + n) * BC
         b_c, b_cd = tl.load(cc + o_cf + o_c), tl.load(cd + o_cf + o_c)
@@ -276,7 +319,8 @@ def titans_memory_bwd_kernel(
             o_t = t + o_d
             m_t = o_t < D_IN
             if DEPTH == 2:
-                b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None]
+                b_z = _ld_sc(sc_z, o_c, o_t, DP)
+                b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None] + b_u1[:, None] * b_z
                 b_z1 = (
                     b_c[:, None] * _dot(b_q, _ld(W1, o_k, o_t, D, m_k, m_t), PREC)
                     + b_cd[:, None] * _dot(b_q, _ld(S1, o_k, o_t, D, m_k, m_t), PREC)
@@ -284,7 +328,7 @@ def titans_memory_bwd_kernel(
                 )
                 _st_sc(sc_zq, o_c, o_t, DP, b_z1)
                 b_x = _phi(b_z1, ACT)
-                b_a = _phi(_ld_sc(sc_z, o_c, o_t, DP), ACT)
+                b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
                 b_x = _ld(q + bos * K, o_c, o_t, H * K, m_c, m_t)
@@ -311,6 +355,7 @@ def titans_memory_bwd_kernel(
         b_dh = tl.zeros([BC], dtype=tl.float32)
         b_aw = tl.zeros([BC, BV], dtype=tl.float32)  # a dW2' and a dS2'
         b_as = tl.zeros([BC, BV], dtype=tl.float32)
+        b_dgd1 = tl.zeros([BC], dtype=tl.float32)  # sum_j dL/d~delta1 * z: the gradient of DGD's layer-1 scale
         dc_end, dd_end, de_end = 0.0, 0.0, 0.0  # <W, dW'>, <S, dW'>, <S, dS'> over every layer
         for t in range(0, D_IN, BD):
             o_t = t + o_d
@@ -320,7 +365,8 @@ def titans_memory_bwd_kernel(
             if DEPTH == 2:
                 b_z1 = _ld_sc(sc_zq, o_c, o_t, DP)
                 b_x = _phi(b_z1, ACT)
-                b_a = _phi(_ld_sc(sc_z, o_c, o_t, DP), ACT)
+                b_z = _ld_sc(sc_z, o_c, o_t, DP)
+                b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
                 b_x = _ld(q + bos * K, o_c, o_t, H * K, m_c, m_t)
@@ -341,7 +387,7 @@ def titans_memory_bwd_kernel(
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
                 b_dw1, b_ds1 = _ld(dW1, o_k, o_t, D, m_k, m_t), _ld(dS1, o_k, o_t, D, m_k, m_t)
                 b_d1 = _ld_sc(sc_d1, o_c, o_t, DP)
-                b_d1c = b_d1 * b_f[:, None]
+                b_d1c = b_d1 * b_f[:, None] + b_u1[:, None] * b_z
                 b_dz1 = b_dx * _phi_prime(b_z1, ACT)
                 b_dm1 -= _dot(b_dz1, tl.trans(b_d1c), PREC)
                 b_dc += tl.sum(b_dz1 * _dot(b_q, b_w1, PREC), 1)
@@ -354,6 +400,7 @@ def titans_memory_bwd_kernel(
                 b_dg -= tl.sum(b_kw * b_d1c, 1)
                 b_dh -= tl.sum(b_ks * b_d1c, 1)
                 b_df += tl.sum(b_dd1c * b_d1, 1)
+                b_dgd1 += tl.sum(b_dd1c * b_z, 1)
                 b_dk -= (_dot(b_g[:, None] * b_d1c, tl.trans(b_dw1), PREC)
                          + _dot(b_h[:, None] * b_d1c, tl.trans(b_ds1), PREC))  # fmt: skip
                 dc_end += tl.sum(b_w1 * b_dw1)
@@ -371,6 +418,8 @@ def titans_memory_bwd_kernel(
         b_dg -= tl.sum(b_aw * b_d2c, 1)
         b_dh -= tl.sum(b_as * b_d2c, 1)
         b_df += tl.sum(b_dd2c * b_d2, 1)
+        # through DGD's scales w = 1 / max(|a|^2, eps^2) of the right factors ~delta + w z
+        b_dna = b_du2 * tl.sum(b_dd2c * b_yk, 1)
         # through the clip ~delta_l = f delta_l, f = f(n^2), n^2 = |k|^2 |delta1|^2 + |a|^2 |delta2|^2
         b_dn2 = b_df * b_dfdn
         b_dd2 = b_f[:, None] * b_dd2c + 2 * b_d2 * (b_na * b_dn2)[:, None]
@@ -378,24 +427,25 @@ def titans_memory_bwd_kernel(
             b_dp1 = tl.where(m_causal, b_dm1 * b_gam, 0.0)
             b_dgam += tl.where(m_causal, b_dm1 * b_p1, 0.0)
             b_dq += _dot(b_dp1, b_k, PREC)
-            b_dk += _dot(tl.trans(b_dp1), b_q, PREC) + 2 * b_k * (b_nd1 * b_dn2)[:, None]
+            b_dk += _dot(tl.trans(b_dp1), b_q, PREC) + 2 * b_k * (b_nd1 * b_dn2 + b_du1 * b_dgd1)[:, None]
             # pass 3: through delta1 = (delta2 W2^T) * phi'(z)
             for t in range(0, D, BD):
                 o_t = t + o_d
                 m_t = o_t < D
                 b_z = _ld_sc(sc_z, o_c, o_t, DP)
                 b_d1 = _ld_sc(sc_d1, o_c, o_t, DP)
-                b_dd1 = b_f[:, None] * _ld_sc(sc_dd1, o_c, o_t, DP) + 2 * b_d1 * (b_nk * b_dn2)[:, None]
+                b_dd1c = _ld_sc(sc_dd1, o_c, o_t, DP)
+                b_dd1 = b_f[:, None] * b_dd1c + 2 * b_d1 * (b_nk * b_dn2)[:, None]
                 b_w2 = _ld(W2, o_t, o_v, V, m_t, m_v)
                 b_e = b_dd1 * _phi_prime(b_z, ACT)
                 b_dd2 += _dot(b_e, b_w2, PREC)
                 _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_e), b_d2, PREC))
-                b_dz = b_dd1 * _dot(b_d2, tl.trans(b_w2), PREC) * _phi_second(b_z, ACT)
+                b_dz = b_dd1 * _dot(b_d2, tl.trans(b_w2), PREC) * _phi_second(b_z, ACT) + b_u1[:, None] * b_dd1c
                 _st_sc(sc_zq, o_c, o_t, DP, b_dz)
             tl.debug_barrier()
-        # delta2 = 2 (a W2 - v)
-        b_dyk = 2 * b_dd2
-        _st(dv + bos * V, o_c, o_v, H * V, m_c, m_v, -b_dyk)
+        # delta2 = 2 (yk - target), and DGD's w yk; the target is v (or v + MLP(v) - k)
+        b_dyk = 2 * b_dd2 + b_u2[:, None] * b_dd2c
+        b_dt = -2 * b_dd2
         # pass 4: through the forward of the keys, a = phi(k W1), yk = a W2 (depth 1: yk = k W2)
         for t in range(0, D_IN, BD):
             o_t = t + o_d
@@ -406,7 +456,7 @@ def titans_memory_bwd_kernel(
                 b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
-            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2)[:, None]
+            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2 + b_dna)[:, None]
                     + _dot(b_dyk, tl.trans(b_w2), PREC))  # fmt: skip
             _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_a), b_dyk, PREC))
             if DEPTH == 2:
@@ -415,6 +465,36 @@ def titans_memory_bwd_kernel(
                 _st(dW1, o_k, o_t, D, m_k, m_t, _ld(dW1, o_k, o_t, D, m_k, m_t) + _dot(tl.trans(b_k), b_dz, PREC))
             else:
                 _st(dk + bos * K, o_c, o_t, H * K, m_c, m_t, b_da)  # depth 1: a = k
+        b_dv = b_dt
+        if RESIDUAL:  # pass 5: through the target's MLP(v) at the start weights, and its -k
+            tl.debug_barrier()
+            b_v = _ld(v + bos * V, o_c, o_v, H * V, m_c, m_v)
+            for t in range(0, D_IN, BD):
+                o_t = t + o_d
+                m_t = o_t < D_IN
+                b_w2 = _ld(W2, o_t, o_v, V, m_t, m_v)
+                if DEPTH == 2:
+                    b_w1 = _ld(W1, o_k, o_t, D, m_k, m_t)
+                    b_zv = _dot(b_v, b_w1, PREC)
+                    b_hv = _phi(b_zv, ACT)
+                    b_dzv = _dot(b_dt, tl.trans(b_w2), PREC) * _phi_prime(b_zv, ACT)
+                    _st(dW1, o_k, o_t, D, m_k, m_t, _ld(dW1, o_k, o_t, D, m_k, m_t) + _dot(tl.trans(b_v), b_dzv, PREC))
+                    b_dv += _dot(b_dzv, tl.trans(b_w1), PREC)
+                else:
+                    b_hv = _ld(v + bos * V, o_c, o_t, H * V, m_c, m_t)
+                _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_hv), b_dt, PREC))
+            if DEPTH == 2:
+                b_dk -= b_dt
+            else:  # dk was written tile by tile in pass 4
+                _st(dk + bos * K, o_c, o_k, H * K, m_c, m_k, _ld(dk + bos * K, o_c, o_k, H * K, m_c, m_k) - b_dt)
+        _st(dv + bos * V, o_c, o_v, H * V, m_c, m_v, b_dv)
+        if RESIDUAL and DEPTH == 1:  # and dv gets MLP(v) = v W2's share tile by tile
+            tl.debug_barrier()
+            for t in range(0, D_IN, BD):
+                o_t = t + o_d
+                m_t = o_t < D_IN
+                b_dvt = _dot(b_dt, tl.trans(_ld(W2, o_t, o_v, V, m_t, m_v)), PREC)
+                _st(dv + bos * V, o_c, o_t, H * V, m_c, m_t, _ld(dv + bos * V, o_c, o_t, H * V, m_c, m_t) + b_dvt)
         if DEPTH == 2:
             _st(dq + bos * K, o_c, o_k, H * K, m_c, m_k, b_dq)
             _st(dk + bos * K, o_c, o_k, H * K, m_c, m_k, b_dk)

@@ -343,7 +343,8 @@ def _state(M, *layers):
         ({"activation": "relu"}, ValueError, r"activation must be one of \('gelu', 'silu'\)"),
         ({"eta_max": 0.0}, ValueError, "eta_max must be a number > 0"),
         ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be > 0 or None"),
-        ({"backend": "triton"}, ValueError, "available: reference"),
+        # without triton the backend does not exist; with it, chunks above 64 are beyond the kernels
+        ({"backend": "triton", "memory_chunk_size": 128}, ValueError, "chunk_size=128|available: reference"),
     ],
     ids=[
         "x-rank",

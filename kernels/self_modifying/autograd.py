@@ -1,0 +1,45 @@
+"""The Triton backend of ``self_modifying_titans``: the main memory's chunk loop on the Titans memory kernels.
+
+HOPE's main memory is a Titans memory with three differences (README, "What runs in PyTorch"), all of which the
+kernels in ``kernels/titans_memory`` take as switches or as host-side coefficients:
+
+- it is residual and regresses its own read of v: the MLP's target is ``v + MLP(v) - k`` at the chunk-start weights
+  (``RESIDUAL``; the outer gradient flows through the target into v, k and the weights);
+- Delta Gradient Descent adds ``a_hat^T (a_hat W) = a^T z / max(|a|, eps)^2`` per layer: with ``a`` the layer's input
+  and ``z = a W`` its pre-activation, the same left factor as the gradient's, so DGD is a row-scaled ``z`` added to
+  the gradient's right factor (``DGD``; the clip applies to the gradient only);
+- each token reads the memory before its own write: the read's coefficients are the previous row's
+  (``chunk_coefficients(..., read_before_write=True)``), and the read is residual, ``o = q + MLP(q)``.
+
+Retention alpha, the learning rate eta and the per-head momentum decay beta map to the kernels' keep, theta and eta.
+The generators (their chunk's gates come from their own read of that chunk) stay in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.titans_memory.autograd import TitansMemoryFunction, _block, chunk_coefficients
+from kernels.titans_memory.autograd import unsupported as _unsupported
+
+
+def unsupported(x: torch.Tensor, depth: int, memory_chunk_size: int) -> str | None:
+    """Why the kernels cannot run this op's main memory, or None when they can. The op computes in the promotion of
+    x's dtype and float32, so the kernels see float32 (or float64) inputs."""
+    K = x.shape[-1]
+    return _unsupported(torch.promote_types(x.dtype, torch.float32), K, K, depth, memory_chunk_size)
+
+
+def triton_main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, activation, max_grad_norm):
+    """``reference._main_memory`` on the kernels: inputs [B, H, T, .] (heads first), state [B, 1, H, d_in, d_out]
+    per layer. Returns (o [B, H, T, K], final weights, final momentum) in the same layouts."""
+    B, H, T, _ = q.shape
+    coefs = chunk_coefficients(
+        eta.transpose(1, 2), beta.expand(B, T, H), alpha.transpose(1, 2), chunk_size, _block(chunk_size),
+        read_before_write=True,
+    )  # fmt: skip
+    settings = (chunk_size, activation, max_grad_norm, True, dgd)
+    state = [w[:, 0] for w in main_w] + [s[:, 0] for s in main_s]
+    y, *final = TitansMemoryFunction.apply(settings, *(t.transpose(1, 2) for t in (q, k, v)), *coefs, *state)
+    L = len(main_w)
+    return q + y.transpose(1, 2), [w[:, None] for w in final[:L]], [s[:, None] for s in final[L:]]

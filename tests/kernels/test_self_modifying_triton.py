@@ -1,0 +1,82 @@
+"""The Triton backend of the self-modifying Titans memory (HOPE's main memory on the Titans memory kernels, the
+generators in PyTorch) equals the reference on the output, every memory's final state and every gradient.
+
+On a CPU the kernels run in Triton's interpreter (fp32 only here: the op computes in float32 whatever x's dtype). The
+``gpu`` test takes a realistic shape on a CUDA device (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels._dispatch import triton_interpreted
+from kernels._testing import assert_close
+from kernels.self_modifying import AVAILABLE_BACKENDS, self_modifying_titans
+from tests.kernels.test_self_modifying import make_inputs, outputs_and_grads
+from tests.kernels.test_titans_memory_triton import poisoned_allocations  # noqa: F401 (an autouse fixture)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RATIO = 1e-5  # float32 on both sides: IEEE products, another summation order
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in AVAILABLE_BACKENDS, reason="triton is not installed"),
+    pytest.mark.skipif(
+        DEVICE == "cpu" and not triton_interpreted(),
+        reason="no CUDA device and TRITON_INTERPRET is not set (tests/conftest.py sets it when CUDA is absent)",
+    ),
+]
+
+CASES = [
+    # T, depth, (C_gen, C_mem), dgd, retention, static k / v, initial momentum, momentum decay, max_grad_norm, act
+    (21, 2, (4, 8), True, True, False, True, True, None, "gelu"),
+    (33, 2, (16, 16), True, True, False, False, True, 0.5, "silu"),
+    (21, 1, (8, 4), True, True, False, True, True, None, "gelu"),
+    (20, 2, (4, 4), False, True, True, False, False, None, "gelu"),  # plain GD, static keys and values, no momentum
+    (7, 1, (1, 1), True, False, False, False, True, 0.5, "silu"),  # the per-token rule, no retention
+]
+
+
+@pytest.mark.parametrize(
+    ("T", "depth", "chunks", "dgd", "retention", "static", "init_momentum", "decay", "clip", "act"),
+    CASES,
+    ids=[f"T{c[0]}-depth{c[1]}-C{c[2][0]}x{c[2][1]}{'-dgd' if c[3] else '-gd'}{'' if c[4] else '-noret'}"
+         f"{'-static' if c[5] else ''}{'-S0' if c[6] else ''}{'-decay' if c[7] else ''}"
+         f"{'-clip' if c[8] else ''}-{c[9]}" for c in CASES],
+)  # fmt: skip
+def test_triton_equals_the_reference_on_output_states_and_every_gradient(
+    T, depth, chunks, dgd, retention, static, init_momentum, decay, clip, act
+):
+    """o, the final weights and momentum of every memory (main and generators) and the gradients into x, q, the gate
+    projections, the momentum decay, the learned initial weights and the initial momentum match the reference."""
+    inputs = make_inputs(T, depth, static_k=static, static_v=static, init_momentum=init_momentum, dtype=torch.float32)
+    inputs = {n: (x.to(DEVICE) if torch.is_tensor(x) else x) for n, x in inputs.items()}
+    if not decay:
+        inputs["momentum_decay"] = None
+    kw = dict(chunk_size=chunks[0], memory_chunk_size=chunks[1], dgd=dgd, retention=retention, activation=act,
+              max_grad_norm=clip)  # fmt: skip
+    ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
+    out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)
+    assert ref.keys() == out.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name], RATIO)
+
+
+def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
+    """The model wiring: HOPE logits and weight gradients agree across backends."""
+    pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")
+    from nlplatform.models.hope import Hope, HopeConfig
+
+    small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, memory_chunk_size=8, projection_chunk_size=8,
+                 cms_chunk_sizes=[8])  # fmt: skip
+    ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = Hope(HopeConfig(**small, kernel_backend=backend)).to(DEVICE)
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        results[backend] = [logits] + [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(results["reference"]) == len(results["triton"])
+    for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
+        assert_close(f"hope[{i}]", ref, out, 1e-4)
