@@ -92,7 +92,7 @@ ui: $(STAMP) ## serve the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5
 bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/results/)
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
-bench-kernels: $(STAMP) ## time the delta-rule op (Triton, reference) against fla and SDPA, fwd and fwd+bwd (ARGS="--repeats 20 ...")
+bench-kernels: $(STAMP) ## time the delta-rule and Titans memory ops (Triton, reference) against fla, SDPA, titans-pytorch; fwd and fwd+bwd (ARGS="--ops titans_memory ...")
 	$(PY) bench/bench_kernels.py $(ARGS)
 
 bench-train: $(STAMP) ## tokens/s, peak memory, MFU of a training step per family (GPU: 340m, T=2K/4K/8K, bf16; resumable; ARGS=...)
