@@ -48,3 +48,24 @@ def state_outputs_and_grads(
     leaves = leaves_of(inputs)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=allow_unused)
     return {**outs, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.<name>`` (pytest's monkeypatch undoes it) so every call appends to the returned list: the GPU
+    tests check that a model really ran a kernel."""
+    calls: list = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def autocast_train_step(model: torch.nn.Module, vocab_size: int, length: int = 512) -> None:
+    """One bf16-autocast forward and backward of a language model on random CUDA token ids; the loss and every
+    gradient must come out finite."""
+    ids = torch.randint(0, vocab_size, (2, length), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss), loss
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

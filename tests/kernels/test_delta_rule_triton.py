@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close
+from kernels._testing import assert_close, autocast_train_step, count_calls
 from kernels.delta_rule import gated_delta_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,9 +227,7 @@ def test_gpu_auto_picks_triton_and_falls_back_to_the_reference_for_other_chunk_s
     """backend='auto' on CUDA runs the kernels for chunk sizes they tile and the reference otherwise."""
     from kernels.delta_rule import autograd
 
-    calls = []
-    real = autograd.triton_gated_delta_rule
-    monkeypatch.setattr(autograd, "triton_gated_delta_rule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = count_calls(monkeypatch, autograd, "triton_gated_delta_rule")
     inputs = make_inputs(1, 256, 2, 64, 64, torch.bfloat16)
     outputs_and_grads(inputs, "auto", chunk_size=64)
     assert calls == [1]
@@ -245,15 +243,7 @@ def test_gpu_deltanet_models_run_the_kernel_under_bf16_autocast(monkeypatch):
     from kernels.delta_rule import autograd
     from nlplatform.models.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNetConfig
 
-    calls = []
-    real = autograd.triton_gated_delta_rule
-    monkeypatch.setattr(autograd, "triton_gated_delta_rule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    ids = torch.randint(0, 100, (2, 512), device="cuda")
+    calls = count_calls(monkeypatch, autograd, "triton_gated_delta_rule")
     for config in (DeltaNetConfig, GatedDeltaNetConfig):
-        model = DeltaNet(config(d_model=128, n_layers=2, n_heads=2, vocab_size=100)).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        assert torch.isfinite(loss)
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        autocast_train_step(DeltaNet(config(d_model=128, n_layers=2, n_heads=2, vocab_size=100)).cuda(), 100)
     assert len(calls) == 4  # two layers, two families

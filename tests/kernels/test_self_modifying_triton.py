@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close
+from kernels._testing import assert_close, autocast_train_step, count_calls
 from kernels.self_modifying import AVAILABLE_BACKENDS, self_modifying_titans
+from tests.kernels.test_delta_rule_triton import poisoned_allocations  # noqa: F401 (autouse: NaN-filled allocations)
 from tests.kernels.test_self_modifying import make_inputs, outputs_and_grads
-from tests.kernels.test_titans_memory_triton import poisoned_allocations  # noqa: F401 (an autouse fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = 1e-5  # float32 on both sides: IEEE products, another summation order
@@ -80,3 +80,41 @@ def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
     assert len(results["reference"]) == len(results["triton"])
     for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
         assert_close(f"hope[{i}]", ref, out, 1e-4)
+
+
+# ---- GPU: realistic shapes (pytest -m gpu on a CUDA machine) ----
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+
+@gpu
+@needs_cuda
+def test_gpu_hope_main_memory_tracks_the_reference_at_the_340m_widths(monkeypatch):
+    """On a GPU: K = 128 per head, C_mem = 16, C_gen = 64, 2048 tokens, depth 2 with DGD and clipping, both backends
+    in float32 (the op's compute dtype)."""
+    import tests.kernels.test_self_modifying as base
+
+    for name, value in dict(B=2, H=4, K=128, HIDDEN=128).items():  # make_inputs reads its module's sizes
+        monkeypatch.setattr(base, name, value)
+    inputs = make_inputs(2048, 2, init_momentum=True, dtype=torch.float32)
+    inputs = {n: (x.cuda() if torch.is_tensor(x) else [t.cuda() for t in x] if isinstance(x, list) else x)
+              for n, x in inputs.items()}  # fmt: skip
+    kw = dict(chunk_size=64, memory_chunk_size=16, max_grad_norm=1.0)
+    ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
+    out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-4)
+
+
+@gpu
+@needs_cuda
+def test_gpu_hope_models_run_the_kernel_under_bf16_autocast(monkeypatch):
+    """Under CUDA autocast a HOPE model (backend auto) runs its main memory on the kernels, and trains."""
+    pytest.importorskip("omegaconf", reason="the model configs need omegaconf")
+    from kernels.self_modifying import autograd
+    from nlplatform.models.hope import Hope, HopeConfig
+
+    calls = count_calls(monkeypatch, autograd, "triton_main_memory")
+    autocast_train_step(Hope(HopeConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100)).cuda(), 100)
+    assert len(calls) == 2

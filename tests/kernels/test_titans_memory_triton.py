@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close, state_outputs_and_grads
+from kernels._testing import assert_close, autocast_train_step, count_calls, state_outputs_and_grads
 from kernels.titans_memory import AVAILABLE_BACKENDS, MemoryState, initial_memory_state, titans_memory
+from tests.kernels.test_delta_rule_triton import poisoned_allocations  # noqa: F401 (autouse: NaN-filled allocations)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative RMS error allowed against the reference run on the same inputs. fp32: IEEE products, another summation
@@ -29,22 +30,6 @@ pytestmark = [
         reason="no CUDA device and TRITON_INTERPRET is not set (tests/conftest.py sets it when CUDA is absent)",
     ),
 ]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """NaN-fill every fresh allocation, so an output element a kernel forgets to write shows up as a NaN."""
-
-    def poisoned(fn):
-        def alloc(*args, **kwargs):
-            x = fn(*args, **kwargs)
-            return x.fill_(float("nan")) if x.is_floating_point() else x
-
-        return alloc
-
-    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
-    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
 
 
 def make_inputs(B, T, H, K, V, hidden, dtype, *, theta_max=0.2, seed=0, device=DEVICE):
@@ -228,14 +213,7 @@ def test_gpu_titans_models_run_the_kernel_under_bf16_autocast(monkeypatch):
     from kernels.titans_memory import autograd
     from nlplatform.models.titans import Titans, TitansConfig
 
-    calls = []
-    real = autograd.triton_titans_memory
-    monkeypatch.setattr(autograd, "triton_titans_memory", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    ids = torch.randint(0, 100, (2, 512), device="cuda")
+    calls = count_calls(monkeypatch, autograd, "triton_titans_memory")
     model = Titans(TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64)).cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    autocast_train_step(model, 100)
     assert len(calls) == 2
