@@ -44,7 +44,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # pointer arguments that are float32 whatever the input dtype (gates, their cumsum, T, gradients kept in fp32)
 FP32 = {"beta", "g", "gc", "A", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dbeta", "dgc", "dg"}
-SCALARS = {"T": "i32", "NC": "i32", "scale": "fp32", "max_grad_norm": "fp32"}
+SCALARS = {"T": "i32", "NC": "i32", "N0": "i32", "NCH": "i32", "SLOTS": "i32", "scale": "fp32", "max_grad_norm": "fp32"}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the Titans memory kernels' pointers in the input dtype; every other pointer (gate coefficients, states, scratch,
 # gradients other than dy) is float32
@@ -79,8 +79,10 @@ def titans_launches(dtype: str, chunk: int, K: int, hidden: int | None, hope: bo
     settings = shape.settings("gelu", 1.0, TORCH_DTYPES[dtype], residual=hope, dgd=hope)
     warps, stages = settings.pop("num_warps"), settings.pop("num_stages")
     fp32 = lambda kernel: set(kernel.arg_names) - TITANS_INPUT_DTYPE  # noqa: E731
-    return [(kernel, settings, warps, stages, fp32(kernel), set())
-            for kernel in (titans_memory_fwd_kernel, titans_memory_bwd_kernel)]  # fmt: skip
+    return [
+        (titans_memory_fwd_kernel, {**settings, "STORE_Y": True}, warps, stages, fp32(titans_memory_fwd_kernel), set()),
+        (titans_memory_bwd_kernel, settings, warps, stages, fp32(titans_memory_bwd_kernel), set()),
+    ]
 
 
 def build(kernel, constexprs: dict, warps: int, stages: int, fp32_extra: set, none: set, dtype: str) -> dict:

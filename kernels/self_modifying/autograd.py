@@ -30,6 +30,7 @@ def unsupported(x: torch.Tensor, depth: int, memory_chunk_size: int) -> str | No
     return _unsupported(torch.promote_types(x.dtype, torch.float32), K, K, depth, memory_chunk_size)
 
 
+@torch.compiler.disable
 def triton_main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, activation, max_grad_norm):
     """``reference._main_memory`` on the kernels: inputs [B, H, T, .] (heads first), state [B, 1, H, d_in, d_out]
     per layer. Returns (o [B, H, T, K], final weights, final momentum) in the same layouts."""

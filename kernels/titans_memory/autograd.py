@@ -13,6 +13,8 @@ backward walks the chunks in reverse, recomputing each chunk's factors and read 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -26,6 +28,10 @@ MAX_HEAD_DIM = 128  # K and V are one register tile each (the hidden width D is 
 # float32 inputs multiply float32 tiles, twice the shared memory of half ones: a [C, K] tile of more than 4096 entries
 # (chunk 64 with K or V above 64) takes the backward past an H100's 227 KiB (bench/kernel_build.py measures it)
 MAX_FP32_TILE = 4096
+# Up to this many chunks the forward keeps every chunk-start state for the backward; beyond it, only those of every
+# R-th chunk (R = ceil(sqrt(NC))), and the backward recomputes one segment of R chunks at a time: about 2 sqrt(NC)
+# states in memory instead of NC, for one more pass of the state loop (without the read) in the backward.
+KEEP_ALL_CHUNKS = 16
 DEPTHS = (1, 2)
 
 
@@ -124,11 +130,13 @@ class LaunchShape:
             num_warps=8 if self.BC >= 64 else 4, num_stages=1,
         )  # fmt: skip
 
-    def launch(self, kernel, *args, activation, max_grad_norm, dtype, residual: bool, dgd: bool) -> None:
-        kernel[(self.B * self.H,)](
-            *args, self.T, self.NC, max_grad_norm or 1.0,
-            **self.settings(activation, max_grad_norm, dtype, residual, dgd),
-        )  # fmt: skip
+    def segment(self) -> int:
+        """Chunks per segment: the backward keeps the states of one segment at a time (README, "Memory")."""
+        return self.NC if self.NC <= KEEP_ALL_CHUNKS else math.isqrt(self.NC - 1) + 1
+
+    def launch(self, kernel, *args, chunks: range, slots: int, max_grad_norm: float, settings: dict) -> None:
+        """One launch over ``chunks``, with per-program state buffers of ``slots`` slots."""
+        kernel[(self.B * self.H,)](*args, self.T, self.NC, chunks.start, len(chunks), slots, max_grad_norm, **settings)
 
 
 def _by_layer(tensors: list, depth: int, dummy: torch.Tensor) -> list:
@@ -138,39 +146,77 @@ def _by_layer(tensors: list, depth: int, dummy: torch.Tensor) -> list:
     return [dummy, dummy, tensors[0], tensors[1]]
 
 
-def titans_memory_fwd(q, k, v, coefs, weights, momentum, chunk_size, activation, max_grad_norm, residual, dgd):
-    """Returns y and the chunk-start states: per layer [B, H, NC + 1, d_in, d_out] float32, slot NC the final one."""
-    L = len(weights)
-    s = LaunchShape(q, v, L, weights[0].shape[-1], chunk_size)
-    states = []
-    for x in (*weights, *momentum):
-        buf = x.new_empty(s.B, s.H, s.NC + 1, *x.shape[2:], dtype=torch.float32)
-        buf[:, :, 0] = x
-        states.append(buf)
-    dummy = q.new_empty(1, dtype=torch.float32)
+class _Run:
+    """One call's shapes, settings and buffers: per layer, weights and momentum at every segment start (the
+    checkpoints, [B, H, NS + 1, d_in, d_out]) and at every chunk start of one segment (the working states,
+    [B, H, R + 1, d_in, d_out]), all float32."""
+
+    def __init__(self, q, v, layers: list, chunk_size, activation, max_grad_norm, residual, dgd):
+        self.L = len(layers) // 2
+        self.shape = s = LaunchShape(q, v, self.L, layers[0].shape[-1], chunk_size)
+        self.R = s.segment()
+        self.segments = [range(n0, min(n0 + self.R, s.NC)) for n0 in range(0, s.NC, self.R)]
+        self.settings = s.settings(activation, max_grad_norm, q.dtype, residual, dgd)
+        self.max_grad_norm = max_grad_norm or 1.0  # a placeholder when clipping is off (CLIP=False)
+        self.dummy = q.new_empty(1, dtype=torch.float32)
+
+    def buffers(self, layers: list, slots: int) -> list:
+        return [x.new_empty(self.shape.B, self.shape.H, slots, *x.shape[-2:], dtype=torch.float32) for x in layers]
+
+    def states(self, q, k, v, coefs, work, chunks: range, y=None) -> None:
+        """Run ``chunks`` from the states in slot 0 of ``work``, writing y too when given."""
+        sc = q.new_empty(self.shape.B * self.shape.H * 2 * self.shape.BC * self.shape.DP, dtype=torch.float32)
+        args = (q, k, v, *coefs, *_by_layer(work, self.L, self.dummy), self.dummy if y is None else y, sc)
+        self.shape.launch(titans_memory_fwd_kernel, *args, chunks=chunks, slots=self.R + 1,
+                          max_grad_norm=self.max_grad_norm, settings={**self.settings, "STORE_Y": y is not None})  # fmt: skip
+
+
+def titans_memory_fwd(q, k, v, coefs, run: _Run, layers: list):
+    """y, and the states at every segment start (slot NS: the final state); with a single segment, the states at
+    every chunk start instead (the backward then has nothing to recompute)."""
     y = torch.empty_like(v)
-    sc = q.new_empty(s.B * s.H * 2 * s.BC * s.DP if L == 2 else 1, dtype=torch.float32)
-    s.launch(titans_memory_fwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), y, sc,
-             activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype, residual=residual, dgd=dgd)  # fmt: skip
-    return y, states
+    work = run.buffers(layers, run.R + 1)
+    checkpoints = run.buffers(layers, len(run.segments) + 1) if len(run.segments) > 1 else None
+    for w, x in zip(work, layers):
+        w[:, :, 0] = x
+    for i, chunks in enumerate(run.segments):
+        if i:
+            for w, c in zip(work, checkpoints):
+                w[:, :, 0] = c[:, :, i]
+        run.states(q, k, v, coefs, work, chunks, y)
+        if checkpoints is not None:
+            for w, c in zip(work, checkpoints):
+                if i == 0:
+                    c[:, :, 0] = w[:, :, 0]
+                c[:, :, i + 1] = w[:, :, len(chunks)]
+    return y, (work if checkpoints is None else checkpoints)
 
 
-def titans_memory_bwd(q, k, v, coefs, states, dy, d_final, chunk_size, activation, max_grad_norm, residual, dgd):
-    """Gradients of (q, k, v), of the coefficients, and of the initial weights and momenta (float32)."""
-    L = len(states) // 2
-    s = LaunchShape(q, v, L, states[0].shape[-1], chunk_size)
+def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
+    """Gradients of (q, k, v), of the coefficients, and of the initial weights and momenta (float32). Segment by
+    segment from the last: the segment's chunk-start states are recomputed from its checkpoint (unless the forward
+    kept them all), then its chunks run backwards."""
+    s = run.shape
     # the gradient w.r.t. the state after the last chunk, rewritten chunk by chunk into the one before the first
     grads = []
-    for g, buf in zip(d_final, states):
-        grad = buf.new_zeros(buf.shape[:2] + buf.shape[3:])
+    for g, x in zip(d_final, saved):
+        grad = x.new_zeros(x.shape[:2] + x.shape[3:])
         grads.append(grad.copy_(g) if g is not None else grad)
-    dummy = q.new_empty(1, dtype=torch.float32)
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
     dcoefs = [torch.empty_like(x) for x in coefs]
     sc = q.new_empty(s.B * s.H * 5 * s.BC * s.DP, dtype=torch.float32)
-    s.launch(titans_memory_bwd_kernel, q, k, v, *coefs, *_by_layer(states, L, dummy), dy, *_by_layer(grads, L, dummy),
-             dq, dk, dv, *dcoefs, sc, activation=activation, max_grad_norm=max_grad_norm, dtype=q.dtype,
-             residual=residual, dgd=dgd)  # fmt: skip
+    recompute = len(run.segments) > 1
+    work = run.buffers(saved, run.R + 1) if recompute else saved
+    for i in reversed(range(len(run.segments))):
+        chunks = run.segments[i]
+        if recompute:
+            for w, c in zip(work, saved):
+                w[:, :, 0] = c[:, :, i]
+            run.states(q, k, v, coefs, work, chunks)
+        args = (q, k, v, *coefs, *_by_layer(work, run.L, run.dummy), dy, *_by_layer(grads, run.L, run.dummy),
+                dq, dk, dv, *dcoefs, sc)  # fmt: skip
+        s.launch(titans_memory_bwd_kernel, *args, chunks=chunks, slots=run.R + 1, max_grad_norm=run.max_grad_norm,
+                 settings=run.settings)  # fmt: skip
     return dq, dk, dv, dcoefs, grads
 
 
@@ -181,21 +227,20 @@ class TitansMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, settings, q, k, v, *rest):
-        coefs, state = [x.contiguous() for x in rest[:6]], rest[6:]
+        coefs, layers = [x.contiguous() for x in rest[:6]], list(rest[6:])
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        L = len(state) // 2
-        y, states = titans_memory_fwd(q, k, v, coefs, state[:L], state[L:], *settings)
-        ctx.save_for_backward(q, k, v, *coefs, *states)
-        ctx.settings = settings
-        ctx.state_dtypes = [x.dtype for x in state]
-        return (y, *(buf[:, :, -1].clone() for buf in states))
+        run = _Run(q, v, layers, *settings)
+        y, saved = titans_memory_fwd(q, k, v, coefs, run, layers)
+        ctx.save_for_backward(q, k, v, *coefs, *saved)
+        ctx.run = run
+        ctx.state_dtypes = [x.dtype for x in layers]
+        final = len(run.segments[-1]) if len(run.segments) == 1 else len(run.segments)
+        return (y, *(x[:, :, final].clone() for x in saved))
 
     @staticmethod
     def backward(ctx, dy, *d_final):
         q, k, v, *rest = ctx.saved_tensors
-        dq, dk, dv, dcoefs, dstate = titans_memory_bwd(
-            q, k, v, rest[:6], rest[6:], dy.contiguous(), d_final, *ctx.settings
-        )  # fmt: skip
+        dq, dk, dv, dcoefs, dstate = titans_memory_bwd(q, k, v, rest[:6], ctx.run, rest[6:], dy.contiguous(), d_final)
         dstate = [g.to(dt) for g, dt in zip(dstate, ctx.state_dtypes)]
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoefs, *dstate)
 

@@ -183,25 +183,28 @@ def _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP: tl.constexpr):
     return f, df
 
 
-@triton.jit(do_not_specialize=["T", "NC", "max_grad_norm"])
+@triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_fwd_kernel(
     q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, y, sc,
-    T, NC, max_grad_norm,
+    T, NC, N0, NCH, SLOTS, max_grad_norm,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
+    RESIDUAL: tl.constexpr, DGD: tl.constexpr, STORE_Y: tl.constexpr,
 ):  # fmt: skip
+    """Chunks N0 .. N0 + NCH - 1 from the state in slot 0 of the program's SLOTS-slot state buffers; chunk N0 + i
+    reads slot i and writes slot i + 1. Without STORE_Y only the states are computed (the backward's recompute)."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_c, o_k, o_v, o_d = tl.arange(0, BC), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BD)
     m_k, m_v, m_all = o_k < K, o_v < V, o_c < BC
     m_causal = o_c[:, None] >= o_c[None, :]
     sc = sc + i_bh.to(tl.int64) * 2 * BC * DP
-    for n in range(NC):
+    for i in range(NCH):
+        n = N0 + i
         m_c = (o_c < C) & (n * C + o_c < T)
         bos = (i_b * T + n * C).to(tl.int64) * H + i_h
-        slot = i_bh.to(tl.int64) * (NC + 1) + n
+        slot = i_bh.to(tl.int64) * SLOTS + i
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
             q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
@@ -223,7 +226,7 @@ def titans_memory_fwd_kernel(
         b_xw = tl.zeros([BC, BV], dtype=tl.float32)  # X W2 and X S2: the last layer's reads of the start state
         b_xs = tl.zeros([BC, BV], dtype=tl.float32)
         b_p2 = tl.zeros([BC, BC], dtype=tl.float32)  # X a^T: the last layer's scores
-        if DEPTH == 2:
+        if DEPTH == 2 and STORE_Y:
             b_m1 = tl.where(m_causal, b_gam * _dot(b_q, tl.trans(b_k), PREC), 0.0)
         for t in range(0, D_IN, BD):
             o_t = t + o_d
@@ -233,41 +236,38 @@ def titans_memory_fwd_kernel(
                 b_z = _ld_sc(sc, o_c, o_t, DP)
                 b_a = _phi(b_z, ACT)
                 b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None] + b_u1[:, None] * b_z
-                b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
-                b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
+                if STORE_Y:
+                    b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
+                    b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
                 b_kt = tl.trans(b_k)
                 _st(W1 + K * D, o_k, o_t, D, m_k, m_t,
                     c_end * b_w1 + d_end * b_s1 - _dot(b_kt, b_g[:, None] * b_d1, PREC))  # fmt: skip
                 _st(S1 + K * D, o_k, o_t, D, m_k, m_t, e_end * b_s1 - _dot(b_kt, b_h[:, None] * b_d1, PREC))
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
-                b_x = _ld(q + bos * K, o_c, o_t, H * K, m_c, m_t)
+                if STORE_Y:
+                    b_x = _ld(q + bos * K, o_c, o_t, H * K, m_c, m_t)
             b_w2, b_s2 = _ld(W2, o_t, o_v, V, m_t, m_v), _ld(S2, o_t, o_v, V, m_t, m_v)
-            b_xw += _dot(b_x, b_w2, PREC)
-            b_xs += _dot(b_x, b_s2, PREC)
-            b_p2 += _dot(b_x, tl.trans(b_a), PREC)
+            if STORE_Y:
+                b_xw += _dot(b_x, b_w2, PREC)
+                b_xs += _dot(b_x, b_s2, PREC)
+                b_p2 += _dot(b_x, tl.trans(b_a), PREC)
             b_at = tl.trans(b_a)
-            _st(
-                W2 + D_IN * V,
-                o_t,
-                o_v,
-                V,
-                m_t,
-                m_v,
-                c_end * b_w2 + d_end * b_s2 - _dot(b_at, b_g[:, None] * b_d2, PREC),
-            )
+            b_new_w2 = c_end * b_w2 + d_end * b_s2 - _dot(b_at, b_g[:, None] * b_d2, PREC)
+            _st(W2 + D_IN * V, o_t, o_v, V, m_t, m_v, b_new_w2)
             _st(S2 + D_IN * V, o_t, o_v, V, m_t, m_v, e_end * b_s2 - _dot(b_at, b_h[:, None] * b_d2, PREC))
-        b_m2 = tl.where(m_causal, b_gam * b_p2, 0.0)
-        b_y = b_c[:, None] * b_xw + b_cd[:, None] * b_xs - _dot(b_m2, b_d2, PREC)
-        _st(y + bos * V, o_c, o_v, H * V, m_c, m_v, b_y)
+        if STORE_Y:
+            b_m2 = tl.where(m_causal, b_gam * b_p2, 0.0)
+            b_y = b_c[:, None] * b_xw + b_cd[:, None] * b_xs - _dot(b_m2, b_d2, PREC)
+            _st(y + bos * V, o_c, o_v, H * V, m_c, m_v, b_y)
         tl.debug_barrier()  # the next chunk reads the state tiles this one wrote
 
 
-@triton.jit(do_not_specialize=["T", "NC", "max_grad_norm"])
+@triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_bwd_kernel(
     q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, dy, dW1, dS1, dW2, dS2,
     dq, dk, dv, dcc, dcd, dcg, dch, dgam, dends, sc,
-    T, NC, max_grad_norm,
+    T, NC, N0, NCH, SLOTS, max_grad_norm,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
@@ -285,11 +285,12 @@ def titans_memory_bwd_kernel(
     sc_z, sc_d1, sc_zq, sc_da, sc_dd1 = sc, sc + BC * DP, sc + 2 * BC * DP, sc + 3 * BC * DP, sc + 4 * BC * DP
     dW1, dS1 = dW1 + i_bh.to(tl.int64) * K * D, dS1 + i_bh.to(tl.int64) * K * D
     dW2, dS2 = dW2 + i_bh.to(tl.int64) * D_IN * V, dS2 + i_bh.to(tl.int64) * D_IN * V
-    for i_n in range(NC):
-        n = NC - 1 - i_n
+    for i_n in range(NCH):
+        i = NCH - 1 - i_n
+        n = N0 + i
         m_c = (o_c < C) & (n * C + o_c < T)
         bos = (i_b * T + n * C).to(tl.int64) * H + i_h
-        slot = i_bh.to(tl.int64) * (NC + 1) + n
+        slot = i_bh.to(tl.int64) * SLOTS + i
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
             q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,

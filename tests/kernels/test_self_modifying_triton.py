@@ -62,6 +62,20 @@ def test_triton_equals_the_reference_on_output_states_and_every_gradient(
         assert_close(name, ref[name], out[name], RATIO)
 
 
+def test_the_main_memory_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch):
+    """With every chunk past the first segment recomputed in the backward (KEEP_ALL_CHUNKS forced down), the HOPE
+    main memory still equals the reference."""
+    from kernels.titans_memory import autograd
+
+    monkeypatch.setattr(autograd, "KEEP_ALL_CHUNKS", 1)
+    inputs = make_inputs(21, 2, init_momentum=True, dtype=torch.float32)
+    kw = dict(chunk_size=4, memory_chunk_size=4, max_grad_norm=0.5)
+    ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
+    out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)
+    for name in ref:
+        assert_close(name, ref[name], out[name], RATIO)
+
+
 def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: HOPE logits and weight gradients agree across backends."""
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")

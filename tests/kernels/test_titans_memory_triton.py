@@ -217,3 +217,20 @@ def test_gpu_titans_models_run_the_kernel_under_bf16_autocast(monkeypatch):
     model = Titans(TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64)).cuda()
     autocast_train_step(model, 100)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("T", "hidden", "chunk_size"), [(29, 64, 4), (40, None, 8), (5, 32, 1)], ids=["depth2-C4", "depth1-C8", "C1"]
+)
+def test_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch, T, hidden, chunk_size):
+    """Beyond KEEP_ALL_CHUNKS chunks the forward keeps only every R-th chunk-start state and the backward recomputes
+    each segment's: forced here (and with a last segment shorter than the others), every output and gradient equals
+    the reference's."""
+    from kernels.titans_memory import autograd
+
+    monkeypatch.setattr(autograd, "KEEP_ALL_CHUNKS", 1)
+    inputs = make_inputs(2, T, 2, 16, 16, hidden, torch.float32)
+    kw = dict(chunk_size=chunk_size, activation="gelu", max_grad_norm=1.0)
+    ref = outputs_and_grads(inputs, "reference", **kw)
+    out = outputs_and_grads(inputs, "triton", **kw)
+    assert_all_close(ref, out, RATIO[torch.float32])
