@@ -73,12 +73,13 @@ def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
 
 def titans_launches(dtype: str, chunk: int, K: int, hidden: int | None, hope: bool = False) -> list[tuple]:
     """The Titans memory kernels as ``kernels.titans_memory.autograd`` launches them (H = 8, K = V, clipping on, gelu;
-    ``hidden=None`` is a depth-1 memory; ``hope``: HOPE's main memory, residual target and DGD)."""
+    ``hidden=None`` is a depth-1 memory; ``hope``: HOPE's main memory, residual target and DGD, whose op hands the
+    kernels float32 tensors and multiplies as ``dtype``, the model's dtype)."""
     q = torch.empty(1, 4096, 8, K, device="meta")
     shape = LaunchShape(q, q, 1 if hidden is None else 2, hidden or K, chunk)
     settings = shape.settings("gelu", 1.0, TORCH_DTYPES[dtype], residual=hope, dgd=hope)
     warps, stages = settings.pop("num_warps"), settings.pop("num_stages")
-    fp32 = lambda kernel: set(kernel.arg_names) - TITANS_INPUT_DTYPE  # noqa: E731
+    fp32 = lambda kernel: set(kernel.arg_names) - (set() if hope else TITANS_INPUT_DTYPE)  # noqa: E731
     return [
         (titans_memory_fwd_kernel, {**settings, "STORE_Y": True}, warps, stages, fp32(titans_memory_fwd_kernel), set()),
         (titans_memory_bwd_kernel, settings, warps, stages, fp32(titans_memory_bwd_kernel), set()),
@@ -121,16 +122,15 @@ def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, set to silence its warning
     # (op, dtype, chunk, launches, widths, variant)
     variants = [("delta_rule", "bf16", 64, 128, True, True)]
-    # dtype, chunk, K = V, hidden (None: depth 1), HOPE's main memory: the 340m Titans and HOPE memories first (HOPE's
-    # op computes in float32)
-    memory = [("bf16", 64, 128, 512, False), ("fp32", 16, 128, 128, True)]
+    # dtype, chunk, K = V, hidden (None: depth 1), HOPE's main memory: the 340m Titans and HOPE memories first
+    memory = [("bf16", 64, 128, 512, False), ("bf16", 16, 128, 128, True)]
     if not args.quick:
         variants += [("delta_rule", "bf16", 64, 128, False, False), ("delta_rule", "bf16", 64, 64, True, True),
                      ("delta_rule", "bf16", 32, 128, True, True), ("delta_rule", "fp16", 64, 128, True, True),
                      ("delta_rule", "fp32", 64, 128, True, True)]  # fmt: skip
         memory += [("bf16", 16, 128, 512, False), ("bf16", 64, 64, 256, False), ("bf16", 64, 128, None, False),
                    ("fp16", 64, 128, 512, False), ("fp32", 32, 128, 512, False), ("fp32", 64, 64, 256, False),
-                   ("fp32", 16, 128, None, True)]  # fmt: skip
+                   ("fp32", 16, 128, 128, True), ("bf16", 16, 128, None, True)]  # fmt: skip
     jobs = []
     for _, dtype, BT, D, gated, state in variants:
         variant = ("gated" if gated else "ungated") + (" + state" if state else "")
@@ -163,7 +163,8 @@ def main() -> None:
     note = (
         f"Built with triton {triton.__version__} for sm_90 without a GPU (ptxas from the triton wheel). Delta rule: "
         "H = 16, K = V. Titans memory: H = 8, gelu, clipping on; D is the hidden width of a depth-2 memory; the HOPE "
-        "rows add the residual self-generated target and DGD. Registers "
+        "rows add the residual self-generated target and DGD; HOPE's op hands the kernels float32 tensors, so there the "
+        "dtype is the model's, which sets how the tiles are multiplied. Registers "
         "per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per program (an H100 launches "
         "at most 232448 bytes). The fp32 rows use IEEE products."
     )

@@ -8,6 +8,7 @@ ground truth) and the chunked form it runs. The math is in README.md beside this
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -172,7 +173,7 @@ def self_modifying_titans(
 
         reason = autograd.unsupported(x, len(state.weights), memory_chunk_size)
         if reason is None:
-            main_memory = autograd.triton_main_memory
+            main_memory = functools.partial(autograd.triton_main_memory, dot_dtype=x.dtype)
         elif backend == "triton":
             raise ValueError(f"{_NAME}: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_self_modifying_titans(

@@ -25,21 +25,26 @@ from kernels.titans_memory.autograd import unsupported as _unsupported
 
 def unsupported(x: torch.Tensor, depth: int, memory_chunk_size: int) -> str | None:
     """Why the kernels cannot run this op's main memory, or None when they can. The op computes in the promotion of
-    x's dtype and float32, so the kernels see float32 (or float64) inputs."""
+    x's dtype and float32, so the kernels see float32 (or float64) tensors, and multiply their tiles as x's dtype
+    would (``triton_main_memory``'s ``dot_dtype``)."""
     K = x.shape[-1]
-    return _unsupported(torch.promote_types(x.dtype, torch.float32), K, K, depth, memory_chunk_size)
+    return _unsupported(x.dtype, K, K, depth, memory_chunk_size)
 
 
 @torch.compiler.disable
-def triton_main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, activation, max_grad_norm):
+def triton_main_memory(
+    q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, activation, max_grad_norm, dot_dtype=None
+):
     """``reference._main_memory`` on the kernels: inputs [B, H, T, .] (heads first), state [B, 1, H, d_in, d_out]
-    per layer. Returns (o [B, H, T, K], final weights, final momentum) in the same layouts."""
+    per layer. Returns (o [B, H, T, K], final weights, final momentum) in the same layouts. ``dot_dtype``: the
+    dtype whose tile products the kernels use (the op's x dtype: bf16 or fp16 models get tensor-core products of the
+    float32 tiles, as the Titans op does for its bf16 inputs; None: float32 products)."""
     B, H, T, _ = q.shape
     coefs = chunk_coefficients(
         eta.transpose(1, 2), beta.expand(B, T, H), alpha.transpose(1, 2), chunk_size, _block(chunk_size),
         read_before_write=True,
     )  # fmt: skip
-    settings = (chunk_size, activation, max_grad_norm, True, dgd)
+    settings = (chunk_size, activation, max_grad_norm, True, dgd, dot_dtype)
     state = [w[:, 0] for w in main_w] + [s[:, 0] for s in main_s]
     y, *final = TitansMemoryFunction.apply(settings, *(t.transpose(1, 2) for t in (q, k, v)), *coefs, *state)
     L = len(main_w)

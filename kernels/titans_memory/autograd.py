@@ -151,12 +151,12 @@ class _Run:
     checkpoints, [B, H, NS + 1, d_in, d_out]) and at every chunk start of one segment (the working states,
     [B, H, R + 1, d_in, d_out]), all float32."""
 
-    def __init__(self, q, v, layers: list, chunk_size, activation, max_grad_norm, residual, dgd):
+    def __init__(self, q, v, layers: list, chunk_size, activation, max_grad_norm, residual, dgd, dot_dtype=None):
         self.L = len(layers) // 2
         self.shape = s = LaunchShape(q, v, self.L, layers[0].shape[-1], chunk_size)
         self.R = s.segment()
         self.segments = [range(n0, min(n0 + self.R, s.NC)) for n0 in range(0, s.NC, self.R)]
-        self.settings = s.settings(activation, max_grad_norm, q.dtype, residual, dgd)
+        self.settings = s.settings(activation, max_grad_norm, dot_dtype or q.dtype, residual, dgd)
         self.max_grad_norm = max_grad_norm or 1.0  # a placeholder when clipping is off (CLIP=False)
         self.dummy = q.new_empty(1, dtype=torch.float32)
 
@@ -222,8 +222,9 @@ def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
 
 class TitansMemoryFunction(torch.autograd.Function):
     """(q, k, v, c, d, g, h, Gamma, ends, W_1..W_L, S_1..S_L) -> (y, W'_1..W'_L, S'_1..S'_L). ``settings`` is
-    (chunk_size, activation, max_grad_norm, residual, dgd): residual and dgd select HOPE's main-memory rule (a
-    residual memory regressing its own read of v, Delta Gradient Descent)."""
+    (chunk_size, activation, max_grad_norm, residual, dgd[, dot_dtype]): residual and dgd select HOPE's main-memory
+    rule (a residual memory regressing its own read of v, Delta Gradient Descent); dot_dtype (default: q's dtype)
+    picks how the tiles are multiplied (``_dot_precision``)."""
 
     @staticmethod
     def forward(ctx, settings, q, k, v, *rest):

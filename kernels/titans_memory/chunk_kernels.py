@@ -10,16 +10,22 @@ width D_IN (D for depth 2, K for depth 1) and, for depth 2, the first layer W1/S
                 y  = c (X W2) + d (X S2) - (Gamma * X a^T) ~delta2
     new state   W_l' = c_end W_l + d_end S_l - a_l^T (g * ~delta_l),  S_l' = e_end S_l - a_l^T (h * ~delta_l)
 
+HOPE's main memory (kernels/self_modifying) switches on two changes: RESIDUAL makes the target v + MLP(v) - k (the
+residual memory's own read of v at the chunk-start weights), and DGD adds z_l / max(|a_l|, eps)^2 to each layer's
+right factor ~delta_l (Delta Gradient Descent's a_hat^T (a_hat W) shares the gradient's left factor a_l).
+
 The gate coefficients c, d, Gamma (per chunk, [BC] and [BC, BC]) and g, h, c_end, d_end, e_end (the state update's)
 do not depend on the memory: the host computes them for all chunks at once, in differentiable PyTorch, and the
-backward kernel returns their gradients. Everything is float32 in the kernels, whatever the input dtype.
+backward kernel returns their gradients. Everything is float32 in the kernels, whatever the input dtype; PREC says
+how tiles are multiplied (half roundings on tensor cores for half-precision models).
 
 The D-wide tensors (z, delta1, Z1 and, backward, their gradients) never sit whole in registers: every pass over them
 walks D in tiles of BD columns and parks what a later pass needs in a per-program float32 scratch [NS, BC, D] (it
-stays in L2). C x K, C x V and C x C tiles stay in registers. The chunk-start state of every chunk is written to
-``states[:, n]`` (slot NC is the final state): the forward reads slot n and writes slot n + 1, so no tile is
-overwritten while it is still to be read, and the backward reads the same slots instead of recomputing them.
-``tl.debug_barrier()`` separates a pass that writes global memory from the pass that reads it back.
+stays in L2). C x K, C x V and C x C tiles stay in registers. A launch runs chunks N0 .. N0 + NCH - 1 on state
+buffers of SLOTS slots per program: chunk N0 + i reads slot i and writes slot i + 1, so no tile is overwritten while
+it is still to be read, and the backward reads the same slots (the host recomputes them per segment for long
+sequences, autograd.py). ``tl.debug_barrier()`` separates a pass that writes global memory from the pass that reads
+it back.
 """
 
 from __future__ import annotations

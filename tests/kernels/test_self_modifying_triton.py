@@ -62,6 +62,19 @@ def test_triton_equals_the_reference_on_output_states_and_every_gradient(
         assert_close(name, ref[name], out[name], RATIO)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_half_precision_models_get_half_precision_products_within_their_tolerance(depth):
+    """With x in fp16 the op still computes in float32 but the kernels multiply fp16 roundings of their tiles (the
+    tensor-core path bf16/fp16 models take): every output and gradient within 5e-3 of the reference."""
+    inputs = make_inputs(33, depth, init_momentum=True, dtype=torch.float16)
+    inputs = {n: (x.to(DEVICE) if torch.is_tensor(x) else x) for n, x in inputs.items()}
+    kw = dict(chunk_size=8, memory_chunk_size=16, max_grad_norm=0.5)
+    ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
+    out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)
+    for name in ref:
+        assert_close(name, ref[name], out[name], 5e-3)
+
+
 def test_the_main_memory_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch):
     """With every chunk past the first segment recomputed in the backward (KEEP_ALL_CHUNKS forced down), the HOPE
     main memory still equals the reference."""

@@ -234,3 +234,18 @@ def test_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch,
     ref = outputs_and_grads(inputs, "reference", **kw)
     out = outputs_and_grads(inputs, "triton", **kw)
     assert_all_close(ref, out, RATIO[torch.float32])
+
+
+def test_without_autograd_the_kernels_give_the_same_read_out_and_state():
+    """Under no_grad and inference_mode (evaluation, generation) the Triton backend runs forward only and returns
+    what it returns with autograd."""
+    inputs = make_inputs(1, 21, 2, 16, 16, 32, torch.float32)
+    args = [inputs[n].detach() for n in ("q", "k", "v", "theta", "eta", "alpha")]
+    state = initial_memory_state(tuple(w.detach() for w in inputs["init_weights"]), 1)
+    kw = dict(chunk_size=8, max_grad_norm=1.0, backend="triton")
+    y, final = titans_memory(*args, state, **kw)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            y2, final2 = titans_memory(*args, state, **kw)
+        assert torch.equal(y, y2)
+        assert all(torch.equal(a, b) for a, b in zip(final.weights + final.momentum, final2.weights + final2.momentum))
