@@ -7,8 +7,10 @@ not on the memory, so they are computed for every chunk at once, in PyTorch, and
 to theta, eta and alpha. What depends on the memory, the gradient factors at each chunk's start weights, the read
 and the state update, runs in ``chunk_kernels``: one program per (batch, head), chunk after chunk.
 
-The forward keeps every chunk-start state (float32) for the backward, as the reference's autograd graph does; the
-backward walks the chunks in reverse, recomputing each chunk's factors and read from its start state.
+The forward keeps chunk-start states (float32) for the backward: all of them for up to KEEP_ALL_CHUNKS chunks, as
+the reference's autograd graph does, else those of every segment start. The backward walks the segments and their
+chunks in reverse, recomputing a segment's chunk-start states from its checkpoint and each chunk's factors and read
+from its start state.
 """
 
 from __future__ import annotations
