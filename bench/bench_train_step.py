@@ -15,6 +15,11 @@ Every case takes about the same number of tokens per step (``--tokens-per-step``
 sequence of 16K, two of 8K, ...), so the figures compare families and lengths at equal work. On CUDA the step runs
 under bf16 autocast with fp32 master weights (what training does); on a CPU in fp32.
 
+Each row records which backend the family's token mixer ran (``kernels``: ``triton`` when the op's Triton entry point
+was called during the timed steps, else ``reference``): ``backend="auto"`` falls back to the PyTorch reference where
+the kernels do not take the inputs, and a GPU row is only comparable to others once it says which it measured.
+Transformer++ has no such op (``-``).
+
 MFU (Transformer++ only, where the FLOP count is standard): ``tokens/s x (6 N + 12 L d T) / peak`` with N the
 non-embedding parameters, L layers, d the model width and T the sequence length (the PaLM appendix B count: matmul
 FLOPs of forward and backward, causal attention counted in full), against the GPU's dense bf16 peak (H100 / H200:
@@ -24,6 +29,8 @@ FLOPs of forward and backward, causal attention counted in full), against the GP
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +41,12 @@ from common import RESULTS, device_and_label, in_child, median_seconds, peak_mem
 
 from nlplatform import registry
 
+# (module, function): where each op hands its work to Triton; the families that use none have no token-mixer kernel
+TRITON_ENTRY_POINTS = (
+    ("kernels.delta_rule.autograd", "triton_gated_delta_rule"),
+    ("kernels.titans_memory.autograd", "triton_titans_memory"),
+    ("kernels.self_modifying.autograd", "triton_main_memory"),
+)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, no sparsity
 
 
@@ -64,6 +77,33 @@ def transformer_flops_per_token(model: torch.nn.Module, cfg, seq_len: int) -> fl
     return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
+@contextlib.contextmanager
+def counting_triton_calls(device: str):
+    """Count calls into the ops' Triton entry points while the block runs (CUDA only: a CPU run never imports triton,
+    and the ops pick the reference there)."""
+    counter = {"calls": 0}
+    patched = []
+    if device == "cuda":
+        for module_name, fn in TRITON_ENTRY_POINTS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # no triton installed: every op runs its reference
+                continue
+            real = getattr(module, fn)
+
+            def counted(*args, _real=real, **kwargs):
+                counter["calls"] += 1
+                return _real(*args, **kwargs)
+
+            setattr(module, fn, counted)
+            patched.append((module, fn, real))
+    try:
+        yield counter
+    finally:
+        for module, fn, real in patched:
+            setattr(module, fn, real)
+
+
 def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, vocab: int, device: str,
               compile_model: bool) -> dict:  # fmt: skip
     torch.manual_seed(0)
@@ -87,8 +127,10 @@ def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, v
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    median = median_seconds(step, steps, device, warmup=3 if compile_model else 2)
+    with counting_triton_calls(device) as triton_calls:
+        median = median_seconds(step, steps, device, warmup=3 if compile_model else 2)
     return {
+        "kernels": "-" if name == "transformer" else ("triton" if triton_calls["calls"] else "reference"),
         "params": params,
         "step_ms_median": 1000 * median,
         "tokens_per_sec": batch * seq_len / median,
@@ -100,18 +142,18 @@ def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, v
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| family | preset | params | T x batch | compile | ms/step | tokens/s | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | preset | params | T x batch | compile | kernels | ms/step | tokens/s | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("oom") or r.get("error"):
-            lines.append(f"| {r['family']} | {r['preset']} | | {r['seq_len']}x{r['batch']} | {r['compile']} | "
+            lines.append(f"| {r['family']} | {r['preset']} | | {r['seq_len']}x{r['batch']} | {r['compile']} | | "
                          f"{r.get('error', 'out of memory')} | | | |")  # fmt: skip
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         lines.append(
             f"| {r['family']} | {r['preset']} | {r['params']:,} | {r['seq_len']}x{r['batch']} | {r['compile']} | "
-            f"{r['step_ms_median']:.1f} | {r['tokens_per_sec']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} |"
+            f"{r.get('kernels', '')} | {r['step_ms_median']:.1f} | {r['tokens_per_sec']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} |"
         )
     return lines
 

@@ -37,6 +37,8 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
     assert all(r["tokens_per_sec"] > 0 and r["peak_mem_gib"] > 0 and not r["compile"] for r in first["rows"])
     assert first["rows"][0]["flops_per_token"] > 6 * 1e6 and first["rows"][1]["flops_per_token"] is None
     assert first["meta"]["dtype"] == "fp32" and first["meta"]["device"].startswith("cpu-")
+    # on a CPU the ops run their references; Transformer++ has no token-mixer op
+    assert [r["kernels"] for r in first["rows"]] == ["-", "reference", "-", "reference"]
 
     second = _run(bench, tmp_path, "deltanet,transformer,gated_deltanet")
     assert second["rows"][:4] == first["rows"]  # measured cases are kept, not re-run
@@ -48,3 +50,26 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
 def test_an_unknown_family_exits_2_naming_the_known_ones(bench, tmp_path, capsys):
     assert bench.main(["--families", "transformer,mamba", "--out", str(tmp_path)]) == 2
     assert "unknown families ['mamba']" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_cases_triton_calls_are_counted_and_the_entry_points_restored(bench):
+    """On CUDA a row says "triton" only if an op's Triton entry point ran: the counter sees the call (here in the
+    interpreter) and the op's module gets its own function back afterwards."""
+    pytest.importorskip("triton")
+    import torch
+
+    from kernels._dispatch import triton_interpreted
+    from kernels.titans_memory import autograd, initial_memory_state, titans_memory
+
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real = autograd.triton_titans_memory
+    q = torch.nn.functional.normalize(torch.randn(1, 8, 1, 16, device=device), dim=-1)
+    gates = [0.1 * torch.rand(1, 8, 1, device=device) for _ in range(3)]
+    state = initial_memory_state((torch.randn(1, 16, 16, device=device) / 4,), 1)
+    with bench.counting_triton_calls("cuda") as calls:
+        titans_memory(q, q, q, *gates, state, chunk_size=4, backend="triton")
+        titans_memory(q, q, q, *gates, state, chunk_size=4, backend="reference")
+    assert calls["calls"] == 1
+    assert autograd.triton_titans_memory is real
