@@ -189,6 +189,41 @@ def _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP: tl.constexpr):
     return f, df
 
 
+@triton.jit
+def _chunk(
+    q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
+    C: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+    PREC: tl.constexpr, RESIDUAL: tl.constexpr, DGD: tl.constexpr, CLIP: tl.constexpr,
+):  # fmt: skip
+    """What both passes start a chunk with: its rows, its slot's state offsets, its gradient factors, DGD's row
+    scales (u1 of layer 1, whose input is k, and u2 of the last layer, with their derivatives) and the clip."""
+    m_c = (o_c < C) & (n * C + o_c < T)
+    bos = (i_b * T + n * C).to(tl.int64) * H + i_h
+    slot = i_bh.to(tl.int64) * SLOTS + i
+    b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
+        q, k, v, W1s + slot * K * D, W2s + slot * D_IN * V, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
+        H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
+    )  # fmt: skip
+    b_u1, b_du1 = _dgd_weight(b_nk, DGD)
+    b_u2, b_du2 = _dgd_weight(b_na, DGD)
+    b_f, b_dfdn = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
+    return (m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, b_du1, b_u2, b_du2, b_f, b_dfdn)
+
+
+@triton.jit
+def _coefficients(cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC: tl.constexpr):
+    """The chunk's gate coefficients from the host: the read's c, d, Gamma and the update's g, h, c_end, d_end, e_end
+    (and the offsets their gradients go to)."""
+    o_cf = (i_bh.to(tl.int64) * NC + n) * BC
+    b_c, b_cd = tl.load(cc + o_cf + o_c), tl.load(cd + o_cf + o_c)
+    b_g, b_h = tl.load(cg + o_cf + o_c), tl.load(ch + o_cf + o_c)
+    b_gam = _ld(gam + o_cf * BC, o_c, o_c, BC, m_all, m_all)
+    o_end = (i_bh.to(tl.int64) * NC + n) * 3
+    c_end, d_end, e_end = tl.load(ends + o_end), tl.load(ends + o_end + 1), tl.load(ends + o_end + 2)
+    return o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end
+
+
 @triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_fwd_kernel(
     q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, y, sc,
@@ -208,26 +243,16 @@ def titans_memory_fwd_kernel(
     sc = sc + i_bh.to(tl.int64) * 2 * BC * DP
     for i in range(NCH):
         n = N0 + i
-        m_c = (o_c < C) & (n * C + o_c < T)
-        bos = (i_b * T + n * C).to(tl.int64) * H + i_h
-        slot = i_bh.to(tl.int64) * SLOTS + i
-        W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
-            q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
+        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, _, b_u2, _, b_f, _ = _chunk(
+            q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
+            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, DGD, CLIP,
         )  # fmt: skip
-        b_u1, b_du1 = _dgd_weight(b_nk, DGD)  # DGD's row scales of layer 1 (input k) and of the last layer
-        b_u2, b_du2 = _dgd_weight(b_na, DGD)
-        b_f, _ = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
+        W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         # the right factors every use below takes: the clipped gradient's, plus DGD's w z (README, "HOPE")
         b_d2 = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk
-
-        o_cf = (i_bh.to(tl.int64) * NC + n) * BC
-        b_c, b_cd = tl.load(cc + o_cf + o_c), tl.load(cd + o_cf + o_c)
-        b_g, b_h = tl.load(cg + o_cf + o_c), tl.load(ch + o_cf + o_c)
-        b_gam = _ld(gam + o_cf * BC, o_c, o_c, BC, m_all, m_all)
-        o_end = (i_bh.to(tl.int64) * NC + n) * 3
-        c_end, d_end, e_end = tl.load(ends + o_end), tl.load(ends + o_end + 1), tl.load(ends + o_end + 2)
+        _, _, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
+            cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
+        )  # fmt: skip
 
         b_xw = tl.zeros([BC, BV], dtype=tl.float32)  # X W2 and X S2: the last layer's reads of the start state
         b_xs = tl.zeros([BC, BV], dtype=tl.float32)
@@ -294,25 +319,15 @@ def titans_memory_bwd_kernel(
     for i_n in range(NCH):
         i = NCH - 1 - i_n
         n = N0 + i
-        m_c = (o_c < C) & (n * C + o_c < T)
-        bos = (i_b * T + n * C).to(tl.int64) * H + i_h
-        slot = i_bh.to(tl.int64) * SLOTS + i
-        W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
-            q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
+        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, b_du1, b_u2, b_du2, b_f, b_dfdn = _chunk(
+            q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
+            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, DGD, CLIP,
         )  # fmt: skip
-        b_u1, b_du1 = _dgd_weight(b_nk, DGD)  # DGD's row scales of layer 1 (input k) and of the last layer
-        b_u2, b_du2 = _dgd_weight(b_na, DGD)
-        b_f, b_dfdn = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
+        W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         b_d2c = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk  # the right factor the read and the update take
-
-        o_cf = (i_bh.to(tl.int64) * NC + n) * BC
-        b_c, b_cd = tl.load(cc + o_cf + o_c), tl.load(cd + o_cf + o_c)
-        b_g, b_h = tl.load(cg + o_cf + o_c), tl.load(ch + o_cf + o_c)
-        b_gam = _ld(gam + o_cf * BC, o_c, o_c, BC, m_all, m_all)
-        o_end = (i_bh.to(tl.int64) * NC + n) * 3
-        c_end, d_end, e_end = tl.load(ends + o_end), tl.load(ends + o_end + 1), tl.load(ends + o_end + 2)
+        o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
+            cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
+        )  # fmt: skip
         b_dy = _ld(dy + bos * V, o_c, o_v, H * V, m_c, m_v)
 
         # pass 1: the forward read again (Z1 parked for the next pass), the last layer's start-state reads and scores
