@@ -404,13 +404,18 @@ def delta_rule_contestants(run: Run) -> tuple[list[str], dict[str, str], dict[st
     return [c for c in CONTESTANTS if c not in skipped], skipped, fla_ops
 
 
+def announce(op: str, skipped: dict[str, str], label: str, shapes: list) -> None:
+    """What an op's run will time: the contestants left out (and why) and the shapes."""
+    print(f"== {op}")
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}")
+    print(f"{label}: " + "  ".join(shape_text(s) for s in shapes))
+
+
 def bench_delta_rule(given_shapes: list[Shape] | None, run: Run) -> None:
     shapes, shapes_source = pick_shapes(given_shapes, SHAPES, run, "--shapes")
     contestants, skipped, fla_ops = delta_rule_contestants(run)
-    print("== delta rule")
-    for name, reason in skipped.items():
-        print(f"skipping {name}: {reason}")
-    print(f"shapes ({shapes_source}): " + "  ".join(shape_text(s) for s in shapes))
+    announce("delta rule", skipped, f"shapes ({shapes_source})", shapes)
 
     rows: list[dict] = []
     cells: dict[tuple, dict] = {}  # (shape, variant, pass, contestant) -> row; sdpa under both variants
@@ -615,10 +620,7 @@ def memory_goal_sentence(rows: list[dict], run: Run) -> str:
 def bench_titans_memory(given_shapes: list[MemoryShape] | None, run: Run) -> None:
     shapes, shapes_source = pick_shapes(given_shapes, MEMORY_SHAPES, run, "--memory-shapes")
     contestants, skipped, peer = memory_contestants(run)
-    print("== Titans memory")
-    for name, reason in skipped.items():
-        print(f"skipping {name}: {reason}")
-    print(f"shapes B,T,H,D,depth,chunk ({shapes_source}): " + "  ".join(shape_text(s) for s in shapes))
+    announce("Titans memory", skipped, f"shapes B,T,H,D,depth,chunk ({shapes_source})", shapes)
 
     rows: list[dict] = []
     cells: dict[tuple, dict] = {}  # (shape, pass, contestant) -> row

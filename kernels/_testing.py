@@ -69,3 +69,18 @@ def autocast_train_step(model: torch.nn.Module, vocab_size: int, length: int = 5
     loss.backward()
     assert torch.isfinite(loss), loss
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def assert_backends_agree(name: str, build, ids: torch.Tensor, ratio: float = 1e-4) -> None:
+    """The model wiring of a kernel: ``build(kernel_backend)`` (from the same seed each time) gives the same logits and
+    parameter gradients with ``"triton"`` as with ``"reference"``, within ``ratio`` (relative RMS)."""
+    results = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = build(backend).to(ids.device)
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        results[backend] = [logits] + [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(results["reference"]) == len(results["triton"]), f"{name}: the backends train different parameters"
+    for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
+        assert_close(f"{name}[{i}]", ref, out, ratio)

@@ -4,24 +4,18 @@ Run in process (the script's ``main``), results in a temporary folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 TINY = ["--repeats", "1", "--warmup", "0", "--shapes", "1,16,1,8", "--memory-shapes", "1,16,2,8,2,8;2,8,1,8,1,8"]
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling `common`
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "bench_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("bench_kernels")
 
 
 def _results(folder: Path, name: str) -> tuple[dict, str]:

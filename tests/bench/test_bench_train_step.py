@@ -3,22 +3,15 @@ and a second call runs only the cases the results file lacks. Run in process (th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its sibling `common`
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH / "bench_train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("bench_train_step")
 
 
 def _run(bench, out: Path, families: str) -> dict:

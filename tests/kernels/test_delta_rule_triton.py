@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close, autocast_train_step, count_calls
+from kernels._testing import assert_backends_agree, assert_close, autocast_train_step, count_calls
 from kernels.delta_rule import gated_delta_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,15 +189,9 @@ def test_a_deltanet_model_on_the_triton_backend_equals_the_reference_model():
     small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, chunk_size=16)
     ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     for config in (DeltaNetConfig, GatedDeltaNetConfig):
-        results = {}
-        for backend in ("reference", "triton"):
-            torch.manual_seed(0)
-            model = DeltaNet(config(**small, kernel_backend=backend)).to(DEVICE)
-            logits = model(ids)
-            logits.float().square().mean().backward()
-            results[backend] = [logits] + [p.grad for p in model.parameters()]
-        for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
-            assert_close(f"{config.__name__}[{i}]", ref, out, 1e-4)
+        assert_backends_agree(
+            config.__name__, lambda backend, config=config: DeltaNet(config(**small, kernel_backend=backend)), ids
+        )
 
 
 # ---- GPU: bf16 and fp32 at realistic lengths (pytest -m gpu on a CUDA machine) ----

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close, autocast_train_step, count_calls
+from kernels._testing import assert_backends_agree, assert_close, autocast_train_step, count_calls
 from kernels.self_modifying import AVAILABLE_BACKENDS, self_modifying_titans
 from tests.kernels.test_delta_rule_triton import poisoned_allocations  # noqa: F401 (autouse: NaN-filled allocations)
 from tests.kernels.test_self_modifying import make_inputs, outputs_and_grads
@@ -97,16 +97,7 @@ def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
     small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, memory_chunk_size=8, projection_chunk_size=8,
                  cms_chunk_sizes=[8])  # fmt: skip
     ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    results = {}
-    for backend in ("reference", "triton"):
-        torch.manual_seed(0)
-        model = Hope(HopeConfig(**small, kernel_backend=backend)).to(DEVICE)
-        logits = model(ids)
-        logits.float().square().mean().backward()
-        results[backend] = [logits] + [p.grad for p in model.parameters() if p.grad is not None]
-    assert len(results["reference"]) == len(results["triton"])
-    for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
-        assert_close(f"hope[{i}]", ref, out, 1e-4)
+    assert_backends_agree("hope", lambda backend: Hope(HopeConfig(**small, kernel_backend=backend)), ids)
 
 
 # ---- GPU: realistic shapes (pytest -m gpu on a CUDA machine) ----

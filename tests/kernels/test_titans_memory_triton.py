@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import triton_interpreted
-from kernels._testing import assert_close, autocast_train_step, count_calls, state_outputs_and_grads
+from kernels._testing import (
+    assert_backends_agree,
+    assert_close,
+    autocast_train_step,
+    count_calls,
+    state_outputs_and_grads,
+)
 from kernels.titans_memory import AVAILABLE_BACKENDS, MemoryState, initial_memory_state, titans_memory
 from tests.kernels.test_delta_rule_triton import poisoned_allocations  # noqa: F401 (autouse: NaN-filled allocations)
 
@@ -161,15 +167,11 @@ def test_a_titans_model_on_the_triton_backend_equals_the_reference_model():
     small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, memory_chunk_size=8, window=16, attn_heads=2)
     ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     for variant in ("lmm", "mag"):
-        results = {}
-        for backend in ("reference", "triton"):
-            torch.manual_seed(0)
-            model = Titans(TitansConfig(**small, variant=variant, kernel_backend=backend)).to(DEVICE)
-            logits = model(ids)
-            logits.float().square().mean().backward()
-            results[backend] = [logits] + [p.grad for p in model.parameters()]
-        for i, (ref, out) in enumerate(zip(results["reference"], results["triton"])):
-            assert_close(f"{variant}[{i}]", ref, out, 1e-4)
+        assert_backends_agree(
+            variant,
+            lambda backend, variant=variant: Titans(TitansConfig(**small, variant=variant, kernel_backend=backend)),
+            ids,
+        )
 
 
 # ---- GPU: bf16 and fp32 at realistic shapes (pytest -m gpu on a CUDA machine) ----
