@@ -33,3 +33,14 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor, available: tuple[str
             "kernels are imported (the CPU interpreter, for tests)"
         )
     return backend
+
+
+def takes_inputs(op: str, backend: str, reason: str | None) -> bool:
+    """After ``resolve_backend`` chose Triton: whether the kernels run, given why they cannot take these inputs
+    (``reason``, None when they can). Under ``"auto"`` an unsupported input falls back to the reference (False); an
+    explicit ``backend="triton"`` refuses it with the reason instead."""
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"{op}: the Triton backend does not take {reason}; use backend='reference'")
+    return False

@@ -11,7 +11,7 @@ import importlib.util
 import torch
 
 from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
-from kernels._dispatch import resolve_backend
+from kernels._dispatch import resolve_backend, takes_inputs
 from kernels.delta_rule.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "recurrent_gated_delta_rule"]
@@ -76,11 +76,8 @@ def gated_delta_rule(
     if resolve_backend("gated_delta_rule", backend, q, AVAILABLE_BACKENDS) == "triton":
         from kernels.delta_rule import autograd
 
-        reason = autograd.unsupported(q, chunk_size)
-        if reason is None:
+        if takes_inputs("gated_delta_rule", backend, autograd.unsupported(q, chunk_size)):
             run = autograd.triton_gated_delta_rule
-        elif backend == "triton":
-            raise ValueError(f"gated_delta_rule: the Triton backend does not take {reason}; use backend='reference'")
     if run is chunk_gated_delta_rule and q.shape[1] <= RECURRENT_MAX_T:
         # Decoding steps: a few tokens are cheaper one by one than padded to a chunk with its triangular solve.
         return recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,

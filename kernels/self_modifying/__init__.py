@@ -14,7 +14,7 @@ import importlib.util
 import torch
 
 from kernels._checks import check_one_device
-from kernels._dispatch import resolve_backend
+from kernels._dispatch import resolve_backend, takes_inputs
 from kernels.self_modifying.reference import (
     ACTIVATIONS,
     SelfModState,
@@ -171,11 +171,8 @@ def self_modifying_titans(
     if resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS) == "triton":
         from kernels.self_modifying import autograd
 
-        reason = autograd.unsupported(x, len(state.weights), memory_chunk_size)
-        if reason is None:
+        if takes_inputs(_NAME, backend, autograd.unsupported(x, len(state.weights), memory_chunk_size)):
             main_memory = functools.partial(autograd.triton_main_memory, dot_dtype=x.dtype)
-        elif backend == "triton":
-            raise ValueError(f"{_NAME}: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_self_modifying_titans(
         x, q, gate_w, gate_b, state,
         static_k=static_k, static_v=static_v, momentum_decay=momentum_decay,

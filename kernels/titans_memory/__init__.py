@@ -12,7 +12,7 @@ import importlib.util
 import torch
 
 from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
-from kernels._dispatch import resolve_backend
+from kernels._dispatch import resolve_backend, takes_inputs
 from kernels.titans_memory.reference import (
     ACTIVATIONS,
     MemoryState,
@@ -101,13 +101,11 @@ def titans_memory(
         from kernels.titans_memory import autograd
 
         reason = autograd.unsupported(q.dtype, q.shape[-1], v.shape[-1], len(state.weights), chunk_size)
-        if reason is None:
+        if takes_inputs("titans_memory", backend, reason):
             return autograd.triton_titans_memory(
                 q, k, v, theta, eta, alpha, state,
                 chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
             )  # fmt: skip
-        if backend == "triton":
-            raise ValueError(f"titans_memory: the Triton backend does not take {reason}; use backend='reference'")
     return chunk_titans_memory(
         q, k, v, theta, eta, alpha, state,
         chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
