@@ -178,20 +178,21 @@ def titans_memory_fwd(q, k, v, coefs, run: _Run, layers: list):
     every chunk start instead (the backward then has nothing to recompute)."""
     y = torch.empty_like(v)
     work = run.buffers(layers, run.R + 1)
-    checkpoints = run.buffers(layers, len(run.segments) + 1) if len(run.segments) > 1 else None
-    for w, x in zip(work, layers):
-        w[:, :, 0] = x
+    if len(run.segments) == 1:  # the working buffer then holds every chunk-start state: the backward reads it as is
+        for w, x in zip(work, layers):
+            w[:, :, 0] = x
+        run.states(q, k, v, coefs, work, run.segments[0], y)
+        return y, work
+    checkpoints = run.buffers(layers, len(run.segments) + 1)
+    for c, x in zip(checkpoints, layers):
+        c[:, :, 0] = x
     for i, chunks in enumerate(run.segments):
-        if i:
-            for w, c in zip(work, checkpoints):
-                w[:, :, 0] = c[:, :, i]
+        for w, c in zip(work, checkpoints):
+            w[:, :, 0] = c[:, :, i]
         run.states(q, k, v, coefs, work, chunks, y)
-        if checkpoints is not None:
-            for w, c in zip(work, checkpoints):
-                if i == 0:
-                    c[:, :, 0] = w[:, :, 0]
-                c[:, :, i + 1] = w[:, :, len(chunks)]
-    return y, (work if checkpoints is None else checkpoints)
+        for w, c in zip(work, checkpoints):
+            c[:, :, i + 1] = w[:, :, len(chunks)]
+    return y, checkpoints
 
 
 def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
