@@ -96,6 +96,9 @@ FAMILY_RUN_OVERRIDES = [
     "trainer.val_check_interval=15",
     "trainer.log_every_n_steps=1",  # the falling-loss tests compare the first steps with the last
     "trainer.enable_progress_bar=false",
+    # Only last.ckpt: a tiny recipe's checkpoint is ~60 MB (GPT-2 vocabulary, Adam moments), and the session keeps
+    # every family's run; a second, best-by-val copy would double the suite's disk use for no test.
+    "trainer.save_top_k=0",
 ]
 
 
