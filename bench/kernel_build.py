@@ -7,7 +7,9 @@ GPU code (the CPU interpreter does not) and reads, per kernel, the registers per
 stack and the shared memory, at the launch settings the host functions use (tiles from ``kernels/delta_rule/tiling``
 and ``kernels.titans_memory.autograd.LaunchShape``). Registers at 255 with a stack means spills: the first thing to
 look at when a kernel is slow. Shared memory above 227 KiB (232448 bytes) would not launch on an H100. Writes
-bench/results/kernel-build-sm90.json and .md; ``--quick`` builds one variant and writes nothing (for the tests).
+bench/results/kernel-build-sm90-triton<major.minor>.json and .md: the figures are the compiler's, so each Triton
+version gets its own file (run it from a venv with the GPU machines' Triton to see what they will build);
+``--quick`` builds one variant and writes nothing (for the tests).
 Must run without TRITON_INTERPRET (the interpreter replaces the compiler); the script refuses otherwise.
 """
 
@@ -166,10 +168,13 @@ def main() -> None:
         "rows add the residual self-generated target and DGD; HOPE's op hands the kernels float32 tensors, so there the "
         "dtype is the model's, which sets how the tiles are multiplied. Registers "
         "per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per program (an H100 launches "
-        "at most 232448 bytes). The fp32 rows use IEEE products."
+        "at most 232448 bytes). The fp32 rows use IEEE products, i.e. FMA loops rather than tensor cores: ptxas "
+        "builds the largest of them at 32 registers with a deep stack (its own choice, no register cap is set), so "
+        "fp32 inputs are the exact path, not the fast one; training runs bf16."
     )
     meta = {"triton": triton.__version__, "target": "cuda sm_90"}
-    write_results("kernel-build", "sm90", meta, rows, lines, note)
+    version = ".".join(triton.__version__.split(".")[:2])
+    write_results("kernel-build", f"sm90-triton{version}", meta, rows, lines, note)
 
 
 if __name__ == "__main__":
