@@ -35,7 +35,7 @@ def _tokenizer_for(spec: str, ckpt: Path):
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a training checkpoint in eval mode, with its recipe and tokenizer."""
     from nlplatform.models.base import flush_denormals
-    from nlplatform.registry import build_model
+    from nlplatform.registry import build_model, check_model_format
 
     flush_denormals()
     path = Path(path)
@@ -49,6 +49,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if "recipe" not in hparams:
         raise UserError(f"{path} is not an nlplatform training checkpoint (it has no recipe)")
     recipe = recipe_from_dict(hparams["recipe"])
+    check_model_format(recipe.model.name, state.get("model_format"), f"checkpoint {path}")
     model = build_model(recipe.model)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)

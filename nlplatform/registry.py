@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from nlplatform.config import ModelConfig, _suggest
-from nlplatform.errors import ConfigError
+from nlplatform.errors import ConfigError, UserError
 from nlplatform.models.base import ModelSpec
 
 FAMILIES: dict[str, str] = {
@@ -46,6 +46,19 @@ def model_config(name: str, preset: str, **overrides: Any) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown key model.{unknown[0]} for {name}.{_suggest(unknown[0], known)}")
     return spec.config_cls(**{**spec.presets[preset], **overrides, "name": name, "preset": preset})
+
+
+def check_model_format(name: str, saved: int | None, source: str) -> None:
+    """Refuse a checkpoint whose weights were trained for another version of the family's math (``saved``: its
+    ``model_format``; None for checkpoints from before the field, which are format 1)."""
+    spec = get_spec(name)
+    saved = 1 if saved is None else int(saved)
+    if saved != spec.format_version:
+        raise UserError(
+            f"{source} holds a {name} model of format {saved}, but this version computes format "
+            f"{spec.format_version}: {spec.format_change or 'the model changed'}. Its weights cannot be reused; "
+            "train it again"
+        )
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

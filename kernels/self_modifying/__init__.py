@@ -158,7 +158,8 @@ def self_modifying_titans(
         activation: ``"gelu"`` or ``"silu"`` between the MLP layers.
         max_grad_norm: clip each token's inner gradient (all layers of one memory together) to this Frobenius norm.
         backend: ``"auto"`` (the main memory on the Triton kernels on CUDA when they take it, the reference
-            otherwise), ``"triton"`` or ``"reference"``. The generators always run in PyTorch.
+            otherwise), ``"triton"`` or ``"reference"``. The kernels take the main memory with ``dgd=False`` only; the
+            generators always run in PyTorch.
 
     Returns:
         ``o`` ``[B, T, H, K]`` in x's dtype, and the state after the last token.
@@ -171,7 +172,7 @@ def self_modifying_titans(
     if resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS) == "triton":
         from kernels.self_modifying import autograd
 
-        if takes_inputs(_NAME, backend, autograd.unsupported(x, len(state.weights), memory_chunk_size)):
+        if takes_inputs(_NAME, backend, autograd.unsupported(x, len(state.weights), memory_chunk_size, dgd)):
             main_memory = functools.partial(autograd.triton_main_memory, dot_dtype=x.dtype)
     return chunk_self_modifying_titans(
         x, q, gate_w, gate_b, state,

@@ -86,20 +86,34 @@ def _cast(acc, *tensors):
     return [None if t is None else t.to(acc) for t in tensors]
 
 
-def _update_factors(k, v, anchor, activation, max_grad_norm, dgd):
-    """Per-token update factors of a group of G memories at their anchor weights [B, G, H, d_in, d_out], for keys and
-    values [B, H, n, K]: each memory's target is its own read of v (Eq. 84-85); the gradient of ||M(k) - target||^2
-    is the outer product lefts^T rights per layer (target held constant; residual memory: the MLP's target is
-    target - k), and DGD adds the pair (at, at W) with at the normalised layer input, so a token contributes ``reps``
-    pairs [B, G, H, reps * n, .] that share its coefficients."""
+def _update_factors(k, v, anchor, momentum, before, activation, max_grad_norm, dgd):
+    """Per-token update factors of a group of G memories with chunk-start weights ``anchor`` and momentum
+    ``momentum`` ([B, G, H, d_in, d_out] per layer), for keys and values [B, H, n, K]: token s of the chunk adds
+    ``U_s = lefts_s^T rights_s`` per layer (README, "The chunked form").
+
+    Each memory's target is its own read of v (Eq. 84-85); the gradient of ||M(k) - target||^2 at the anchor is the
+    outer product a_s^T delta_s per layer (target held constant; residual memory: the MLP's target is target - k).
+    Without DGD that is the update. With DGD (Eq. 88-91) the update is U_s = G_s + a_hat_s^T (a_hat_s W_{s-1}): the
+    layer input a_hat (normalised, at the anchor) multiplies the *running* weights. Every term shares the left factor
+    a_hat_s (a_s = max(|a_s|, eps) a_hat_s), so U_s = a_hat_s^T r_s with r_s = |a_s| delta_s + a_hat_s W_{s-1}, and
+    since W_{s-1} is the chunk's closed form in the earlier r (``before``: the coefficients of the state before each
+    token), the r of a chunk solve one unit lower-triangular system (a UT transform, as for the delta rule):
+    (I + Gamma_before * (A_hat A_hat^T)) R = |A| * Delta + keep_before * (A_hat W_0) + d_before * (A_hat S_0)."""
     vhat = _residual_read(v[:, None], anchor, activation)
     keys = k[:, None].expand_as(vhat)
-    lefts, rights = _grad_factors(keys, vhat - keys, anchor, activation, max_grad_norm)
-    if dgd:
-        unit = [F.normalize(a, dim=-1, eps=NORM_EPS) for a in lefts]
-        rights = [torch.cat([d, u @ w], dim=-2) for d, u, w in zip(rights, unit, anchor)]
-        lefts = [torch.cat([a, u], dim=-2) for a, u in zip(lefts, unit)]
-    return lefts, rights
+    lefts, deltas = _grad_factors(keys, vhat - keys, anchor, activation, max_grad_norm)
+    if not dgd:
+        return lefts, deltas
+    keep, d, gamma = (t[:, None] for t in before)  # broadcast over the group's memories
+    units, rights = [], []
+    for a, delta, w, s in zip(lefts, deltas, anchor, momentum):
+        norm = a.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # F.normalize's denominator
+        unit = a / norm
+        rhs = norm * delta + keep * (unit @ w) + d * (unit @ s)
+        system = gamma * (unit @ unit.transpose(-1, -2))  # strictly lower: the diagonal of Gamma_before is 0
+        rights.append(torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True))
+        units.append(unit)
+    return units, rights
 
 
 class _Coefficients(NamedTuple):
@@ -123,10 +137,19 @@ def _coefficients(eta: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) ->
     return _Coefficients(keep, d, gamma, mom, d_mom[..., -1, :] * eta)
 
 
-def _advance(weights, momentum, lefts, rights, co: _Coefficients, reps: int):
+def _before(co: _Coefficients):
+    """The coefficients of the state each token finds (row i - 1; the chunk start for the first token): keep
+    [B, H, n, 1], d [B, H, n, 1] and Gamma [B, H, n, n], strictly lower-triangular."""
+    keep = F.pad(co.keep[..., :-1], (1, 0), value=1.0)[..., None]
+    d = F.pad(co.d[..., :-1, :], (0, 0, 1, 0))
+    gamma = F.pad(co.gamma[..., :-1, :], (0, 0, 1, 0))
+    return keep, d, gamma
+
+
+def _advance(weights, momentum, lefts, rights, co: _Coefficients):
     """The state after the n tokens, for every memory of the group at once (coefficients broadcast over it)."""
-    coef_w = co.gamma[:, None, :, -1, :, None].repeat(1, 1, 1, reps, 1)  # [B, 1, H, reps n, 1]
-    coef_s = co.s_last[:, None, :, :, None].repeat(1, 1, 1, reps, 1)
+    coef_w = co.gamma[:, None, :, -1, :, None]  # [B, 1, H, n, 1]
+    coef_s = co.s_last[:, None, :, :, None]
     keep, d, mom = (t[:, None, :, None, None] for t in (co.keep[..., -1], co.d[..., -1, 0], co.mom[..., -1]))
     new_w = [
         keep * w + d * s - a.transpose(-1, -2) @ (coef_w * r) for w, s, a, r in zip(weights, momentum, lefts, rights)
@@ -135,12 +158,10 @@ def _advance(weights, momentum, lefts, rights, co: _Coefficients, reps: int):
     return new_w, new_s
 
 
-def _read_before_write(q, weights, momentum, lefts, rights, co: _Coefficients, reps: int, activation: str):
-    """M(q_i) of a single memory ([B, 1, H, ., .] tensors) as it stood before token i's write: the coefficients of
-    row i - 1 (the chunk start for i = 0), applied layer by layer to the query's own activations (exact)."""
-    keep = torch.cat([torch.ones_like(co.keep[..., :1]), co.keep[..., :-1]], dim=-1)[..., None]
-    d = torch.cat([torch.zeros_like(co.d[..., :1, :]), co.d[..., :-1, :]], dim=-2)
-    gamma = torch.cat([torch.zeros_like(co.gamma[..., :1, :]), co.gamma[..., :-1, :]], dim=-2).repeat(1, 1, 1, reps)
+def _read_before_write(q, weights, momentum, lefts, rights, before, activation: str):
+    """M(q_i) of a single memory ([B, 1, H, ., .] tensors) as it stood before token i's write (``before``: the
+    coefficients of row i - 1), applied layer by layer to the query's own activations (exact)."""
+    keep, d, gamma = before
     h = q
     for i in range(len(weights)):
         z = keep * (h @ weights[i][:, 0]) + d * (h @ momentum[i][:, 0])
@@ -205,7 +226,6 @@ def _generate(x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta, 
     """The generators over the whole sequence, chunk by chunk: each chunk generates its tokens' k, v, eta and alpha
     from the generators' chunk-start state and advances the generators over them. Returns ((k, v, eta, alpha) with
     heads first, [B, H, T, .]) and the generators' final weights and momentum."""
-    reps = 2 if dgd else 1
     generated_chunks = []
     for start in range(0, x.shape[2], chunk_size):
         sl = slice(start, start + chunk_size)
@@ -213,8 +233,9 @@ def _generate(x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta, 
         k = static_k[:, :, sl] if static_k is not None else F.normalize(generated["k"], dim=-1, eps=NORM_EPS)
         v = static_v[:, :, sl] if static_v is not None else generated["v"]
         eta, alpha = _gates(generated["eta"], generated["alpha"], gate_w, gate_b, eta_max, retention)
-        lefts, rights = _update_factors(k, v, gen_w, activation, max_grad_norm, dgd)
-        gen_w, gen_s = _advance(gen_w, gen_s, lefts, rights, _coefficients(eta, alpha, beta), reps)
+        co = _coefficients(eta, alpha, beta)
+        lefts, rights = _update_factors(k, v, gen_w, gen_s, _before(co), activation, max_grad_norm, dgd)
+        gen_w, gen_s = _advance(gen_w, gen_s, lefts, rights, co)
         generated_chunks.append((k, v, eta, alpha))
     return [torch.cat(t, dim=2) for t in zip(*generated_chunks)], gen_w, gen_s
 
@@ -223,14 +244,15 @@ def _main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, 
     """The main memory over the whole sequence (inputs [B, H, T, .], state [B, 1, H, d_in, d_out] per layer), chunk
     by chunk: factors at the chunk-start state, every token read before its own write. Returns (o [B, H, T, K], final
     weights, final momentum)."""
-    reps = 2 if dgd else 1
     outs = []
     for start in range(0, q.shape[2], chunk_size):
         sl = slice(start, start + chunk_size)
-        lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, activation, max_grad_norm, dgd)
         co = _coefficients(eta[:, :, sl], alpha[:, :, sl], beta)
-        outs.append(_read_before_write(q[:, :, sl], main_w, main_s, lefts, rights, co, reps, activation))
-        main_w, main_s = _advance(main_w, main_s, lefts, rights, co, reps)
+        before = _before(co)
+        lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, main_s, before, activation, max_grad_norm,
+                                        dgd)  # fmt: skip
+        outs.append(_read_before_write(q[:, :, sl], main_w, main_s, lefts, rights, before, activation))
+        main_w, main_s = _advance(main_w, main_s, lefts, rights, co)
     return torch.cat(outs, dim=2), main_w, main_s
 
 
@@ -262,8 +284,9 @@ def recurrent_self_modifying_titans(
     activation: str = "gelu",
     max_grad_norm: float | None = None,
 ) -> tuple[torch.Tensor, SelfModState]:
-    """Token by token and memory by memory, with the inner gradients from autograd and the DGD term formed as the
-    matrix (at^T at) W (independent of the factored closed form): the ground truth. O(T M) autograd calls."""
+    """Token by token and memory by memory, with the inner gradients from autograd at each memory's chunk-start
+    weights and the DGD term formed as the matrix (a_hat^T a_hat) W_{t-1} on the running weights (Eq. 91; independent
+    of the factored closed form): the ground truth. O(T M) autograd calls."""
     check_chunk_sizes(chunk_size, memory_chunk_size)
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -308,8 +331,8 @@ def recurrent_self_modifying_titans(
             if dgd:
                 a = k  # the layer's input at the anchor weights, [B, H, 1, d_in]
                 for i, w in enumerate(anchor[m]):
-                    u = F.normalize(a, dim=-1, eps=NORM_EPS)
-                    updates[i] = updates[i] + (u.transpose(-1, -2) @ u) @ w
+                    u = F.normalize(a, dim=-1, eps=NORM_EPS)  # the layer's input at the anchor: a key of Eq. 88
+                    updates[i] = updates[i] + (u.transpose(-1, -2) @ u) @ W[m][i]  # times the running weights
                     a = _phi(a @ w, activation)
             S[m] = [beta * s - eta * u for s, u in zip(S[m], updates)]
             W[m] = [alpha * w + s for w, s in zip(W[m], S[m])]

@@ -10,9 +10,8 @@ width D_IN (D for depth 2, K for depth 1) and, for depth 2, the first layer W1/S
                 y  = c (X W2) + d (X S2) - (Gamma * X a^T) ~delta2
     new state   W_l' = c_end W_l + d_end S_l - a_l^T (g * ~delta_l),  S_l' = e_end S_l - a_l^T (h * ~delta_l)
 
-HOPE's main memory (kernels/self_modifying) switches on two changes: RESIDUAL makes the target v + MLP(v) - k (the
-residual memory's own read of v at the chunk-start weights), and DGD adds z_l / max(|a_l|, eps)^2 to each layer's
-right factor ~delta_l (Delta Gradient Descent's a_hat^T (a_hat W) shares the gradient's left factor a_l).
+HOPE's main memory without Delta Gradient Descent (kernels/self_modifying, ``dgd=False``) switches on RESIDUAL: the
+target becomes v + MLP(v) - k (the residual memory's own read of v at the chunk-start weights).
 
 The gate coefficients c, d, Gamma (per chunk, [BC] and [BC, BC]) and g, h, c_end, d_end, e_end (the state update's)
 do not depend on the memory: the host computes them for all chunks at once, in differentiable PyTorch, and the
@@ -163,17 +162,6 @@ def _factors(
 
 
 @triton.jit
-def _dgd_weight(norm_sq, DGD: tl.constexpr):
-    """(w, dw/d|a|^2) of the DGD term a_hat^T (a_hat W) = w a^T (a W), w = 1 / max(|a|, eps)^2 (eps = 1e-6, as
-    F.normalize): a row scale on the layer's pre-activation, so DGD adds w z to the gradient's right factor."""
-    if DGD:
-        big = tl.maximum(norm_sq, 1e-12)
-        return 1.0 / big, tl.where(norm_sq > 1e-12, -1.0 / (big * big), 0.0)
-    else:
-        return tl.zeros(norm_sq.shape, dtype=tl.float32), tl.zeros(norm_sq.shape, dtype=tl.float32)
-
-
-@triton.jit
 def _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP: tl.constexpr):
     """(f, df/dn^2): each token's gradient scale min(1, G / n), n^2 = sum_l |a_l|^2 |delta_l|^2 (a rank-1 gradient's
     Frobenius norm is the product of its factors' norms), and its derivative (0 below the threshold)."""
@@ -194,10 +182,9 @@ def _chunk(
     q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
-    PREC: tl.constexpr, RESIDUAL: tl.constexpr, DGD: tl.constexpr, CLIP: tl.constexpr,
+    PREC: tl.constexpr, RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
 ):  # fmt: skip
-    """What both passes start a chunk with: its rows, its slot's state offsets, its gradient factors, DGD's row
-    scales (u1 of layer 1, whose input is k, and u2 of the last layer, with their derivatives) and the clip."""
+    """What both passes start a chunk with: its rows, its slot's state offsets, its gradient factors and the clip."""
     m_c = (o_c < C) & (n * C + o_c < T)
     bos = (i_b * T + n * C).to(tl.int64) * H + i_h
     slot = i_bh.to(tl.int64) * SLOTS + i
@@ -205,10 +192,8 @@ def _chunk(
         q, k, v, W1s + slot * K * D, W2s + slot * D_IN * V, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
         H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
     )  # fmt: skip
-    b_u1, b_du1 = _dgd_weight(b_nk, DGD)
-    b_u2, b_du2 = _dgd_weight(b_na, DGD)
     b_f, b_dfdn = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
-    return (m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, b_du1, b_u2, b_du2, b_f, b_dfdn)
+    return m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, b_dfdn
 
 
 @triton.jit
@@ -231,7 +216,7 @@ def titans_memory_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, DGD: tl.constexpr, STORE_Y: tl.constexpr,
+    RESIDUAL: tl.constexpr, STORE_Y: tl.constexpr,
 ):  # fmt: skip
     """Chunks N0 .. N0 + NCH - 1 from the state in slot 0 of the program's SLOTS-slot state buffers; chunk N0 + i
     reads slot i and writes slot i + 1. Without STORE_Y only the states are computed (the backward's recompute)."""
@@ -243,13 +228,12 @@ def titans_memory_fwd_kernel(
     sc = sc + i_bh.to(tl.int64) * 2 * BC * DP
     for i in range(NCH):
         n = N0 + i
-        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, _, b_u2, _, b_f, _ = _chunk(
+        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, _ = _chunk(
             q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, DGD, CLIP,
+            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
         )  # fmt: skip
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        # the right factors every use below takes: the clipped gradient's, plus DGD's w z (README, "HOPE")
-        b_d2 = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk
+        b_d2 = b_d2 * b_f[:, None]  # the clipped right factor every use below takes
         _, _, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
         )  # fmt: skip
@@ -266,7 +250,7 @@ def titans_memory_fwd_kernel(
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
                 b_z = _ld_sc(sc, o_c, o_t, DP)
                 b_a = _phi(b_z, ACT)
-                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None] + b_u1[:, None] * b_z
+                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None]
                 if STORE_Y:
                     b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
                     b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
@@ -302,7 +286,7 @@ def titans_memory_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     """Chunks in reverse. dW1 .. dS2 hold the gradient w.r.t. the state after the chunk and are rewritten in place
     into the gradient w.r.t. the state before it (each tile is read before it is written, by the same program).
@@ -319,12 +303,12 @@ def titans_memory_bwd_kernel(
     for i_n in range(NCH):
         i = NCH - 1 - i_n
         n = N0 + i
-        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_u1, b_du1, b_u2, b_du2, b_f, b_dfdn = _chunk(
+        m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, b_dfdn = _chunk(
             q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, DGD, CLIP,
+            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
         )  # fmt: skip
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_d2c = b_d2 * b_f[:, None] + b_u2[:, None] * b_yk  # the right factor the read and the update take
+        b_d2c = b_d2 * b_f[:, None]  # the right factor the read and the update take
         o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
         )  # fmt: skip
@@ -342,7 +326,7 @@ def titans_memory_bwd_kernel(
             m_t = o_t < D_IN
             if DEPTH == 2:
                 b_z = _ld_sc(sc_z, o_c, o_t, DP)
-                b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None] + b_u1[:, None] * b_z
+                b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None]
                 b_z1 = (
                     b_c[:, None] * _dot(b_q, _ld(W1, o_k, o_t, D, m_k, m_t), PREC)
                     + b_cd[:, None] * _dot(b_q, _ld(S1, o_k, o_t, D, m_k, m_t), PREC)
@@ -377,7 +361,6 @@ def titans_memory_bwd_kernel(
         b_dh = tl.zeros([BC], dtype=tl.float32)
         b_aw = tl.zeros([BC, BV], dtype=tl.float32)  # a dW2' and a dS2'
         b_as = tl.zeros([BC, BV], dtype=tl.float32)
-        b_dgd1 = tl.zeros([BC], dtype=tl.float32)  # sum_j dL/d~delta1 * z: the gradient of DGD's layer-1 scale
         dc_end, dd_end, de_end = 0.0, 0.0, 0.0  # <W, dW'>, <S, dW'>, <S, dS'> over every layer
         for t in range(0, D_IN, BD):
             o_t = t + o_d
@@ -409,7 +392,7 @@ def titans_memory_bwd_kernel(
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
                 b_dw1, b_ds1 = _ld(dW1, o_k, o_t, D, m_k, m_t), _ld(dS1, o_k, o_t, D, m_k, m_t)
                 b_d1 = _ld_sc(sc_d1, o_c, o_t, DP)
-                b_d1c = b_d1 * b_f[:, None] + b_u1[:, None] * b_z
+                b_d1c = b_d1 * b_f[:, None]
                 b_dz1 = b_dx * _phi_prime(b_z1, ACT)
                 b_dm1 -= _dot(b_dz1, tl.trans(b_d1c), PREC)
                 b_dc += tl.sum(b_dz1 * _dot(b_q, b_w1, PREC), 1)
@@ -422,7 +405,6 @@ def titans_memory_bwd_kernel(
                 b_dg -= tl.sum(b_kw * b_d1c, 1)
                 b_dh -= tl.sum(b_ks * b_d1c, 1)
                 b_df += tl.sum(b_dd1c * b_d1, 1)
-                b_dgd1 += tl.sum(b_dd1c * b_z, 1)
                 b_dk -= (_dot(b_g[:, None] * b_d1c, tl.trans(b_dw1), PREC)
                          + _dot(b_h[:, None] * b_d1c, tl.trans(b_ds1), PREC))  # fmt: skip
                 dc_end += tl.sum(b_w1 * b_dw1)
@@ -440,8 +422,6 @@ def titans_memory_bwd_kernel(
         b_dg -= tl.sum(b_aw * b_d2c, 1)
         b_dh -= tl.sum(b_as * b_d2c, 1)
         b_df += tl.sum(b_dd2c * b_d2, 1)
-        # through DGD's scales w = 1 / max(|a|^2, eps^2) of the right factors ~delta + w z
-        b_dna = b_du2 * tl.sum(b_dd2c * b_yk, 1)
         # through the clip ~delta_l = f delta_l, f = f(n^2), n^2 = |k|^2 |delta1|^2 + |a|^2 |delta2|^2
         b_dn2 = b_df * b_dfdn
         b_dd2 = b_f[:, None] * b_dd2c + 2 * b_d2 * (b_na * b_dn2)[:, None]
@@ -449,7 +429,7 @@ def titans_memory_bwd_kernel(
             b_dp1 = tl.where(m_causal, b_dm1 * b_gam, 0.0)
             b_dgam += tl.where(m_causal, b_dm1 * b_p1, 0.0)
             b_dq += _dot(b_dp1, b_k, PREC)
-            b_dk += _dot(tl.trans(b_dp1), b_q, PREC) + 2 * b_k * (b_nd1 * b_dn2 + b_du1 * b_dgd1)[:, None]
+            b_dk += _dot(tl.trans(b_dp1), b_q, PREC) + 2 * b_k * (b_nd1 * b_dn2)[:, None]
             # pass 3: through delta1 = (delta2 W2^T) * phi'(z)
             for t in range(0, D, BD):
                 o_t = t + o_d
@@ -462,11 +442,11 @@ def titans_memory_bwd_kernel(
                 b_e = b_dd1 * _phi_prime(b_z, ACT)
                 b_dd2 += _dot(b_e, b_w2, PREC)
                 _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_e), b_d2, PREC))
-                b_dz = b_dd1 * _dot(b_d2, tl.trans(b_w2), PREC) * _phi_second(b_z, ACT) + b_u1[:, None] * b_dd1c
+                b_dz = b_dd1 * _dot(b_d2, tl.trans(b_w2), PREC) * _phi_second(b_z, ACT)
                 _st_sc(sc_zq, o_c, o_t, DP, b_dz)
             tl.debug_barrier()
-        # delta2 = 2 (yk - target), and DGD's w yk; the target is v (or v + MLP(v) - k)
-        b_dyk = 2 * b_dd2 + b_u2[:, None] * b_dd2c
+        # delta2 = 2 (yk - target); the target is v (or v + MLP(v) - k)
+        b_dyk = 2 * b_dd2
         b_dt = -2 * b_dd2
         # pass 4: through the forward of the keys, a = phi(k W1), yk = a W2 (depth 1: yk = k W2)
         for t in range(0, D_IN, BD):
@@ -478,7 +458,7 @@ def titans_memory_bwd_kernel(
                 b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
-            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2 + b_dna)[:, None]
+            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2)[:, None]
                     + _dot(b_dyk, tl.trans(b_w2), PREC))  # fmt: skip
             _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_a), b_dyk, PREC))
             if DEPTH == 2:

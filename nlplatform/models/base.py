@@ -46,6 +46,11 @@ class ModelSpec:
     config_cls: type[ModelConfig]
     model_cls: type[nn.Module]
     presets: dict[str, dict[str, Any]]
+    # What a checkpoint's weights compute: raised whenever the family's math changes under the same config, so a
+    # checkpoint trained under the old rule is refused instead of silently run under the new one. Checkpoints record
+    # it as ``model_format``; those from before it existed are format 1.
+    format_version: int = 1
+    format_change: str = ""  # what the current format changed, for the refusal message
 
 
 @dataclass

@@ -548,4 +548,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
 }
 
-SPECS = [ModelSpec("hope", HopeConfig, Hope, PRESETS)]
+# Format 2: the chunked self-modifying memories compute Eq. 91 exactly (the DGD projection on the running weights);
+# format 1 linearised it at the chunk start, so its weights were trained for another rule.
+SPECS = [
+    ModelSpec(
+        "hope", HopeConfig, Hope, PRESETS, format_version=2,
+        format_change="HOPE's chunked DGD is now the paper's exact rule (format 1 linearised it at each chunk start)",
+    )
+]  # fmt: skip

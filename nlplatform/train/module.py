@@ -21,7 +21,7 @@ from nlplatform.config import RecipeConfig, recipe_from_dict
 from nlplatform.errors import ConfigError, TrainingDiverged
 from nlplatform.levels import LevelScheduler, check_levels
 from nlplatform.optim import build_optimizer, level_param_groups
-from nlplatform.registry import build_model
+from nlplatform.registry import build_model, get_spec
 
 
 def tokens_per_step(cfg: RecipeConfig, world_size: int) -> int:
@@ -148,6 +148,8 @@ class LMModule(L.LightningModule):
         self.level_scheduler.before_optimizer_step(self.trainer.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what the weights compute (registry.check_model_format refuses a checkpoint of another format)
+        checkpoint["model_format"] = get_spec(self.cfg.model.name).format_version
         if self.level_scheduler is not None:
             checkpoint["level_scheduler"] = self.level_scheduler.state_dict()
 

@@ -31,6 +31,7 @@ from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, re
 from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, UserError
 from nlplatform.models.base import flush_denormals
+from nlplatform.registry import check_model_format
 
 SUMMARY_KEYS = (
     "model", "preset", "params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "unigram_ppl",
@@ -152,6 +153,7 @@ def _check_resume_compatible(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
             f"checkpoint {ckpt} holds a {old.get('name')}/{old.get('preset')} model, but this recipe trains "
             f"{new['name']}/{new['preset']}; resume it with its own recipe ({ckpt.parent.parent / 'recipe.yaml'})"
         )
+    check_model_format(new["name"], state.get("model_format"), f"checkpoint {ckpt}")
     diff = {k: (old.get(k), v) for k, v in new.items() if k != "vocab_size" and old.get(k) != v}
     if new["vocab_size"] is not None and old.get("vocab_size") != new["vocab_size"]:
         diff["vocab_size"] = (old.get("vocab_size"), new["vocab_size"])

@@ -104,3 +104,32 @@ def test_level_stacking_from_a_trained_transformer_reproduces_it_then_trains(tra
                   f"output_dir={tmp_path / 'bad'}", cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@needs_corpus
+def test_a_hope_checkpoint_of_the_linearised_format_is_refused_by_generate_eval_and_resume(family_run, tmp_path):
+    """HOPE checkpoints record model format 2 (the exact chunked DGD). One from before (format 1, no ``model_format``:
+    trained under the chunk-start linearisation) is refused with one line and exit code 2 by everything that loads
+    weights: generate, eval (through the same loader) and trainer.resume, which writes nothing."""
+    import torch
+
+    from tests.train.conftest import run_cli
+    from tests.train.test_cli_errors import assert_bad_input
+
+    run_dir, _, _ = family_run("hope", "tiny")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["model_format"] == 2
+    del state["model_format"]
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    expected = ("holds a hope model of format 1", "format 2", "train it again")
+    gen = run_cli("generate", str(old), "--prompt", "To be", "--max-new-tokens", "2", cwd=tmp_path)
+    assert_bad_input(gen, *expected)
+    assert len(gen.stderr.strip().splitlines()) == 1
+    ev = run_cli("eval", str(old), "--suite", "smoke", "--limit", "1", cwd=tmp_path)
+    assert_bad_input(ev, *expected)
+    resumed = run_cli("train", str(ROOT / "recipes" / "hope" / "tiny.yaml"), f"trainer.resume={old}",
+                      f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false", cwd=tmp_path)  # fmt: skip
+    assert_bad_input(resumed, *expected)
+    assert not (tmp_path / "runs").exists()
