@@ -1,7 +1,7 @@
 """HOPE's training-step speed against Transformer++, and the cost of its test-time learning at the paper's widths.
 
     python bench/bench_hope.py [--steps 3] [--seq-len 256] [--batch 4] [--skip-scale] [--scale-layers N]
-                               [--scale-seq-len T]
+                               [--scale-seq-len T] [--baseline CHECKOUT]
 
 1. Speed: forward + backward + AdamW step (tokens/s, step ms, peak memory) at d_model 256, 4 layers, B x T = 4 x 256,
    vocab 257, of Transformer++ tiny, HOPE tiny with its in-context CMS level learning and frozen, Hope-Attention
@@ -12,6 +12,9 @@
    the widths but runs 2 layers (about 14 GiB and a minute a step on 2 threads; ``--scale-seq-len`` shortens the
    window where memory is short); on CUDA the preset's depth.
 
+``--baseline CHECKOUT`` (a clone of another revision) also times the HOPE speed rows on that checkout's code, in the
+same run and the same way, and reports this tree's tokens/s over the baseline's.
+
 On CUDA steps run under bf16 autocast, on CPU in fp32. Every row runs in a fresh spawned process, so its peak memory
 (CPU: the process's peak resident set; CUDA: torch's peak allocation) is its own. Writes bench/results/hope-<device>
 .json and .md.
@@ -20,7 +23,12 @@ On CUDA steps run under bf16 autocast, on CPU in fp32. Every row runs in a fresh
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +101,61 @@ def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: i
         "gflop_per_step": flops.get_total_flops() / 1e9,
         "gflop_per_sec": flops.get_total_flops() / 1e9 / median,
     }
+
+
+def baseline_row(checkout: Path, name: str, family: str, overrides: dict, *, threads: int, **kw) -> dict:
+    """``speed_row`` on another checkout's code: a fresh interpreter whose ``nlplatform`` and ``kernels`` come from
+    ``checkout`` (PYTHONPATH goes before the installed tree), timing with this file's loop. Its peak memory is its
+    own process's."""
+    bench = Path(__file__).resolve().parent
+    code = (
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(bench)!r}); torch.set_num_threads({threads})\n"
+        "import nlplatform, bench_hope\n"
+        f"row = bench_hope.speed_row({name!r}, {family!r}, {overrides!r}, **{kw!r})\n"
+        "row['code'] = nlplatform.__file__\n"
+        "print(json.dumps(row))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=checkout, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not Path(row["code"]).resolve().is_relative_to(checkout.resolve()):
+        return {"error": f"the baseline imported {row['code']}, not the checkout {checkout}"}
+    return row
+
+
+def against_baseline(checkout: Path, repeats: int, *, device: str, threads: int, **kw) -> list[dict]:
+    """The HOPE speed rows on this tree and on ``checkout``, alternating ``repeats`` times (a fresh process each), so
+    that drifts of a shared CPU hit both alike: per row the medians of the runs' tokens/s and their ratio."""
+    rev = _revision(checkout)
+    out = []
+    for name, family, overrides in [r for r in SPEED_ROWS if r[0].startswith("HOPE (")]:
+        this, base = [], []
+        for _ in range(repeats):
+            this.append(in_child(speed_row, name, family, overrides, warmup=1, device=device, threads=threads, **kw))
+            base.append(baseline_row(checkout, name, family, overrides, warmup=1, device=device, threads=threads, **kw))
+        failed = [r["error"] for r in this + base if "error" in r]
+        if failed:
+            print(f"{name} against {rev}: {failed[0]}")
+            out.append({"row": name, "baseline": rev, "error": failed[0]})
+            continue
+        t, b = [r["tokens_per_sec"] for r in this], [r["tokens_per_sec"] for r in base]
+        row = {"row": name, "baseline": rev, "this_runs": t, "baseline_runs": b,
+               "this_tokens_per_sec": statistics.median(t), "baseline_tokens_per_sec": statistics.median(b),
+               "this_peak_gib": max(r["peak_mem_gib"] for r in this),
+               "baseline_peak_gib": max(r["peak_mem_gib"] for r in base)}  # fmt: skip
+        row["ratio"] = row["this_tokens_per_sec"] / row["baseline_tokens_per_sec"]
+        print(f"{name} against {rev}: {row['this_tokens_per_sec']:,.0f} vs {row['baseline_tokens_per_sec']:,.0f} "
+              f"tokens/s, {row['ratio']:.3f}x")  # fmt: skip
+        out.append(row)
+    return out
+
+
+def _revision(checkout: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or str(checkout)
 
 
 def _nbytes(tensors) -> int:
@@ -188,6 +251,9 @@ def main() -> None:
     parser.add_argument("--scale-layers", type=int, default=None, help="layers of the scale rows (CPU: 2, CUDA: 20)")
     parser.add_argument("--scale-seq-len", type=int, default=None, help="T of the scale rows (default 4096)")
     parser.add_argument("--scale-steps", type=int, default=None, help="timed scale steps (CPU: 1, no warm-up; CUDA: 3)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another revision: its HOPE speed rows are timed in the same run")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="with --baseline: alternating runs per tree and row")
     args = parser.parse_args()
     device, label = device_and_label()
     threads = torch.get_num_threads()
@@ -209,6 +275,10 @@ def main() -> None:
                 f"(min {r['step_ms_min']:.1f}, max {r['step_ms_max']:.1f})  {r['peak_mem_gib']:.2f} GiB"
             )
         speed.append(r)
+    versus = []
+    if args.baseline is not None:
+        versus = against_baseline(args.baseline, args.repeats, seq_len=args.seq_len, batch=args.batch,
+                                  steps=args.steps, device=device, threads=threads)  # fmt: skip
     base = speed[0].get("tokens_per_sec")
     for r in speed:
         r["ratio_to_transformer"] = r["tokens_per_sec"] / base if base and "tokens_per_sec" in r else None
@@ -238,6 +308,17 @@ def main() -> None:
             f"{r['gflop_per_step']:.1f} | {r['gflop_per_sec']:.0f} |"
         )
     lines += ["", f"**{goal_line}**"]
+    if versus:
+        lines += ["", f"## This tree against revision {versus[0]['baseline']} (`--baseline`)", "",
+                  f"Each HOPE row timed {args.repeats} times on each tree, alternating, each time in a fresh process "
+                  f"({args.steps} timed steps after 1 warm-up); medians of those runs.", "",
+                  "| row | this tree tokens/s (runs) | baseline tokens/s (runs) | this / baseline | peak GiB this / "
+                  "baseline |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in versus:
+            runs = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
+            lines.append(f"| {r['row']} | {r['this_tokens_per_sec']:,.0f} ({runs(r['this_runs'])}) | "
+                         f"{r['baseline_tokens_per_sec']:,.0f} ({runs(r['baseline_runs'])}) | {r['ratio']:.3f}x | "
+                         f"{r['this_peak_gib']:.2f} / {r['baseline_peak_gib']:.2f} |")  # fmt: skip
     if "gflop_per_step" in hope and "gflop_per_step" in speed[0]:
         bound = speed[0]["gflop_per_step"] / hope["gflop_per_step"]
         efficiency = hope["gflop_per_sec"] / speed[0]["gflop_per_sec"]
@@ -326,6 +407,7 @@ def main() -> None:
         "goal_ratio": ratio,
         "goal_met": met,
         "speed": {"seq_len": args.seq_len, "batch": args.batch, "vocab": SPEED_VOCAB, "steps": args.steps},
+        "baseline": None if args.baseline is None else _revision(args.baseline),
         "scale": None
         if args.skip_scale
         else {
@@ -339,6 +421,7 @@ def main() -> None:
         },  # fmt: skip
     }
     rows = [{"table": "speed", **r} for r in speed] + [{"table": "scale", **r} for r in scale]
+    rows += [{"table": "baseline", **r} for r in versus]
     write_results("hope", label, meta, rows, lines, note)
 
 

@@ -148,7 +148,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto = bf16-mixed on GPUs with bf16, 32-true on CPU; or any Lightning precision string
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more FLOPs
-    gradient_clip_val: float = 1.0  # global grad-norm clip (0 disables)
+    # norm clip of each step's gradient, applied before slow levels hold theirs back (a level's release never rescales
+    # another level's step; nlplatform/levels.py); 0 disables
+    gradient_clip_val: float = 1.0
     log_every_n_steps: int = 10  # metric logging period, in optimizer steps
     resume: str | None = None  # "auto" continues the newest run of this recipe; or a checkpoint path
     save_top_k: int = 1  # best checkpoints kept by val loss, besides last.ckpt

@@ -15,6 +15,12 @@ of tokens per optimizer step (seq_len x batch x world size x accumulation). Betw
 skipped steps are summed (arXiv Eq. 71 sums the chunk's errors), so at its step it applies the gradient of all the
 C tokens it has seen. ``LevelScheduler`` does that bookkeeping without any training framework: it is called after
 backward (and after the data-parallel all-reduce) and before the optimizer step.
+
+Gradient clipping belongs to the same call: each step's gradient is clipped (one norm over every level's fresh
+gradient) *before* a slow level holds its share back, and a released sum never enters a norm. Clipping after the
+release would see the sum of a slow level's chunk in the global norm and shrink every other level's step on the step
+it lands; clipped before, a level's release never changes another level's update, and the sum a slow level applies is
+the sum of clipped per-step gradients (Eq. 71's sum of the chunk's errors).
 """
 
 from __future__ import annotations
@@ -93,9 +99,10 @@ def check_levels(levels: Sequence[Level], module: nn.Module, seq_len: int) -> No
 class LevelScheduler:
     """Steps each persistent level at its own period, summing the gradients of the steps in between.
 
-    Call ``before_optimizer_step(step)`` once per optimizer step, after the gradients are final (accumulated and
-    all-reduced) and before the optimizer runs; ``step`` is the number of optimizer steps already taken. For a level
-    that is not due, its gradients are added to a per-level buffer and its ``.grad`` is set to ``None``, so the
+    Call ``before_optimizer_step(step, max_grad_norm)`` once per optimizer step, after the gradients are final
+    (accumulated and all-reduced) and before the optimizer runs, with no other clipping; ``step`` is the number of
+    optimizer steps already taken. The step's gradients are first clipped together to ``max_grad_norm``. For a level
+    that is not due, its gradients are then added to a per-level buffer and its ``.grad`` is set to ``None``, so the
     optimizer leaves it (and its optimizer state) untouched. When it is due, the buffer is added back into ``.grad``.
     The buffers are part of ``state_dict`` so an interrupted run resumes mid-chunk exactly.
     """
@@ -106,13 +113,21 @@ class LevelScheduler:
         self.periods = {lv.name: step_period(lv, tokens_per_step) for lv in self.levels}
         self.buffers: dict[str, list[torch.Tensor | None]] = {lv.name: [None] * len(lv.params) for lv in self.levels}
         self.updates: dict[str, int] = {lv.name: 0 for lv in self.levels}
+        self.last_grad_norm: float | None = None
 
     def is_due(self, level: Level, step: int) -> bool:
         return (step + 1) % self.periods[level.name] == 0
 
     @torch.no_grad()
-    def before_optimizer_step(self, step: int) -> list[str]:
-        """Hold back or release each level's gradients for optimizer step ``step + 1``; return the levels stepping."""
+    def before_optimizer_step(self, step: int, max_grad_norm: float | None = None) -> list[str]:
+        """Clip this step's gradients to ``max_grad_norm`` (None: no clipping), then hold back or release each level's
+        gradients for optimizer step ``step + 1``; return the levels stepping. ``last_grad_norm`` keeps the norm of
+        this step's gradients before clipping."""
+        fresh = [p for lv in self.levels for p in lv.params if p.grad is not None]
+        if max_grad_norm is not None and fresh:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(fresh, max_grad_norm))
+        elif fresh:
+            self.last_grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in fresh]))
         due = []
         for lv in self.levels:
             buffers = self.buffers[lv.name]

@@ -19,12 +19,14 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPES])
 def test_every_shipped_recipe_loads(path):
-    """Each file under recipes/ loads strictly and names its own family and preset (and variant: tiny_mac.yaml)."""
+    """Each file under recipes/ loads strictly and names its own family and preset (and variant: tiny_mac.yaml, or CMS
+    variant: tiny_nested.yaml)."""
     cfg = load_recipe(path)
     assert cfg.model.name == path.parent.name
     named = {cfg.model.preset}
-    if hasattr(cfg.model, "variant"):
-        named.add(f"{cfg.model.preset}_{cfg.model.variant}")
+    for key in ("variant", "cms_variant"):
+        if hasattr(cfg.model, key):
+            named.add(f"{cfg.model.preset}_{getattr(cfg.model, key)}")
     assert path.stem in named
 
 

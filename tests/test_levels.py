@@ -55,6 +55,72 @@ def test_level_four_times_the_step_updates_every_fourth_step_with_summed_gradien
     assert torch.equal(slow.detach(), torch.full((2, 2), -float(sum(range(1, 13)))))
 
 
+def test_clipping_before_buffering_keeps_a_slow_levels_release_out_of_every_other_levels_step():
+    """With clipping on, each step's gradient is clipped (one norm over every level's fresh gradient) before the slow
+    level holds its share back: the fast level's gradient at the slow level's release step is its clipped fresh
+    gradient, exactly as on the steps before (the released sum never enters a norm), and the slow level releases the
+    sum of its clipped per-step gradients. Clipping after the release, as a global clip would, shrinks the fast level
+    on that step."""
+    fast, slow, levels = two_levels()
+    sched = LevelScheduler(levels, T_STEP)
+    clip = 1.0
+    for step in range(8):
+        g_fast, g_slow = grad_at(step, fast.shape), grad_at(step, slow.shape)
+        fast.grad, slow.grad = g_fast.clone(), g_slow.clone()
+        norm = torch.sqrt(g_fast.square().sum() + g_slow.square().sum())
+        scale = min(1.0, clip / norm.item())
+        due = sched.before_optimizer_step(step, max_grad_norm=clip)
+        assert sched.last_grad_norm == pytest.approx(norm.item())
+        torch.testing.assert_close(fast.grad, g_fast * scale)  # whatever the slow level releases on this step
+        if "slow" in due:
+            held = sum(grad_at(s, slow.shape) * min(1.0, clip / (grad_at(s, (3,)).square().sum()
+                       + grad_at(s, (2, 2)).square().sum()).sqrt().item()) for s in range(step - 3, step + 1))  # fmt: skip
+            torch.testing.assert_close(slow.grad, held)
+            # a global clip after the release sees the sum of the chunk's raw slow gradients beside the fast level's
+            # fresh one, and shrinks the fast level's step on this step only
+            raw_sum = sum(grad_at(s, slow.shape) for s in range(step - 3, step + 1))
+            global_scale = min(1.0, clip / torch.sqrt(g_fast.square().sum() + raw_sum.square().sum()).item())
+            assert global_scale < 0.9 * scale
+        fast.grad = slow.grad = None
+    assert sched.updates == {"fast": 8, "slow": 2}
+
+
+def record_clipping(monkeypatch) -> list[tuple[float | None, float]]:
+    """Wrap ``LevelScheduler.before_optimizer_step``: each call appends (the clip value it was given, the norm of all
+    gradients it hands the optimizer)."""
+    calls = []
+    real = LevelScheduler.before_optimizer_step
+
+    def wrapped(self, step, max_grad_norm=None):
+        due = real(self, step, max_grad_norm)
+        grads = [p.grad for lv in self.levels for p in lv.params if p.grad is not None]
+        calls.append((max_grad_norm, float(torch.nn.utils.get_total_norm(grads))))
+        return due
+
+    monkeypatch.setattr(LevelScheduler, "before_optimizer_step", wrapped)
+    return calls
+
+
+def test_the_continual_suites_fine_tuning_clips_through_the_level_scheduler(monkeypatch):
+    """The continual suite's fine-tuning clips with the same function as training: every optimizer step goes through
+    ``before_optimizer_step`` with the recipe's clip value, and the gradients the optimizer gets are within it."""
+    from nlplatform.config import load_recipe
+    from nlplatform.eval.continual_suite import ContinualSettings, finetune
+    from nlplatform.registry import build_model
+    from tests.train.conftest import FAST, TINY_RECIPE
+
+    recipe = load_recipe(
+        TINY_RECIPE, [*FAST, "model.vocab_size=50", "data.seq_len=16", "trainer.gradient_clip_val=0.01"]
+    )
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    calls = record_clipping(monkeypatch)
+    tokens = torch.randint(0, 50, (400,), generator=torch.Generator().manual_seed(0))
+    finetune(model, tokens, recipe, ContinualSettings(stage_steps=3, batch_size=2), seed=0)
+    assert [c for c, _ in calls] == [0.01] * 3
+    assert all(norm <= 0.01 * (1 + 1e-5) for _, norm in calls)
+
+
 def test_state_dict_resumes_mid_chunk_exactly():
     """Saving the scheduler mid-chunk and loading it into a new one gives the same released gradient."""
     fast, slow, levels = two_levels()

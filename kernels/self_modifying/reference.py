@@ -106,12 +106,16 @@ def _update_factors(k, v, anchor, momentum, before, activation, max_grad_norm, d
         return lefts, deltas
     keep, d, gamma = (t[:, None] for t in before)  # broadcast over the group's memories
     units, rights = [], []
-    for a, delta, w, s in zip(lefts, deltas, anchor, momentum):
+    for i, (a, delta, w, s) in enumerate(zip(lefts, deltas, anchor, momentum)):
+        if i == 0:  # the first layer's input is the key itself, one for the whole group: its system is shared
+            a = k[:, None]
         norm = a.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)  # F.normalize's denominator
         unit = a / norm
         rhs = norm * delta + keep * (unit @ w) + d * (unit @ s)
-        system = gamma * (unit @ unit.transpose(-1, -2))  # strictly lower: the diagonal of Gamma_before is 0
-        rights.append(torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True))
+        system = gamma * (unit @ unit.mT)  # strictly lower: the diagonal of Gamma_before is 0
+        # R = (I + system)^-1 rhs, solved as R^T (I + system^T) = rhs^T: LAPACK returns column-major solutions, so this
+        # way round R comes back row-major, and the ops after it (and the backward) run on contiguous tensors
+        rights.append(torch.linalg.solve_triangular(system.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT)
         units.append(unit)
     return units, rights
 

@@ -186,7 +186,6 @@ def finetune(
         group["lr"] *= settings.lr_scale if settings.lr_scale is not None else optim_cfg.min_lr_ratio
     opt = build_optimizer(groups, optim_cfg, adamw_only=adamw_only)
     levels = LevelScheduler(model.levels(), settings.batch_size * seq_len)
-    params = [p for g in groups for p in g["params"]]
     generator = torch.Generator().manual_seed(seed)
     model.train()
     loss = torch.tensor(math.nan)
@@ -201,9 +200,7 @@ def finetune(
             loss = (nll * marked).sum() / marked.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        levels.before_optimizer_step(step)
+        levels.before_optimizer_step(step, clip or None)  # clipped before slow levels hold theirs back
         opt.step()
     model.eval()
     return float(loss.detach())

@@ -18,8 +18,10 @@ holds more numbers than the dense per-sequence delta ``X^T G`` would, it is fold
 
 Wiring (``variant``):
 - ``sequential`` (Eq. 73): ``h <- h + MLP_l(norm_l(h))`` for each level in order;
-- ``nested`` (Eq. 72): sequential, and after each context of the next slower in-context level (every ``C_parent``
-  tokens) a level's fast weights return to its learned initial state;
+- ``nested`` (Eq. 72): sequential, and a level's initial state is itself a fast weight of its parent (the next slower
+  in-context level, chunk ``C_parent``): at every parent boundary the parent moves the child's initial state by its
+  own inner learning rate times the child's summed inner gradients over the parent's chunk (first-order
+  meta-learning, as Eq. 72's argmin read by one gradient step), and the child restarts from that learned state.
 - ``independent`` (Eq. 74): the levels read the same normalised input in parallel and a learnable weighted sum
   aggregates them: ``h + sum_l a_l MLP_l(norm(h))``.
 """
@@ -104,11 +106,44 @@ class FastState:
     applied: Factors | None = None
     dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     pending: tuple[Tap, ...] = ()
+    # nested CMS: the change the parent level has made to this level's initial state (a FastState without pending
+    # taps, its gradient factors already scaled to this level's learning rate); read together with the own change
+    base: FastState | None = None
 
     def detach(self) -> FastState:
         assert not self.pending, "detach a fast state only at its chunk boundary"
         applied = None if self.applied is None else Factors(*(t.detach() for t in self.applied.astuple()))
         dense = None if self.dense is None else tuple(t.detach() for t in self.dense)
+        return FastState(applied, dense, base=None if self.base is None else self.base.detach())
+
+    def reading(self) -> tuple[Factors | None, tuple[torch.Tensor, ...] | None]:
+        """The factors and dense deltas a read goes through: the own change plus, for nested CMS, the base."""
+        if self.base is None:
+            return self.applied, self.dense
+        applied = self.applied if self.base.applied is None else self.base.applied.cat(self.applied)
+        if self.dense is None or self.base.dense is None:
+            dense = self.dense if self.base.dense is None else self.base.dense
+        else:
+            dense = tuple(a + b for a, b in zip(self.base.dense, self.dense))
+        return applied, dense
+
+    def scaled(self, factor: torch.Tensor) -> FastState:
+        """The same change times ``factor`` (the gradient factors and dense deltas scaled; no pending taps)."""
+        assert not self.pending, "scale a fast state only at its chunk boundary"
+        applied = None
+        if self.applied is not None:
+            a = self.applied
+            applied = Factors(a.x, a.g1 * factor, a.g3 * factor, a.h, a.gy * factor)
+        dense = None if self.dense is None else tuple(d * factor for d in self.dense)
+        return FastState(applied, dense)
+
+    def plus(self, other: FastState) -> FastState:
+        """The sum of two changes (no pending taps)."""
+        applied = other.applied if self.applied is None else self.applied.cat(other.applied)
+        if self.dense is None or other.dense is None:
+            dense = self.dense if other.dense is None else other.dense
+        else:
+            dense = tuple(a + b for a, b in zip(self.dense, other.dense))
         return FastState(applied, dense)
 
 
@@ -152,18 +187,22 @@ class CMS(nn.Module):
         self.norms = nn.ModuleList(RMSNorm(dim, norm_eps) for _ in range(n_norms))
         # independent CMS: learnable aggregation weights a_l (Eq. 74's "Agg" as a weighted sum)
         self.agg = nn.Parameter(torch.ones(len(chunk_sizes))) if variant == "independent" else None
-        # per in-context level, the inner learning rate of its fast weights, meta-learned in log space
-        n_fast = sum(in_context)
-        self.log_inner_lr = nn.Parameter(torch.full((n_fast,), math.log(inner_lr))) if n_fast else None
+        # per in-context level, the inner learning rate of its fast weights, meta-learned in log space. It starts at
+        # inner_lr * C_min / C_l: Eq. 71 applies the *sum* of a chunk's gradients, so a level with twice the chunk
+        # takes half the rate per token and every level's step starts at the same size (the fastest at inner_lr)
+        fast_chunks = [c for c, f in zip(self.chunk_sizes, in_context) if f]
+        init = [math.log(inner_lr * min(fast_chunks) / c) for c in fast_chunks]
+        self.log_inner_lr = nn.Parameter(torch.tensor(init)) if fast_chunks else None
         self._fast_index = {lv: i for i, lv in enumerate(i for i, c in enumerate(in_context) if c)}
-        # nested CMS: each in-context level returns to its initial state every C_parent tokens, C_parent the chunk of
-        # the next slower in-context level (a persistent parent's context is the whole window: no reset needed)
-        self.reset_every: dict[int, int] = {}
+        # nested CMS: each in-context level's parent is the next slower in-context level, whose fast weights include
+        # the child's initial state (a persistent parent's context is the whole window: the child's initial state is
+        # then its meta-learned parameters, as in the sequential variant)
+        self.nested_parent: dict[int, int] = {}
         if variant == "nested":
             for lv, c in enumerate(self.chunk_sizes):
-                slower = [p for j, p in enumerate(self.chunk_sizes) if self.in_context[j] and p > c]
+                slower = [j for j, p in enumerate(self.chunk_sizes) if self.in_context[j] and p > c]
                 if self.in_context[lv] and slower:
-                    self.reset_every[lv] = min(slower)
+                    self.nested_parent[lv] = min(slower, key=lambda j: self.chunk_sizes[j])
 
     @property
     def fast_levels(self) -> list[int]:
@@ -190,8 +229,8 @@ class CMS(nn.Module):
             return mlp(x)
         state = state or FastState()
         lr = self.inner_lr(level)
-        a = state.applied
-        d1, d3, d2 = state.dense if state.dense is not None else (None, None, None)
+        a, dense = state.reading()
+        d1, d3, d2 = dense if dense is not None else (None, None, None)
         z1 = _fast_linear(x, mlp.w1.weight, lr, *((a.x, a.g1) if a else (None, None)), d1)
         z3 = _fast_linear(x, mlp.w3.weight, lr, *((a.x, a.g3) if a else (None, None)), d3)
         h = F.silu(z1) * z3
@@ -222,8 +261,10 @@ class CMS(nn.Module):
     def commit(self, states: list[FastState | None], tokens_seen: int, detach: bool) -> list[FastState | None]:
         """Apply the levels whose boundary ``tokens_seen`` reaches: the summed gradients of their chunk (Eq. 71), as
         factors of the taps' inputs and gathered gradients. ``detach`` is the first-order approximation: the outer
-        gradient treats the change as a constant (it still reaches the inner learning rate); otherwise it flows
-        through the inner gradients (second order). Nested CMS then resets the levels whose parent context ended."""
+        gradient treats the change as a constant (it still reaches the inner learning rates); otherwise it flows
+        through the inner gradients (second order). Nested CMS then, at each parent boundary, moves the child's
+        initial state by the parent's inner learning rate times the child's summed inner gradients over the parent's
+        chunk, and restarts the child from it (Eq. 72)."""
         new = list(states)
         for lv in self.fast_levels:
             st = new[lv]
@@ -234,9 +275,14 @@ class CMS(nn.Module):
                 for tap in st.pending:
                     f = tap.factors(detach)
                     applied = f if applied is None else applied.cat(f)
-                st = self._maybe_fold(lv, FastState(applied, st.dense))
-            if lv in self.reset_every and tokens_seen % self.reset_every[lv] == 0:
-                st = None  # nested CMS: back to the learned initial state
+                st = replace(self._maybe_fold(lv, FastState(applied, st.dense)), base=st.base)
+            parent = self.nested_parent.get(lv)
+            if parent is not None and tokens_seen % self.chunk_sizes[parent] == 0:
+                # the own change is -lr_child * sum of gradients; the parent's step on the initial state is
+                # -lr_parent * the same sum: the own change scaled by lr_parent / lr_child
+                learnt = FastState(st.applied, st.dense).scaled(self.inner_lr(parent) / self.inner_lr(lv))
+                base = learnt if st.base is None else st.base.plus(learnt)
+                st = FastState(base=self._maybe_fold(lv, base))
             new[lv] = st
         return new
 
@@ -255,4 +301,4 @@ class CMS(nn.Module):
         )
         if st.dense is not None:
             delta = tuple(o + n for o, n in zip(st.dense, delta))
-        return FastState(None, delta, st.pending)
+        return FastState(None, delta, st.pending, st.base)

@@ -79,7 +79,9 @@ class HopeConfig(DecoderConfig):
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [64, 2048, 8192])
     cms_variant: str = "sequential"  # sequential (Eq. 73) | nested (Eq. 72) | independent (Eq. 74)
     cms_hidden: int | None = None  # hidden width of each CMS MLP; None = the SwiGLU width split over the levels
-    cms_inner_lr: float = 1e-3  # initial inner learning rate of the in-context CMS levels (meta-learned after)
+    # initial inner learning rate of the fastest in-context CMS level; a level of chunk C starts at
+    # cms_inner_lr * C_min / C (Eq. 71 sums C gradients); all are meta-learned after
+    cms_inner_lr: float = 1e-3
     cms_second_order: bool = False  # backpropagate through the inner updates (true) or first-order (false)
     test_time_learning: bool = True  # in-context CMS levels learn inside forward; false freezes them (f = 0)
     context_len: int = 256  # the training window; training sets it to data.seq_len (decides in-context vs persistent)

@@ -143,9 +143,11 @@ class LMModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- nested levels
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Called after accumulation and the data-parallel all-reduce and before clipping and the optimizer step.
+        # Called after accumulation, the data-parallel all-reduce and AMP's unscaling, before the optimizer step.
+        # Clipping happens here, before slow levels hold their gradients back (the Trainer clips nothing): a level's
+        # released sum never shrinks another level's step (nlplatform/levels.py).
         assert self.level_scheduler is not None
-        self.level_scheduler.before_optimizer_step(self.trainer.global_step)
+        self.level_scheduler.before_optimizer_step(self.trainer.global_step, self.cfg.trainer.gradient_clip_val or None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # what the weights compute (registry.check_model_format refuses a checkpoint of another format)

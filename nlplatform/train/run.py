@@ -202,7 +202,7 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
             strategy=t.strategy,
             precision=_precision(cfg),
             accumulate_grad_batches=acc,
-            gradient_clip_val=t.gradient_clip_val or None,
+            gradient_clip_val=None,  # LMModule clips each step's gradient before the level scheduler (levels.py)
             log_every_n_steps=t.log_every_n_steps,
             logger=logger if logger is not None else False,
             callbacks=[checkpoint, *callbacks],

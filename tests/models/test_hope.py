@@ -52,8 +52,10 @@ def naive_cms_logits(model: Hope, ids: torch.Tensor) -> torch.Tensor:
     The model decodes one token per step with its own in-context learning switched off, reading each in-context
     level through the current weights swapped in by ``functional_call``. After token t, the gradient of its next-token
     loss with respect to those weights (autograd, through every path that uses them) is added to the level's buffer;
-    when t + 1 is a multiple of the level's chunk the buffer is applied: ``W <- W - lr * buffer``. Nested CMS also
-    puts a level back to its initial weights every chunk of its parent level."""
+    when t + 1 is a multiple of the level's chunk the buffer is applied: ``W <- W - lr * buffer``. Nested CMS (Eq. 72,
+    first order): at every chunk boundary of a level's parent, the level's initial weights move by the parent's
+    inner learning rate times the level's summed gradients since the parent's last boundary, and the level restarts
+    from them."""
     model.set_test_time_learning(False)
     stepper = _Stepper(model)
     out = []
@@ -69,6 +71,7 @@ def naive_cms_logits(model: Hope, ids: torch.Tensor) -> torch.Tensor:
                     fast[name] = init[name].clone().requires_grad_()
                     levels[name] = (i, lv)
         buffers = {n: torch.zeros_like(w) for n, w in fast.items()}
+        context = {n: torch.zeros_like(w) for n, w in fast.items()}  # gradients since the parent's last boundary
         state = model.init_state(1)
         logits_b = []
         T = ids.shape[1]
@@ -87,10 +90,13 @@ def naive_cms_logits(model: Hope, ids: torch.Tensor) -> torch.Tensor:
                 cms = model.layers[i].cms
                 if (t + 1) % cms.chunk_sizes[lv] == 0:
                     fast[name] = (fast[name] - cms.inner_lr(lv).detach() * buffers[name]).detach().requires_grad_()
+                    context[name] += buffers[name]
                     buffers[name] = torch.zeros_like(buffers[name])
-                if lv in cms.reset_every and (t + 1) % cms.reset_every[lv] == 0:
+                parent = cms.nested_parent.get(lv)
+                if parent is not None and (t + 1) % cms.chunk_sizes[parent] == 0:
+                    init[name] = init[name] - cms.inner_lr(parent).detach() * context[name]
                     fast[name] = init[name].clone().requires_grad_()
-                    buffers[name] = torch.zeros_like(buffers[name])
+                    context[name] = torch.zeros_like(context[name])
         out.append(torch.cat(logits_b, dim=1))
     model.set_test_time_learning(True)
     return torch.cat(out, dim=0)
@@ -119,18 +125,68 @@ def test_in_context_cms_levels_update_at_multiples_of_their_chunk_with_the_summe
     assert (chunked[:, 5:] - frozen[:, 5:]).abs().max() > 1e-4
 
 
-def test_nested_cms_returns_a_level_to_its_initial_state_after_each_parent_context():
-    """Nested CMS: the 4-token level restarts from its initial weights every 8 tokens (its parent's chunk); the 8-token
-    level (parent: the persistent level, whose context is the window) is never reset."""
-    model = make("attention", cms_variant="nested")
-    cms = model.layers[0].cms
-    assert cms.reset_every == {0: 8}
+def _delta(cms: CMS, level: int, state, which: str = "w2") -> torch.Tensor:
+    """The per-sequence change a fast state makes to one of a level's matrices, as a dense [B, in, out] tensor."""
+    applied, dense = state.reading()
+    lr = cms.inner_lr(level).detach()
+    index = {"w1": 0, "w3": 1, "w2": 2}[which]
+    total = 0.0 if dense is None else dense[index]
+    if applied is not None:
+        pairs = {"w1": (applied.x, applied.g1), "w3": (applied.x, applied.g3), "w2": (applied.h, applied.gy)}
+        keys, grads = pairs[which]
+        total = total - lr * keys.transpose(1, 2) @ grads
+    return total
+
+
+def test_nested_cms_restarts_a_level_from_the_initial_state_its_parent_learned():
+    """Nested CMS (Eq. 72): the 4-token level's parent is the 8-token level (the persistent level at 64 is no
+    in-context parent). At token 8 the child restarts, not from its meta-learned weights but from them moved by the
+    parent's inner learning rate times the child's summed gradients over the parent's chunk: the change it reads is
+    lr_parent / lr_child times the change the sequential model (identical up to that boundary) has learnt by then.
+    After the boundary the two variants compute different logits."""
+    nested = make("attention", cms_variant="nested", cms_hidden=64)
+    sequential = make("attention", cms_variant="sequential", cms_hidden=64)
+    cms = nested.layers[0].cms
+    assert cms.nested_parent == {0: 1} and sequential.layers[0].cms.nested_parent == {}
+    ids = tokens(2, 9)
     with torch.no_grad():
-        _, states, done = model._process(tokens(2, 17), [None] * len(model.layers))
-    assert done == 16
-    layer = states[0].cms
-    assert layer[0] is None  # reset at token 16
-    assert layer[1] is not None and (layer[1].applied is not None or layer[1].dense is not None)
+        logits_n, states_n, done = nested._process(ids, [None] * 2)
+        logits_s, states_s, _ = sequential._process(ids, [None] * 2)
+    assert done == 8
+    child_n, child_s = states_n[0].cms[0], states_s[0].cms[0]
+    assert child_n.applied is None and child_n.dense is None and child_n.base is not None  # restarted, at the base
+    rho = cms.inner_lr(1).detach() / cms.inner_lr(0).detach()
+    for w in ("w1", "w3", "w2"):
+        torch.testing.assert_close(_delta(cms, 0, child_n, w), rho * _delta(cms, 0, child_s, w), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logits_n[:, :8], logits_s[:, :8], rtol=1e-12, atol=1e-12)
+    longer = tokens(2, 20)
+    with torch.no_grad():
+        assert (nested(longer)[:, 9:] - sequential(longer)[:, 9:]).abs().max() > 1e-6
+
+
+def test_the_nested_recipe_has_two_in_context_levels_and_differs_from_sequential():
+    """recipes/hope/tiny_nested.yaml: cms.0 (64) and cms.1 (128) are in context at its window of 256, cms.0's parent
+    is cms.1, whose inner rate starts at half of cms.0's; on the recipe's model (narrowed to 64 wide for speed) the
+    logits equal the sequential variant's for the first 128 tokens and differ from there (cms.0 restarts from what
+    cms.1 learnt)."""
+    from nlplatform.config import load_recipe
+    from tests.train.conftest import ROOT
+
+    cfg = load_recipe(ROOT / "recipes" / "hope" / "tiny_nested.yaml", ["model.vocab_size=23"]).model
+    assert cfg.cms_variant == "nested" and cfg.cms_in_context == [True, True, False]
+    small = dict(d_model=64, n_layers=1, n_heads=2, cms_hidden=32, cms_inner_lr=0.3)
+    torch.manual_seed(0)
+    nested = Hope(HopeConfig(**{**vars(cfg), **small})).double()
+    torch.manual_seed(0)
+    sequential = Hope(HopeConfig(**{**vars(cfg), **small, "cms_variant": "sequential"})).double()
+    cms = nested.layers[0].cms
+    assert cms.nested_parent == {0: 1}
+    torch.testing.assert_close(cms.inner_lr(1), cms.inner_lr(0) / 2)
+    ids = tokens(1, 200)
+    with torch.no_grad():
+        a, b = nested(ids), sequential(ids)
+    torch.testing.assert_close(a[:, :128], b[:, :128], rtol=1e-10, atol=1e-10)
+    assert (a[:, 128:] - b[:, 128:]).abs().max() > 1e-6
 
 
 def test_independent_cms_aggregates_its_levels_with_learnable_weights():

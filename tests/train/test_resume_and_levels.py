@@ -108,6 +108,25 @@ def test_slow_level_steps_every_fourth_optimizer_step_in_a_lightning_run(tmp_pat
     assert rows["mlp"]["period_steps"] == 4 and rows["mlp"]["updates"] == 2 and rows["fast"]["updates"] == 8
 
 
+def test_training_clips_each_steps_gradient_through_the_level_scheduler_only(tmp_path, monkeypatch):
+    """The Trainer clips nothing itself; every optimizer step's gradient is clipped to trainer.gradient_clip_val by
+    the level scheduler, before slow levels hold theirs back (tests/test_levels.py checks what that guarantees)."""
+    from tests.test_levels import record_clipping
+
+    calls = record_clipping(monkeypatch)
+    seen = {}
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["trainer_clip"] = trainer.gradient_clip_val
+
+    train(recipe(tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.gradient_clip_val=0.01"),
+          callbacks=(Watch(),))  # fmt: skip
+    assert seen["trainer_clip"] is None
+    assert [c for c, _ in calls] == [0.01] * 3
+    assert all(norm <= 0.01 * (1 + 1e-5) for _, norm in calls)
+
+
 def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
     """A NaN loss stops training with the failing step and the last checkpoint named."""
     from nlplatform.train.module import LMModule
