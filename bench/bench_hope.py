@@ -169,16 +169,17 @@ def fast_state_bytes(model, ids: torch.Tensor, device: str) -> dict:
         _, states, committed = model._process(ids, [None] * len(model.layers))
     applied = dense = pending = applied_tokens = 0
     for st in states:
-        for fs in st.cms if st is not None and st.cms is not None else []:
-            if fs is None:
-                continue
-            if fs.applied is not None:
-                applied += _nbytes(fs.applied.astuple())
-                applied_tokens = max(applied_tokens, fs.applied.tokens)
-            if fs.dense is not None:
-                dense += _nbytes(fs.dense)
-            for tap in fs.pending:
-                pending += _nbytes((tap.x, tap.z1, tap.z3, tap.h, tap.zy, *(tap.grads or ())))
+        for top in st.cms if st is not None and st.cms is not None else []:
+            for fs in (top, None if top is None else top.base):  # nested CMS: the parent-learnt initial state too
+                if fs is None:
+                    continue
+                if fs.applied is not None:
+                    applied += _nbytes(fs.applied.astuple())
+                    applied_tokens = max(applied_tokens, fs.applied.tokens)
+                if fs.dense is not None:
+                    dense += _nbytes(fs.dense)
+                for tap in fs.pending:
+                    pending += _nbytes((tap.x, tap.z1, tap.z3, tap.h, tap.zy, *(tap.grads or ())))
     copy = 0
     for block in model.layers:
         for lv in block.cms.fast_levels:

@@ -75,11 +75,11 @@ def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
 
 def titans_launches(dtype: str, chunk: int, K: int, hidden: int | None, hope: bool = False) -> list[tuple]:
     """The Titans memory kernels as ``kernels.titans_memory.autograd`` launches them (H = 8, K = V, clipping on, gelu;
-    ``hidden=None`` is a depth-1 memory; ``hope``: HOPE's main memory without DGD (residual self-generated target),
+    ``hidden=None`` is a depth-1 memory; ``hope``: HOPE's main memory, residual self-generated target and exact DGD,
     whose op hands the kernels float32 tensors and multiplies as ``dtype``, the model's dtype)."""
     q = torch.empty(1, 4096, 8, K, device="meta")
     shape = LaunchShape(q, q, 1 if hidden is None else 2, hidden or K, chunk)
-    settings = shape.settings("gelu", 1.0, TORCH_DTYPES[dtype], residual=hope)
+    settings = shape.settings("gelu", 1.0, TORCH_DTYPES[dtype], residual=hope, dgd=hope)
     warps, stages = settings.pop("num_warps"), settings.pop("num_stages")
     fp32 = lambda kernel: set(kernel.arg_names) - (set() if hope else TITANS_INPUT_DTYPE)  # noqa: E731
     return [
@@ -165,7 +165,7 @@ def main() -> None:
     note = (
         f"Built with triton {triton.__version__} for sm_90 without a GPU (ptxas from the triton wheel). Delta rule: "
         "H = 16, K = V. Titans memory: H = 8, gelu, clipping on; D is the hidden width of a depth-2 memory; the HOPE "
-        "rows add the residual self-generated target (HOPE's main memory with model.dgd=false); HOPE's op hands the kernels float32 tensors, so there the "
+        "rows add the residual self-generated target and exact DGD (a triangular solve per chunk and layer); HOPE's op hands the kernels float32 tensors, so there the "
         "dtype is the model's, which sets how the tiles are multiplied. Registers "
         "per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per program (an H100 launches "
         "at most 232448 bytes). The fp32 rows use IEEE products, i.e. FMA loops rather than tensor cores: ptxas "

@@ -25,7 +25,7 @@ the sum of clipped per-step gradients (Eq. 71's sum of the chunk's errors).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,15 +119,21 @@ class LevelScheduler:
         return (step + 1) % self.periods[level.name] == 0
 
     @torch.no_grad()
-    def before_optimizer_step(self, step: int, max_grad_norm: float | None = None) -> list[str]:
+    def before_optimizer_step(
+        self, step: int, max_grad_norm: float | None = None, sum_over_shards: Callable | None = None
+    ) -> list[str]:
         """Clip this step's gradients to ``max_grad_norm`` (None: no clipping), then hold back or release each level's
         gradients for optimizer step ``step + 1``; return the levels stepping. ``last_grad_norm`` keeps the norm of
-        this step's gradients before clipping."""
-        fresh = [p for lv in self.levels for p in lv.params if p.grad is not None]
-        if max_grad_norm is not None and fresh:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(fresh, max_grad_norm))
-        elif fresh:
-            self.last_grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in fresh]))
+        this step's gradients before clipping. ``sum_over_shards`` sums a tensor over the processes when each holds
+        only a shard of the gradients (FSDP), so that all clip by the norm of the whole gradient."""
+        grads = [p.grad for lv in self.levels for p in lv.params if p.grad is not None]
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads)
+            if sum_over_shards is not None:
+                total = sum_over_shards(total.square()).sqrt()
+            self.last_grad_norm = float(total)
+            if max_grad_norm is not None:  # torch's clip_grad_norm_ rule: scale by max / (norm + 1e-6) when above
+                torch._foreach_mul_(grads, (max_grad_norm / (total + 1e-6)).clamp(max=1.0).to(grads[0].device))
         due = []
         for lv in self.levels:
             buffers = self.buffers[lv.name]

@@ -108,3 +108,20 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     again = load_recipe(write(tmp_path, recipe_to_yaml(cfg)))
     assert again == cfg
     assert isinstance(again, RecipeConfig)
+
+
+PAPER_SIZE_RECIPES = sorted(p for p in RECIPES if p.stem in ("340m", "760m", "1.3b"))
+
+
+@pytest.mark.parametrize("path", PAPER_SIZE_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_paper_size_recipes_use_the_papers_training_setup(path):
+    """Every paper-size recipe trains as the Titans / Gated DeltaNet papers do (and Nested Learning defers to): AdamW
+    at lr 4e-4, weight decay 0.1, warm-up over 1B tokens (2000 steps of 0.5M), cosine to 10% of the peak, gradient
+    clip 1.0, 4K windows, 0.5M-token batches (seq_len x batch x devices x accumulation = 2^19) and a 32K BPE
+    vocabulary trained on the corpus."""
+    cfg = load_recipe(path)
+    o, d, t = cfg.optim, cfg.data, cfg.trainer
+    assert (o.name, o.lr, o.weight_decay, o.warmup_steps, o.min_lr_ratio) == ("adamw", 4e-4, 0.1, 2000, 0.1)
+    assert t.gradient_clip_val == 1.0 and d.seq_len == 4096
+    assert d.seq_len * d.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 2**19
+    assert (d.tokenizer, d.bpe_vocab_size) == ("bpe", 32000)

@@ -91,8 +91,8 @@ def record_clipping(monkeypatch) -> list[tuple[float | None, float]]:
     calls = []
     real = LevelScheduler.before_optimizer_step
 
-    def wrapped(self, step, max_grad_norm=None):
-        due = real(self, step, max_grad_norm)
+    def wrapped(self, step, max_grad_norm=None, sum_over_shards=None):
+        due = real(self, step, max_grad_norm, sum_over_shards)
         grads = [p.grad for lv in self.levels for p in lv.params if p.grad is not None]
         calls.append((max_grad_norm, float(torch.nn.utils.get_total_norm(grads))))
         return due
@@ -119,6 +119,24 @@ def test_the_continual_suites_fine_tuning_clips_through_the_level_scheduler(monk
     finetune(model, tokens, recipe, ContinualSettings(stage_steps=3, batch_size=2), seed=0)
     assert [c for c, _ in calls] == [0.01] * 3
     assert all(norm <= 0.01 * (1 + 1e-5) for _, norm in calls)
+
+
+def test_a_persistent_level_trains_at_its_own_learning_rate_else_the_recipes():
+    """The optimizer gets one parameter group per persistent level (two with weight decay split off): a level with its
+    own ``lr`` steps at it, the others at optim.lr; the schedule then scales every group alike."""
+    from nlplatform.config import OptimConfig
+    from nlplatform.optim import level_param_groups
+
+    class TwoLevels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2, 2))
+
+        def levels(self):
+            return [Level("a", None, "persistent", [self.a], lr=0.5), Level("b", 4 * T_STEP, "persistent", [self.b])]
+
+    groups, _ = level_param_groups(TwoLevels(), OptimConfig(lr=1e-3))
+    assert {g["level"]: g["lr"] for g in groups} == {"a": 0.5, "b": 1e-3}
 
 
 def test_state_dict_resumes_mid_chunk_exactly():

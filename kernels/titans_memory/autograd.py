@@ -122,12 +122,13 @@ class LaunchShape:
         max_grad_norm: float | None,
         dtype: torch.dtype,
         residual: bool = False,
+        dgd: bool = False,
     ) -> dict:
         """The kernels' compile-time arguments and launch settings (bench/kernel_build.py builds with these too)."""
         return dict(
             H=self.H, K=self.K, V=self.V, D=self.D, D_IN=self.D_IN, DP=self.DP, C=self.C,
             BC=self.BC, BK=self.BK, BV=self.BV, BD=self.BD, DEPTH=self.depth, ACT=activation,
-            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype), RESIDUAL=residual,
+            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype), RESIDUAL=residual, DGD=dgd,
             num_warps=8 if self.BC >= 64 else 4, num_stages=1,
         )  # fmt: skip
 
@@ -152,12 +153,13 @@ class _Run:
     checkpoints, [B, H, NS + 1, d_in, d_out]) and at every chunk start of one segment (the working states,
     [B, H, R + 1, d_in, d_out]), all float32."""
 
-    def __init__(self, q, v, layers: list, chunk_size, activation, max_grad_norm, residual, dot_dtype=None):
+    def __init__(self, q, v, layers: list, chunk_size, activation, max_grad_norm, residual, dgd, dot_dtype=None):
         self.L = len(layers) // 2
         self.shape = s = LaunchShape(q, v, self.L, layers[0].shape[-1], chunk_size)
         self.R = s.segment()
         self.segments = [range(n0, min(n0 + self.R, s.NC)) for n0 in range(0, s.NC, self.R)]
-        self.settings = s.settings(activation, max_grad_norm, dot_dtype or q.dtype, residual)
+        self.settings = s.settings(activation, max_grad_norm, dot_dtype or q.dtype, residual, dgd)
+        self.scratch_slots = 6 if dgd else 5  # the backward's per-program [BC, DP] scratch tiles
         self.max_grad_norm = max_grad_norm or 1.0  # a placeholder when clipping is off (CLIP=False)
         self.dummy = q.new_empty(1, dtype=torch.float32)
 
@@ -206,7 +208,7 @@ def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
         grads.append(grad.copy_(g) if g is not None else grad)
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
     dcoefs = [torch.empty_like(x) for x in coefs]
-    sc = q.new_empty(s.B * s.H * 5 * s.BC * s.DP, dtype=torch.float32)
+    sc = q.new_empty(s.B * s.H * run.scratch_slots * s.BC * s.DP, dtype=torch.float32)
     recompute = len(run.segments) > 1
     work = run.buffers(saved, run.R + 1) if recompute else saved
     for i in reversed(range(len(run.segments))):
@@ -224,9 +226,10 @@ def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
 
 class TitansMemoryFunction(torch.autograd.Function):
     """(q, k, v, c, d, g, h, Gamma, ends, W_1..W_L, S_1..S_L) -> (y, W'_1..W'_L, S'_1..S'_L). ``settings`` is
-    (chunk_size, activation, max_grad_norm, residual[, dot_dtype]): residual selects HOPE's main-memory target (a
-    residual memory regressing its own read of v); dot_dtype (default: q's dtype) picks how the tiles are multiplied
-    (``_dot_precision``)."""
+    (chunk_size, activation, max_grad_norm, residual, dgd[, dot_dtype]): residual and dgd select HOPE's main-memory
+    rule (a residual memory regressing its own read of v; exact Delta Gradient Descent, whose right factors solve a
+    triangular system per chunk against the read's coefficients, so these must be the read-before-write ones);
+    dot_dtype (default: q's dtype) picks how the tiles are multiplied (``_dot_precision``)."""
 
     @staticmethod
     def forward(ctx, settings, q, k, v, *rest):
@@ -253,6 +256,6 @@ def triton_titans_memory(q, k, v, theta, eta, alpha, state: MemoryState, *, chun
     """The Triton backend, with the reference backend's contract (y in v's dtype, the state in float32)."""
     coefs = chunk_coefficients(theta, eta, 1 - alpha, chunk_size, _block(chunk_size))
     L = len(state.weights)
-    settings = (chunk_size, activation, max_grad_norm, False)
+    settings = (chunk_size, activation, max_grad_norm, False, False)
     y, *final = TitansMemoryFunction.apply(settings, q, k, v, *coefs, *state.weights, *state.momentum)
     return y, MemoryState(tuple(final[:L]), tuple(final[L:]))

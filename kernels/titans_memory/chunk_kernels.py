@@ -10,8 +10,13 @@ width D_IN (D for depth 2, K for depth 1) and, for depth 2, the first layer W1/S
                 y  = c (X W2) + d (X S2) - (Gamma * X a^T) ~delta2
     new state   W_l' = c_end W_l + d_end S_l - a_l^T (g * ~delta_l),  S_l' = e_end S_l - a_l^T (h * ~delta_l)
 
-HOPE's main memory without Delta Gradient Descent (kernels/self_modifying, ``dgd=False``) switches on RESIDUAL: the
-target becomes v + MLP(v) - k (the residual memory's own read of v at the chunk-start weights).
+HOPE's main memory (kernels/self_modifying) switches on RESIDUAL: the target becomes v + MLP(v) - k (the residual
+memory's own read of v at the chunk-start weights); and with DGD, exact Delta Gradient Descent (Eq. 91): every
+token's update a_l^T r_l keeps the gradient's left factor a_l (the layer input at the chunk start) and the right
+factor solves, per chunk and layer, (I + diag(w) (Gamma * A A^T)) R = f Delta + diag(w) (c * (A W_0) + d * (A S_0)),
+w = 1 / max(|a|^2, eps^2), with the read's coefficients c, d, Gamma (the state each token finds: HOPE reads before
+its write). R = T (...) with T = (I + .)^-1 from the delta rule's unit_lower_inverse; the backward takes
+dRHS = T^T dR and dA = -dRHS R^T (README of kernels/self_modifying, "Exact DGD").
 
 The gate coefficients c, d, Gamma (per chunk, [BC] and [BC, BC]) and g, h, c_end, d_end, e_end (the state update's)
 do not depend on the memory: the host computes them for all chunks at once, in differentiable PyTorch, and the
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels.delta_rule.wy_fast import unit_lower_inverse
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -209,6 +216,49 @@ def _coefficients(cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC: tl.con
     return o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end
 
 
+@triton.jit
+def _dgd_rights(
+    k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc_r1, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
+    m_strict, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Exact DGD's right factors at the chunk-start momentum S1, S2 (z = k W1 in scratch 0, the unclipped delta1 in
+    scratch 1): layer 1's D-wide r1 = T1 (f delta1 + w_k (c z + d k S1)) go to ``sc_r1`` tile by tile; returns the
+    last layer's r2 = T2 (f delta2 + w_a (c yk + d a S2)) [BC, BV], and T1, T2, the last layer's input Gram a a^T,
+    a S2, w_k, w_a for the backward (depth 1: the last layer's input is k, and T1 = T2)."""
+    b_wk = 1.0 / tl.maximum(b_nk, 1e-12)  # 1 / max(|a|, eps)^2 with F.normalize's eps = 1e-6
+    b_kk = _dot(b_k, tl.trans(b_k), "ieee")
+    b_as = tl.zeros([BC, BV], dtype=tl.float32)
+    if DEPTH == 2:
+        b_T1 = unit_lower_inverse(tl.where(m_strict, b_wk[:, None] * b_gam * b_kk, 0.0), BC)
+        b_aa = tl.zeros([BC, BC], dtype=tl.float32)
+        for t in range(0, D, BD):
+            o_t = t + o_d
+            m_t = o_t < D
+            b_z = _ld_sc(sc, o_c, o_t, DP)
+            b_s1 = _ld(S1, o_k, o_t, D, m_k, m_t)
+            b_rhs = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None] + b_wk[:, None] * (
+                b_c[:, None] * b_z + b_cd[:, None] * _dot(b_k, b_s1, PREC)
+            )
+            _st_sc(sc_r1, o_c, o_t, DP, _dot(b_T1, b_rhs, PREC))
+            b_a = _phi(b_z, ACT)
+            b_aa += _dot(b_a, tl.trans(b_a), "ieee")
+            b_as += _dot(b_a, _ld(S2, o_t, o_v, V, m_t, m_v), PREC)
+        b_wa = 1.0 / tl.maximum(b_na, 1e-12)
+        b_T2 = unit_lower_inverse(tl.where(m_strict, b_wa[:, None] * b_gam * b_aa, 0.0), BC)
+        tl.debug_barrier()  # r1 is read back from scratch
+    else:  # depth 1: one layer, whose input is k itself
+        for t in range(0, K, BD):
+            o_t = t + o_d
+            m_t = o_t < K
+            b_as += _dot(_ld(k + bos * K, o_c, o_t, H * K, m_c, m_t), _ld(S2, o_t, o_v, V, m_t, m_v), PREC)
+        b_aa, b_wa = b_kk, b_wk
+        b_T2 = unit_lower_inverse(tl.where(m_strict, b_wa[:, None] * b_gam * b_aa, 0.0), BC)
+        b_T1 = b_T2
+    b_rhs2 = b_d2 * b_f[:, None] + b_wa[:, None] * (b_c[:, None] * b_yk + b_cd[:, None] * b_as)
+    return _dot(b_T2, b_rhs2, PREC), b_T1, b_T2, b_kk, b_aa, b_as, b_wk, b_wa
+
+
 @triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_fwd_kernel(
     q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, y, sc,
@@ -216,15 +266,17 @@ def titans_memory_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, STORE_Y: tl.constexpr,
+    RESIDUAL: tl.constexpr, DGD: tl.constexpr, STORE_Y: tl.constexpr,
 ):  # fmt: skip
     """Chunks N0 .. N0 + NCH - 1 from the state in slot 0 of the program's SLOTS-slot state buffers; chunk N0 + i
-    reads slot i and writes slot i + 1. Without STORE_Y only the states are computed (the backward's recompute)."""
+    reads slot i and writes slot i + 1. Without STORE_Y only the states are computed (the backward's recompute).
+    Scratch: 0 z, 1 delta1 (with DGD overwritten by r1, the right factor)."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_c, o_k, o_v, o_d = tl.arange(0, BC), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BD)
     m_k, m_v, m_all = o_k < K, o_v < V, o_c < BC
     m_causal = o_c[:, None] >= o_c[None, :]
+    m_strict = o_c[:, None] > o_c[None, :]
     sc = sc + i_bh.to(tl.int64) * 2 * BC * DP
     for i in range(NCH):
         n = N0 + i
@@ -233,10 +285,16 @@ def titans_memory_fwd_kernel(
             H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
         )  # fmt: skip
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_d2 = b_d2 * b_f[:, None]  # the clipped right factor every use below takes
         _, _, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
         )  # fmt: skip
+        if DGD:  # the right factors every use below takes: layer 1's into scratch 1, the last layer's here
+            b_d2, _, _, _, _, _, _, _ = _dgd_rights(
+                k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc + BC * DP, bos, o_c, m_c, o_k,
+                m_k, o_v, m_v, o_d, m_strict, H, K, V, D, DP, BC, BV, BD, DEPTH, ACT, PREC,
+            )  # fmt: skip
+        else:
+            b_d2 = b_d2 * b_f[:, None]  # the clipped right factor every use below takes
 
         b_xw = tl.zeros([BC, BV], dtype=tl.float32)  # X W2 and X S2: the last layer's reads of the start state
         b_xs = tl.zeros([BC, BV], dtype=tl.float32)
@@ -250,7 +308,9 @@ def titans_memory_fwd_kernel(
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
                 b_z = _ld_sc(sc, o_c, o_t, DP)
                 b_a = _phi(b_z, ACT)
-                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP) * b_f[:, None]
+                b_d1 = _ld_sc(sc + BC * DP, o_c, o_t, DP)
+                if not DGD:
+                    b_d1 = b_d1 * b_f[:, None]
                 if STORE_Y:
                     b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
                     b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
@@ -286,18 +346,21 @@ def titans_memory_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
     C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr,
+    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
 ):  # fmt: skip
     """Chunks in reverse. dW1 .. dS2 hold the gradient w.r.t. the state after the chunk and are rewritten in place
     into the gradient w.r.t. the state before it (each tile is read before it is written, by the same program).
-    Scratch: 0 z, 1 delta1 (unclipped), 2 Z1 then dL/dz, 3 dL/da (last layer's input), 4 dL/d~delta1."""
+    Scratch: 0 z, 1 delta1 (unclipped), 2 Z1 then dL/dz, 3 dL/da (last layer's input), 4 dL/d~delta1 (with DGD: the
+    gradient of layer 1's right-hand side, T1^T dL/dr1), 5 (DGD) r1, layer 1's right factor."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_c, o_k, o_v, o_d = tl.arange(0, BC), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BD)
     m_k, m_v, m_all = o_k < K, o_v < V, o_c < BC
     m_causal = o_c[:, None] >= o_c[None, :]
-    sc = sc + i_bh.to(tl.int64) * 5 * BC * DP
+    m_strict = o_c[:, None] > o_c[None, :]
+    sc = sc + i_bh.to(tl.int64) * (6 if DGD else 5) * BC * DP
     sc_z, sc_d1, sc_zq, sc_da, sc_dd1 = sc, sc + BC * DP, sc + 2 * BC * DP, sc + 3 * BC * DP, sc + 4 * BC * DP
+    sc_r1 = sc + 5 * BC * DP
     dW1, dS1 = dW1 + i_bh.to(tl.int64) * K * D, dS1 + i_bh.to(tl.int64) * K * D
     dW2, dS2 = dW2 + i_bh.to(tl.int64) * D_IN * V, dS2 + i_bh.to(tl.int64) * D_IN * V
     for i_n in range(NCH):
@@ -308,10 +371,16 @@ def titans_memory_bwd_kernel(
             H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
         )  # fmt: skip
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
-        b_d2c = b_d2 * b_f[:, None]  # the right factor the read and the update take
         o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
         )  # fmt: skip
+        if DGD:  # the right factors the read and the update take (layer 1's in scratch 5), and what made them
+            b_d2c, b_T1, b_T2, b_kk, b_aa, b_as0, b_wk, b_wa = _dgd_rights(
+                k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc_r1, bos, o_c, m_c, o_k, m_k,
+                o_v, m_v, o_d, m_strict, H, K, V, D, DP, BC, BV, BD, DEPTH, ACT, PREC,
+            )  # fmt: skip
+        else:
+            b_d2c = b_d2 * b_f[:, None]  # the right factor the read and the update take
         b_dy = _ld(dy + bos * V, o_c, o_v, H * V, m_c, m_v)
 
         # pass 1: the forward read again (Z1 parked for the next pass), the last layer's start-state reads and scores
@@ -326,7 +395,10 @@ def titans_memory_bwd_kernel(
             m_t = o_t < D_IN
             if DEPTH == 2:
                 b_z = _ld_sc(sc_z, o_c, o_t, DP)
-                b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None]
+                if DGD:
+                    b_d1 = _ld_sc(sc_r1, o_c, o_t, DP)
+                else:
+                    b_d1 = _ld_sc(sc_d1, o_c, o_t, DP) * b_f[:, None]
                 b_z1 = (
                     b_c[:, None] * _dot(b_q, _ld(W1, o_k, o_t, D, m_k, m_t), PREC)
                     + b_cd[:, None] * _dot(b_q, _ld(S1, o_k, o_t, D, m_k, m_t), PREC)
@@ -361,6 +433,8 @@ def titans_memory_bwd_kernel(
         b_dh = tl.zeros([BC], dtype=tl.float32)
         b_aw = tl.zeros([BC, BV], dtype=tl.float32)  # a dW2' and a dS2'
         b_as = tl.zeros([BC, BV], dtype=tl.float32)
+        b_dA1 = tl.zeros([BC, BC], dtype=tl.float32)  # DGD: dL/dA1 of layer 1's system, over the D tiles
+        b_dwk = tl.zeros([BC], dtype=tl.float32)  # DGD: dL/dw_k
         dc_end, dd_end, de_end = 0.0, 0.0, 0.0  # <W, dW'>, <S, dW'>, <S, dS'> over every layer
         for t in range(0, D_IN, BD):
             o_t = t + o_d
@@ -392,7 +466,10 @@ def titans_memory_bwd_kernel(
                 b_w1, b_s1 = _ld(W1, o_k, o_t, D, m_k, m_t), _ld(S1, o_k, o_t, D, m_k, m_t)
                 b_dw1, b_ds1 = _ld(dW1, o_k, o_t, D, m_k, m_t), _ld(dS1, o_k, o_t, D, m_k, m_t)
                 b_d1 = _ld_sc(sc_d1, o_c, o_t, DP)
-                b_d1c = b_d1 * b_f[:, None]
+                if DGD:
+                    b_d1c = _ld_sc(sc_r1, o_c, o_t, DP)
+                else:
+                    b_d1c = b_d1 * b_f[:, None]
                 b_dz1 = b_dx * _phi_prime(b_z1, ACT)
                 b_dm1 -= _dot(b_dz1, tl.trans(b_d1c), PREC)
                 b_dc += tl.sum(b_dz1 * _dot(b_q, b_w1, PREC), 1)
@@ -401,6 +478,16 @@ def titans_memory_bwd_kernel(
                 b_dq += _dot(b_cdz, tl.trans(b_w1), PREC) + _dot(b_ddz, tl.trans(b_s1), PREC)
                 b_kw, b_ks = _dot(b_k, b_dw1, PREC), _dot(b_k, b_ds1, PREC)
                 b_dd1c = -_dot(tl.trans(b_m1), b_dz1, PREC) - b_g[:, None] * b_kw - b_h[:, None] * b_ks
+                if DGD:  # through r1 = T1 rhs1: dL/drhs1 = T1^T dL/dr1, and dL/dA1 = -dL/drhs1 r1^T
+                    b_dd1c = _dot(tl.trans(b_T1), b_dd1c, PREC)
+                    b_dA1 -= _dot(b_dd1c, tl.trans(b_d1c), "ieee")
+                    # rhs1 = f delta1 + w_k (c z + d k S1): into c, d, w_k and k S1 (z's share joins dz in pass 3)
+                    b_ks1 = _dot(b_k, b_s1, PREC)
+                    b_dc += b_wk * tl.sum(b_dd1c * b_z, 1)
+                    b_dcd += b_wk * tl.sum(b_dd1c * b_ks1, 1)
+                    b_dwk += tl.sum(b_dd1c * (b_c[:, None] * b_z + b_cd[:, None] * b_ks1), 1)
+                    b_wds1 = (b_wk * b_cd)[:, None] * b_dd1c  # dL/d(k S1)
+                    b_dk += _dot(b_wds1, tl.trans(b_s1), PREC)
                 _st_sc(sc_dd1, o_c, o_t, DP, b_dd1c)
                 b_dg -= tl.sum(b_kw * b_d1c, 1)
                 b_dh -= tl.sum(b_ks * b_d1c, 1)
@@ -412,7 +499,10 @@ def titans_memory_bwd_kernel(
                 de_end += tl.sum(b_s1 * b_ds1)
                 b_qt = tl.trans(b_q)
                 _st(dW1, o_k, o_t, D, m_k, m_t, c_end * b_dw1 + _dot(b_qt, b_cdz, PREC))
-                _st(dS1, o_k, o_t, D, m_k, m_t, d_end * b_dw1 + e_end * b_ds1 + _dot(b_qt, b_ddz, PREC))
+                b_new_ds1 = d_end * b_dw1 + e_end * b_ds1 + _dot(b_qt, b_ddz, PREC)
+                if DGD:
+                    b_new_ds1 += _dot(tl.trans(b_k), b_wds1, PREC)
+                _st(dS1, o_k, o_t, D, m_k, m_t, b_new_ds1)
             else:
                 _st(dq + bos * K, o_c, o_t, H * K, m_c, m_t, b_dx)
         tl.debug_barrier()
@@ -421,6 +511,18 @@ def titans_memory_bwd_kernel(
         b_dd2c -= b_g[:, None] * b_aw + b_h[:, None] * b_as
         b_dg -= tl.sum(b_aw * b_d2c, 1)
         b_dh -= tl.sum(b_as * b_d2c, 1)
+        if DGD:  # through r2 = T2 rhs2, rhs2 = f delta2 + w_a (c yk + d a S2)
+            b_dd2c = _dot(tl.trans(b_T2), b_dd2c, PREC)  # dL/drhs2
+            b_dA2 = tl.where(m_strict, -_dot(b_dd2c, tl.trans(b_d2c), "ieee"), 0.0)
+            b_dgam += b_dA2 * b_wa[:, None] * b_aa
+            b_P2 = b_dA2 * b_wa[:, None] * b_gam  # dL/d(a a^T)
+            b_dwa = tl.sum(b_dA2 * b_gam * b_aa, 1) + tl.sum(b_dd2c * (b_c[:, None] * b_yk + b_cd[:, None] * b_as0), 1)
+            b_dc += b_wa * tl.sum(b_dd2c * b_yk, 1)
+            b_dcd += b_wa * tl.sum(b_dd2c * b_as0, 1)
+            b_was = (b_wa * b_cd)[:, None] * b_dd2c  # dL/d(a S2)
+            b_dna = tl.where(b_na > 1e-12, -b_wa * b_wa, 0.0) * b_dwa  # w_a = 1 / max(|a|^2, eps^2)
+        else:
+            b_dna = tl.zeros([BC], dtype=tl.float32)
         b_df += tl.sum(b_dd2c * b_d2, 1)
         # through the clip ~delta_l = f delta_l, f = f(n^2), n^2 = |k|^2 |delta1|^2 + |a|^2 |delta2|^2
         b_dn2 = b_df * b_dfdn
@@ -430,6 +532,13 @@ def titans_memory_bwd_kernel(
             b_dgam += tl.where(m_causal, b_dm1 * b_p1, 0.0)
             b_dq += _dot(b_dp1, b_k, PREC)
             b_dk += _dot(tl.trans(b_dp1), b_q, PREC) + 2 * b_k * (b_nd1 * b_dn2)[:, None]
+            if DGD:  # through layer 1's system A1 = diag(w_k) (Gamma * k k^T) and w_k = 1 / max(|k|^2, eps^2)
+                b_dA1 = tl.where(m_strict, b_dA1, 0.0)
+                b_dgam += b_dA1 * b_wk[:, None] * b_kk
+                b_P1 = b_dA1 * b_wk[:, None] * b_gam
+                b_dk += _dot(b_P1 + tl.trans(b_P1), b_k, PREC)
+                b_dwk += tl.sum(b_dA1 * b_gam * b_kk, 1)
+                b_dk += 2 * b_k * (tl.where(b_nk > 1e-12, -b_wk * b_wk, 0.0) * b_dwk)[:, None]
             # pass 3: through delta1 = (delta2 W2^T) * phi'(z)
             for t in range(0, D, BD):
                 o_t = t + o_d
@@ -443,10 +552,14 @@ def titans_memory_bwd_kernel(
                 b_dd2 += _dot(b_e, b_w2, PREC)
                 _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_e), b_d2, PREC))
                 b_dz = b_dd1 * _dot(b_d2, tl.trans(b_w2), PREC) * _phi_second(b_z, ACT)
+                if DGD:  # rhs1's w_k c z
+                    b_dz += (b_wk * b_c)[:, None] * b_dd1c
                 _st_sc(sc_zq, o_c, o_t, DP, b_dz)
             tl.debug_barrier()
         # delta2 = 2 (yk - target); the target is v (or v + MLP(v) - k)
         b_dyk = 2 * b_dd2
+        if DGD:  # rhs2's w_a c yk
+            b_dyk += (b_wa * b_c)[:, None] * b_dd2c
         b_dt = -2 * b_dd2
         # pass 4: through the forward of the keys, a = phi(k W1), yk = a W2 (depth 1: yk = k W2)
         for t in range(0, D_IN, BD):
@@ -458,9 +571,13 @@ def titans_memory_bwd_kernel(
                 b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
-            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2)[:, None]
+            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2 + b_dna)[:, None]
                     + _dot(b_dyk, tl.trans(b_w2), PREC))  # fmt: skip
             _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_a), b_dyk, PREC))
+            if DGD:  # the last layer's system (a a^T) and rhs2's a S2
+                b_s2 = _ld(S2, o_t, o_v, V, m_t, m_v)
+                b_da += _dot(b_P2 + tl.trans(b_P2), b_a, PREC) + _dot(b_was, tl.trans(b_s2), PREC)
+                _st(dS2, o_t, o_v, V, m_t, m_v, _ld(dS2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_a), b_was, PREC))
             if DEPTH == 2:
                 b_dz = _ld_sc(sc_zq, o_c, o_t, DP) + b_da * _phi_prime(b_z, ACT)
                 b_dk += _dot(b_dz, tl.trans(_ld(W1, o_k, o_t, D, m_k, m_t)), PREC)

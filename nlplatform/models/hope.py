@@ -66,6 +66,7 @@ class HopeConfig(DecoderConfig):
     projection_chunk_size: int = 64  # chunk of M_k, M_v, M_eta, M_alpha (the paper's second chunk size; unknown)
     eta_max: float = 0.1  # upper bound of the inner learning rate eta_t = eta_max * sigmoid(.)
     memory_max_grad_norm: float | None = 1.0  # clip each token's inner gradient per memory; None = plain DGD
+    memory_momentum_init: float = 0.5  # initial momentum decay of the memories (learned per head after), in (0, 1)
     conv_size: int = 4  # causal depthwise conv width on the memory inputs and queries (§8.3: 4); 0 = none
     # ablation switches (arXiv Table 6): each true value is HOPE as the paper describes it
     dgd: bool = True  # false = "w/o DGD": plain GD inner rule (no -eta M k k^T term)
@@ -107,6 +108,8 @@ class HopeConfig(DecoderConfig):
             )
         if self.variant == "attention" and (self.d_model // self.n_heads) % 2:
             raise ConfigError("model.d_model / model.n_heads must be even for rotary embeddings (Hope-Attention)")
+        if not 0 < self.memory_momentum_init < 1:
+            raise ConfigError(f"model.memory_momentum_init must be in (0, 1), got {self.memory_momentum_init}")
         if self.memory_activation not in ACTIVATIONS:
             raise ConfigError(f"model.memory_activation must be one of {ACTIVATIONS}, got {self.memory_activation!r}")
         if self.conv_size < 0:
@@ -198,7 +201,8 @@ class SelfModifyingTitans(nn.Module):
         self.gate_b[0].zero_()  # eta_t starts around eta_max / 2
         self.gate_b[1].fill_(4.0)  # alpha_t starts around sigmoid(4) = 0.98: slow forgetting
         if self.momentum_logit is not None:
-            self.momentum_logit.zero_()  # momentum decay 0.5 (as Titans starts it): 2x amplification of eta
+            # the momentum decay beta = sigmoid(logit) starts at memory_momentum_init (1 / (1 - beta) amplifies eta)
+            self.momentum_logit.fill_(math.log(self.cfg.memory_momentum_init / (1 - self.cfg.memory_momentum_init)))
         if self.conv is not None:
             self.conv.reset_parameters()
         self.o_norm.reset_parameters()

@@ -147,7 +147,14 @@ class LMModule(L.LightningModule):
         # Clipping happens here, before slow levels hold their gradients back (the Trainer clips nothing): a level's
         # released sum never shrinks another level's step (nlplatform/levels.py).
         assert self.level_scheduler is not None
-        self.level_scheduler.before_optimizer_step(self.trainer.global_step, self.cfg.trainer.gradient_clip_val or None)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # each rank holds a shard of the gradients
+        self.level_scheduler.before_optimizer_step(
+            self.trainer.global_step,
+            self.cfg.trainer.gradient_clip_val or None,
+            (lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")) if sharded else None,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # what the weights compute (registry.check_model_format refuses a checkpoint of another format)

@@ -299,3 +299,18 @@ def test_unknown_task_is_a_user_error_with_a_suggestion():
     """dataset_file of a misspelt task names the closest task."""
     with pytest.raises(UserError, match=r"unknown eval task 'hellaswg'\. Did you mean 'hellaswag'\?"):
         dataset_file("hellaswg")
+
+
+def test_held_out_documents_are_scored_in_pages_of_at_most_page_chars_cut_at_paragraph_breaks():
+    """The WikiText stand-in cuts each held-out document into pages of at most PAGE_CHARS (20,000) characters, at
+    blank lines where it can and at whitespace inside a paragraph longer than a page; the pages give the words back
+    in order."""
+    from nlplatform.eval.tasks import PAGE_CHARS, pages
+
+    assert PAGE_CHARS == 20_000
+    paragraphs = [" ".join(f"w{i}-{j}" for j in range(n)) for i, n in enumerate([30, 5, 400, 12, 60])]
+    text = "\n\n".join(paragraphs)
+    cut = pages(text, page_chars=600)
+    assert all(len(p) <= 600 for p in cut) and len(cut) > 3
+    assert " ".join(" ".join(cut).split()) == " ".join(text.split())
+    assert cut[0] == paragraphs[0] + "\n\n" + paragraphs[1]  # whole paragraphs share a page while they fit

@@ -343,13 +343,8 @@ def _state(M, *layers):
         ({"activation": "relu"}, ValueError, r"activation must be one of \('gelu', 'silu'\)"),
         ({"eta_max": 0.0}, ValueError, "eta_max must be a number > 0"),
         ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be > 0 or None"),
-        # without triton the backend does not exist; with it, chunks above 64 are beyond the kernels, and so is DGD
-        (
-            {"backend": "triton", "memory_chunk_size": 128, "dgd": False},
-            ValueError,
-            "chunk_size=128|available: reference",
-        ),
-        ({"backend": "triton"}, ValueError, "exact chunked Delta Gradient Descent|available: reference"),
+        # without triton the backend does not exist; with it, chunks above 64 are beyond the kernels
+        ({"backend": "triton", "memory_chunk_size": 128}, ValueError, "chunk_size=128|available: reference"),
     ],
     ids=[
         "x-rank",
@@ -371,8 +366,7 @@ def _state(M, *layers):
         "activation",
         "eta_max",
         "max_grad_norm",
-        "backend-chunk",
-        "backend-dgd",
+        "backend",
     ],
 )
 def test_bad_inputs_get_an_error_that_names_the_problem(changes, error, match):

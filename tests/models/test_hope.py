@@ -403,16 +403,50 @@ def test_second_order_meta_gradient_matches_finite_differences_and_first_order_d
 # ------------------------------------------------------------------------------------- presets and errors
 
 
-@pytest.mark.parametrize("preset", ["tiny", "340m", "760m", "1.3b"])
-def test_every_preset_builds_with_its_levels(preset):
-    """Every preset builds (paper sizes on the meta device) and declares its in-context and persistent levels."""
+@pytest.mark.parametrize(("preset", "head_dim"), [("tiny", 64), ("340m", 128), ("760m", 128), ("1.3b", 128)])
+def test_every_preset_builds_with_its_levels_and_head_width(preset, head_dim):
+    """Every preset builds (paper sizes on the meta device), declares its in-context and persistent levels, and has
+    memory heads of 64 (tiny) or 128 (paper sizes: 1024 / 8, 1536 / 12, 2048 / 16) with memories of that width."""
     cfg = model_config("hope", preset, vocab_size=32000)
     with torch.device("meta"):
         model = build_model(cfg)
     scopes = {lv.name: lv.scope for lv in model.levels()}
     assert scopes["cms.0"] == "in_context" and scopes["cms.1"] == "persistent"
+    assert cfg.key_dim == head_dim
+    assert model.layers[0].mixer.memory_init[0].shape[-2:] == (head_dim, head_dim)
     if preset != "tiny":
         assert 0.8 < model.num_params() / {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}[preset] < 1.3
+
+
+def test_queries_keys_and_memory_inputs_are_unit_norm_after_a_causal_width_4_conv(monkeypatch):
+    """Eq. 97 and §8.3: the memories' inputs x~, the queries q and (static ablation) the keys reach the op L2-normalised
+    per head, after a causal depthwise convolution of width 4 (whose output at t depends on inputs t-3 .. t only);
+    generated keys are normalised inside the op (tests/kernels/test_self_modifying_paper.py's loop does the same)."""
+    seen = []
+    real = hope_module.self_modifying_titans
+
+    def spy(x, q, *args, **kwargs):
+        seen.append((x, q, kwargs["static_k"]))
+        return real(x, q, *args, **kwargs)
+
+    monkeypatch.setattr(hope_module, "self_modifying_titans", spy)
+    for adaptive_k in (True, False):
+        seen.clear()
+        model = make(adaptive_k=adaptive_k)
+        with torch.no_grad():
+            model(tokens(2, 11))
+        for x, q, static_k in seen:
+            for t in (x, q) if adaptive_k else (x, q, static_k):
+                torch.testing.assert_close(t.norm(dim=-1), torch.ones_like(t[..., 0]), rtol=1e-12, atol=1e-12)
+            assert (static_k is None) == adaptive_k
+    conv = model.layers[0].mixer.conv
+    assert conv.width == 4 and model.cfg.conv_size == 4
+    u = torch.randn(1, 12, conv.weight.shape[0], dtype=torch.float64)
+    changed = u.clone()
+    changed[:, 6] += 1.0
+    with torch.no_grad():
+        moved = (conv(changed)[0] - conv(u)[0]).abs().amax(-1)[0]
+    assert (moved[:6] == 0).all() and (moved[6:10] > 0).all() and (moved[10:] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -161,3 +161,25 @@ def test_registry_has_titans_with_its_presets():
     assert isinstance(cfg, TitansConfig) and cfg.variant == "mac"
     for preset in ("340m", "760m", "1.3b"):
         assert model_config("titans", preset).d_model >= 1024
+
+
+@pytest.mark.parametrize(("preset", "window", "chunk"), [("tiny", 64, 16), ("340m", 512, 64), ("1.3b", 512, 64)])
+def test_gates_memory_and_windows_start_as_documented(preset, window, chunk):
+    """The defaults docs/PAPER_COMPLIANCE.md lists where Titans is silent: theta = 0.1 sigmoid(.), eta and alpha
+    sigmoids, the forgetting gate's bias at -4 (alpha ~ 0.018), per-head MLP memories 4x the head width with
+    initial weights of std 1/sqrt(d_in), 4 persistent tokens, the window and the memory chunk of each size."""
+    cfg = model_config("titans", preset, vocab_size=100)
+    assert (cfg.theta_max, cfg.alpha_bias_init, cfg.memory_expansion, cfg.n_persistent) == (0.1, -4.0, 4, 4)
+    assert (cfg.window, cfg.memory_chunk_size) == (window, chunk)
+    if preset != "tiny":
+        return
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    branch = next(m for m in model.modules() if hasattr(m, "gates") and hasattr(m, "memory_init"))
+    H = cfg.n_heads
+    assert torch.equal(branch.gates.bias[: 2 * H], torch.zeros(2 * H))
+    assert torch.equal(branch.gates.bias[2 * H :], torch.full((H,), -4.0))
+    first, last = branch.memory_init[0], branch.memory_init[-1]
+    assert first.shape == (H, cfg.key_dim, 4 * cfg.key_dim) and last.shape == (H, 4 * cfg.key_dim, cfg.key_dim)
+    for w in (first, last):
+        assert abs(w.std().item() * w.shape[1] ** 0.5 - 1.0) < 0.05

@@ -75,6 +75,19 @@ def test_delta_momentum_decays_its_memory_along_the_new_gradient():
     torch.testing.assert_close(v2, P0[0] - lr * G1[0] + (-lr * G1[0]) * (a - z) - lr * G2[0])
 
 
+def test_delta_momentum_without_a_normalised_decay_uses_the_raw_gradient():
+    """normalize_decay=false (optim.normalize_decay): m2 = m1 (alpha I - zeta g2^T g2) - lr g2 with the raw g2, the
+    printed Eq. 48-49 with the decay step zeta made explicit."""
+    lr, a, z = 0.1, 0.9, 0.5
+    w1, w2 = two_steps(DeltaMomentum, P0, [G1, G2], lr=lr, momentum=a, decay_lr=z, normalize=False)
+    m1 = -lr * G1
+    m2 = m1 @ (a * torch.eye(3) - z * G2.T @ G2) - lr * G2
+    torch.testing.assert_close(w1, P0 + m1)
+    torch.testing.assert_close(w2, P0 + m1 + m2)
+    normalised = two_steps(DeltaMomentum, P0, [G1, G2], lr=lr, momentum=a, decay_lr=z)[1]
+    assert (normalised - w2).abs().max() > 1e-4
+
+
 def test_dmgd_starts_as_gradient_descent_then_steps_with_its_learned_memory():
     """Step 1 is W - lr g1 (the memory starts as the identity); before step 2 the memory takes one gradient step on
     predicting g2 from (g1, 0), which with W2 = 0 moves only W2; step 2 reads M(g2, o1 = g1)."""
@@ -142,6 +155,35 @@ def test_m3_first_two_steps_follow_algorithm_1(normalize):
     u2 = (newton_schulz(b1 * G1 + G2) + alpha * newton_schulz(G1)) / ((v2 / (1 - b2**2)).sqrt() + eps)
     torch.testing.assert_close(w1, e1)
     torch.testing.assert_close(w2, e1 - lr * scaled(u2))
+
+
+def test_m3_printed_sum_form_follows_algorithm_1_step_by_step():
+    """accumulate=sum, normalize=false is Alg. 1 as printed, written out here for 7 steps with a slow chunk of 3:
+    M1 <- M1 + b1 g, V <- V + b2 g^2 every step; at the start of each later chunk M2 <- M2 + b3 (sum of the last
+    chunk's gradients) and O2 = NS(M2); W <- W - lr (NS(M1) + alpha O2) / (sqrt(V) + eps)."""
+    lr, b1, b2, b3, alpha, eps, every = 0.01, 0.9, 0.95, 0.8, 0.5, 1e-8, 3
+    grads = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    p = torch.nn.Parameter(P0.clone())
+    opt = M3([p], lr=lr, beta1=b1, beta2=b2, beta3=b3, slow_weight=alpha, slow_every=every, eps=eps,
+             accumulate="sum", normalize=False)  # fmt: skip
+    w, m1, m2, v, o2 = (
+        P0.clone(),
+        torch.zeros_like(P0),
+        torch.zeros_like(P0),
+        torch.zeros_like(P0),
+        torch.zeros_like(P0),
+    )
+    for t, g in enumerate(grads, 1):
+        if t > 1 and (t - 1) % every == 0:  # slow loop: the chunk that just ended
+            m2 = m2 + b3 * sum(grads[t - 1 - every : t - 1])
+            o2 = newton_schulz(m2)
+        m1 = m1 + b1 * g
+        v = v + b2 * g**2
+        w = w - lr * (newton_schulz(m1) + alpha * o2) / (v.sqrt() + eps)
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), w, msg=f"step {t}")
+    assert opt.state[p]["slow_updates"] == 2
 
 
 def test_m3_slow_momentum_changes_exactly_every_slow_every_steps():

@@ -60,10 +60,14 @@ def test_levels_are_logged_with_their_chunks_scopes_and_update_counts(family_run
     assert _metric(uri, run_id, "levels/cms.2/updates")[-1] == 1
 
 
-def test_make_train_trains_tiny_hope_by_default():
-    """The Makefile's default RECIPE is the tiny HOPE recipe."""
+def test_make_train_trains_tiny_hope_by_default_at_its_documented_settings():
+    """The Makefile's default RECIPE is the tiny HOPE recipe: lr 3e-3, 150 steps of 8 x 256 tokens."""
+    from nlplatform.config import load_recipe
+
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^RECIPE \?= recipes/hope/tiny\.yaml$", makefile, re.M)
+    cfg = load_recipe(ROOT / "recipes" / "hope" / "tiny.yaml")
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.data.batch_size, cfg.data.seq_len) == (3e-3, 150, 8, 256)
 
 
 @needs_corpus
