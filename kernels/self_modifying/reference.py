@@ -132,13 +132,30 @@ class _Coefficients(NamedTuple):
 
 
 def _coefficients(eta: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Coefficients:
-    B, H, n = eta.shape
-    decay = beta[:, None].expand(B, H, n)
-    d_keep, d_mom = _segment_products(alpha), _segment_products(decay)  # P_i / P_r and E_r / E_s, [B, H, n, n]
+    """The coefficients of a chunk, gates [B, H, n] (or of several chunks at once, [B, H, NC, n]; beta [H])."""
+    decay = beta.reshape(-1, *([1] * (eta.dim() - 2))).expand_as(eta)
+    d_keep, d_mom = _segment_products(alpha), _segment_products(decay)  # P_i / P_r and E_r / E_s, [.., n, n]
     keep, mom = alpha.cumprod(-1), decay.cumprod(-1)
     d = d_keep @ mom[..., None]
-    gamma = (d_keep @ d_mom) * eta[:, :, None, :]
+    gamma = (d_keep @ d_mom) * eta[..., None, :]
     return _Coefficients(keep, d, gamma, mom, d_mom[..., -1, :] * eta)
+
+
+def _chunk_coefficients(eta: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, chunk_size: int) -> list:
+    """(coefficients, those of the state each token finds) of every chunk of gates [B, H, T]. They depend on the
+    gates alone, not on the memory, so all full chunks are computed in one batch (a partial last one apart)."""
+    B, H, T = eta.shape
+    full = T // chunk_size
+    out = []
+    if full:
+        n = full * chunk_size
+        co = _coefficients(*(g[..., :n].reshape(B, H, full, chunk_size) for g in (eta, alpha)), beta)
+        parts = [t.unbind(2) for t in (*co, *_before(co))]
+        out = [(_Coefficients(*(p[j] for p in parts[:5])), tuple(p[j] for p in parts[5:])) for j in range(full)]
+    if T % chunk_size:
+        co = _coefficients(eta[..., full * chunk_size :], alpha[..., full * chunk_size :], beta)
+        out.append((co, _before(co)))
+    return out
 
 
 def _before(co: _Coefficients):
@@ -249,10 +266,8 @@ def _main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, 
     by chunk: factors at the chunk-start state, every token read before its own write. Returns (o [B, H, T, K], final
     weights, final momentum)."""
     outs = []
-    for start in range(0, q.shape[2], chunk_size):
+    for start, (co, before) in zip(range(0, q.shape[2], chunk_size), _chunk_coefficients(eta, alpha, beta, chunk_size)):
         sl = slice(start, start + chunk_size)
-        co = _coefficients(eta[:, :, sl], alpha[:, :, sl], beta)
-        before = _before(co)
         lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, main_s, before, activation, max_grad_norm,
                                         dgd)  # fmt: skip
         outs.append(_read_before_write(q[:, :, sl], main_w, main_s, lefts, rights, before, activation))
