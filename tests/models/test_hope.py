@@ -418,6 +418,22 @@ def test_every_preset_builds_with_its_levels_and_head_width(preset, head_dim):
         assert 0.8 < model.num_params() / {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}[preset] < 1.3
 
 
+def test_memory_gates_and_rails_start_as_documented():
+    """The self-modifying memories' defaults docs/PAPER_COMPLIANCE.md lists: eta_max 0.3 and no inner-gradient clip
+    (the rails bench/hope_rails.py found unneeded under the exact rule), the momentum decay starting at 0.5 (0.9
+    diverged there), eta's read-out bias at 0 (eta starts at eta_max / 2), alpha's at +4 (retention 0.98), memories
+    as wide as a head."""
+    cfg = model_config("hope", "tiny", vocab_size=VOCAB)
+    assert (cfg.eta_max, cfg.memory_max_grad_norm, cfg.memory_momentum_init) == (0.3, None, 0.5)
+    assert cfg.memory_expansion == 1
+    for start in (0.5, 0.9):
+        torch.manual_seed(0)
+        mixer = build_model(model_config("hope", "tiny", vocab_size=VOCAB, memory_momentum_init=start)).layers[0].mixer
+        H = cfg.n_heads
+        assert torch.equal(mixer.gate_b.detach(), torch.tensor([[0.0] * H, [4.0] * H]))
+        torch.testing.assert_close(torch.sigmoid(mixer.momentum_logit.detach()), torch.full((H,), start))
+
+
 def test_queries_keys_and_memory_inputs_are_unit_norm_after_a_causal_width_4_conv(monkeypatch):
     """Eq. 97 and §8.3: the memories' inputs x~, the queries q and (static ablation) the keys reach the op L2-normalised
     per head, after a causal depthwise convolution of width 4 (whose output at t depends on inputs t-3 .. t only);
