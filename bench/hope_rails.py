@@ -1,7 +1,7 @@
 """Tiny HOPE's inner-loop rails on one budget: which safety settings of the self-modifying memories the exact DGD rule
 still needs, measured by training, beside tiny Titans and Transformer++ on the same tokens.
 
-    python bench/hope_rails.py [--steps 150] [--rows NAME,NAME] [--baseline CHECKOUT] [--repeats N] [--name NAME]
+    python bench/hope_rails.py [--steps 150] [--rows "NAME;NAME"] [--baseline CHECKOUT] [--repeats N] [--name NAME]
 
 Every row is a full run of ``nlplatform train`` (recipes/<family>/tiny.yaml with the row's overrides, ``--steps``
 optimizer steps of 8 x 256 tokens, the recipe's seed, so every row sees the same batches), one after the other in a
@@ -140,7 +140,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--rows", default=None, help="row names separated by ';' (default: all)")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another revision: its default "
                         "tiny HOPE trains as one more row")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="run the list this many times, round-robin")
@@ -149,7 +149,7 @@ def main() -> None:
     device, label = device_and_label()
     if device != "cpu":
         sys.exit("hope_rails.py measures the CPU recipe `make train` runs; run it on a CPU machine")
-    chosen = ROWS if args.rows is None else [r for r in ROWS if r[0] in args.rows.split(",")]
+    chosen = ROWS if args.rows is None else [r for r in ROWS if r[0] in args.rows.split(";")]
     runs = [(name, family, overrides, ROOT) for name, family, overrides in chosen]
     if args.baseline is not None:
         rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
