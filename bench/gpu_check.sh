@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One pass over the GPU checks, in order of value, each step bounded by its own time limit so that a short loan of
-# a GPU machine always brings back what finished:
+# a GPU machine always brings back what finished (the defaults add up to about 11 minutes):
 #
+#   0. memcheck  compute-sanitizer over one small Titans-memory and HOPE main-memory call per shape that has crashed a
+#                GPU (bench/gpu_memcheck.py): the kernel and source line of an illegal access
 #   1. kernels   the GPU kernel tests (pytest -m gpu tests/kernels): Triton vs the fp32 reference at the paper widths
 #   2. train     bench_train_step.py: Transformer++ and HOPE at 340m, T = 4096, eager (then the other families)
 #   3. kbench    bench_kernels.py: Titans memory, then the delta rule, against titans-pytorch and fla when importable
 #   4. hope340m  a few dozen steps of recipes/hope/340m.yaml on one GPU under bf16-mixed through the real command
 #                line, then a resume from its last checkpoint for a few more steps
 #
-#     OUT=/some/folder bash bench/gpu_check.sh [STEP ...]      # default: all four, in that order
+#     OUT=/some/folder bash bench/gpu_check.sh [STEP ...]      # default: all five, in that order
 #
 # Everything lands in $OUT: summary.txt (one line per step: exit code, seconds), <step>.log, the benchmarks' results
 # files, and results.tar.gz (all of it, refreshed after each step). PY picks the interpreter (default python3);
@@ -46,6 +48,17 @@ step() {  # step NAME DEFAULT_SECONDS COMMAND...
   pack
 }
 
+memcheck() {  # each shape in its own process: an illegal access poisons the CUDA context
+  local sanitizer shape
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for shape in "--seq-len 256 --chunk 64 --head-dim 64" "--seq-len 511 --chunk 64 --head-dim 128" \
+    "--seq-len 511 --chunk 16 --head-dim 128" "--op hope --seq-len 511 --chunk 16 --head-dim 128" \
+    "--op hope --seq-len 256 --chunk 64 --head-dim 64"; do
+    echo "-- $shape"
+    timeout 45 "$sanitizer" --tool memcheck --print-limit 3 $PY bench/gpu_memcheck.py $shape || echo "FAILED: $shape"
+  done
+}
+
 kernels() {  # a per-test limit where pytest-timeout is installed, so one hung kernel does not take the step
   local per_test=()
   $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=100)
@@ -62,10 +75,11 @@ kbench() {
     $PY bench/bench_kernels.py --ops delta_rule --repeats 5 --out "$OUT"
 }
 
-hope340m() {  # the real training path: bf16-mixed, one GPU, checkpoint at step 10, then resumed to step 16
+hope340m() {  # the real training path: bf16-mixed, one GPU, batch 1 x 4096 (batch 2 ran out of an H200's 140 GB),
+  # checkpoint at step 10, then resumed to step 16
   local common=("${HOPE_RECIPE:-recipes/hope/340m.yaml}" trainer.devices=1 trainer.strategy=auto trainer.precision=bf16-mixed
     trainer.accumulate_grad_batches=1 trainer.val_check_interval=10 trainer.log_every_n_steps=1
-    trainer.enable_progress_bar=false optim.warmup_steps=5 data.batch_size=2 data.val_batches=2
+    trainer.enable_progress_bar=false optim.warmup_steps=5 data.batch_size=1 data.val_batches=2
     tracking.enabled=false "output_dir=$WORK/runs" tracking.run_name=gpu-check ${HOPE_ARGS:-})
   $PY -m nlplatform train "${common[@]}" trainer.max_steps=10 || return
   local ckpt
@@ -75,16 +89,17 @@ hope340m() {  # the real training path: bf16-mixed, one GPU, checkpoint at step 
 }
 
 export OUT PY WORK
-export -f kernels train kbench hope340m
+export -f memcheck kernels train kbench hope340m
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels train kbench hope340m)
+[ ${#steps[@]} -eq 0 ] && steps=(memcheck kernels train kbench hope340m)
 for s in "${steps[@]}"; do
   case $s in
-    kernels) step kernels 170 kernels ;;
-    train) step train 120 train ;;
-    kbench) step kbench 90 kbench ;;
-    hope340m) step hope340m 150 hope340m ;;
-    *) echo "unknown step: $s (kernels, train, kbench, hope340m)" >&2; exit 2 ;;
+    memcheck) step memcheck 150 memcheck ;;
+    kernels) step kernels 200 kernels ;;
+    train) step train 100 train ;;
+    kbench) step kbench 80 kbench ;;
+    hope340m) step hope340m 120 hope340m ;;
+    *) echo "unknown step: $s (memcheck, kernels, train, kbench, hope340m)" >&2; exit 2 ;;
   esac
 done
 rm -rf "$WORK"

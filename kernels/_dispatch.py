@@ -35,12 +35,14 @@ def resolve_backend(op: str, backend: str, x: torch.Tensor, available: tuple[str
     return backend
 
 
-def takes_inputs(op: str, backend: str, reason: str | None) -> bool:
+def takes_inputs(op: str, backend: str, reason: str | None, unverified: str | None = None) -> bool:
     """After ``resolve_backend`` chose Triton: whether the kernels run, given why they cannot take these inputs
     (``reason``, None when they can). Under ``"auto"`` an unsupported input falls back to the reference (False); an
-    explicit ``backend="triton"`` refuses it with the reason instead."""
+    explicit ``backend="triton"`` refuses it with the reason instead. ``unverified`` says why inputs the kernels take
+    are still kept off them under ``"auto"`` (a configuration that failed on a GPU and has not been cleared since):
+    ``"auto"`` runs the reference, an explicit ``"triton"`` runs the kernels (that is how a GPU check clears it)."""
     if reason is None:
-        return True
+        return backend == "triton" or unverified is None
     if backend == "triton":
         raise ValueError(f"{op}: the Triton backend does not take {reason}; use backend='reference'")
     return False

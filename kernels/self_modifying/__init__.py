@@ -172,7 +172,8 @@ def self_modifying_titans(
     if resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS) == "triton":
         from kernels.self_modifying import autograd
 
-        if takes_inputs(_NAME, backend, autograd.unsupported(x, len(state.weights), memory_chunk_size)):
+        reason = autograd.unsupported(x, len(state.weights), memory_chunk_size)
+        if takes_inputs(_NAME, backend, reason, autograd.unverified(memory_chunk_size)):
             main_memory = functools.partial(autograd.triton_main_memory, dot_dtype=x.dtype)
     return chunk_self_modifying_titans(
         x, q, gate_w, gate_b, state,

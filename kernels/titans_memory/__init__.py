@@ -101,7 +101,7 @@ def titans_memory(
         from kernels.titans_memory import autograd
 
         reason = autograd.unsupported(q.dtype, q.shape[-1], v.shape[-1], len(state.weights), chunk_size)
-        if takes_inputs("titans_memory", backend, reason):
+        if takes_inputs("titans_memory", backend, reason, autograd.unverified(chunk_size)):
             return autograd.triton_titans_memory(
                 q, k, v, theta, eta, alpha, state,
                 chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,

@@ -35,6 +35,12 @@ MAX_FP32_TILE = 4096
 # states in memory instead of NC, for one more pass of the state loop (without the read) in the backward.
 KEEP_ALL_CHUNKS = 16
 DEPTHS = (1, 2)
+# Chunks above this stay on the reference under backend="auto": on an H200 (Triton 3.6) the kernels at chunk 64 hit
+# an illegal memory access, in a bf16 Titans training step and in bench_kernels' forward + backward, while HOPE's
+# main memory at chunk 16 trained (bench/results/gpu-check-NVIDIA_H200.md). The CPU interpreter, which checks every
+# access against the launch's tensors (tests/kernels/bounds.py), finds none at those shapes. backend="triton" still
+# runs them, for the GPU check (bench/gpu_check.sh memcheck) that will find the cause and clear them.
+AUTO_MAX_CHUNK = 16
 
 
 def unsupported(dtype: torch.dtype, K: int, V: int, depth: int, chunk_size: int) -> str | None:
@@ -56,6 +62,13 @@ def unsupported(dtype: torch.dtype, K: int, V: int, depth: int, chunk_size: int)
             f"{MAX_FP32_TILE // _block(width)})"
         )
     return None
+
+
+def unverified(chunk_size: int) -> str | None:
+    """Why backend="auto" keeps a chunk size the kernels take on the reference (None: it does not)."""
+    if chunk_size <= AUTO_MAX_CHUNK:
+        return None
+    return f"chunk_size={chunk_size} (above {AUTO_MAX_CHUNK}, the kernels hit an illegal memory access on an H200)"
 
 
 def _block(n: int) -> int:

@@ -7,6 +7,8 @@ On a CPU the kernels run in Triton's interpreter (fp32 only here: the op compute
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -77,6 +79,22 @@ def test_half_precision_models_get_half_precision_products_within_their_toleranc
         assert_close(name, ref[name], out[name], 5e-3)
 
 
+@pytest.mark.skipif(not triton_interpreted(), reason="checks the CPU interpreter's accesses (TRITON_INTERPRET=1)")
+def test_every_main_memory_kernel_access_stays_inside_the_launch_tensors(monkeypatch):
+    """HOPE's main memory (exact DGD, residual target) at chunk 64 with a partial last chunk and K = 64, run by the
+    interpreter with every load and store checked against the launch's tensors (tests/kernels/bounds.py): none
+    leaves them."""
+    import tests.kernels.test_self_modifying as base
+    from tests.kernels.bounds import checked_bounds
+
+    for name, value in dict(B=1, H=1, K=64, HIDDEN=64).items():  # make_inputs reads its module's sizes
+        monkeypatch.setattr(base, name, value)
+    inputs = make_inputs(100, 2, init_momentum=True, dtype=torch.float16)
+    with checked_bounds():
+        out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", chunk_size=64, memory_chunk_size=64)
+    assert all(torch.isfinite(t).all() for t in out.values())
+
+
 def test_the_main_memory_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch):
     """With every chunk past the first segment recomputed in the backward (KEEP_ALL_CHUNKS forced down), the HOPE
     main memory still equals the reference."""
@@ -136,5 +154,8 @@ def test_gpu_hope_models_run_the_kernel_under_bf16_autocast(monkeypatch):
     from nlplatform.models.hope import Hope, HopeConfig
 
     calls = count_calls(monkeypatch, autograd, "triton_main_memory")
-    autocast_train_step(Hope(HopeConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100)).cuda(), 100)
-    assert len(calls) == 2
+    model = Hope(HopeConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100)).cuda()
+    autocast_train_step(model, 100, length=512)
+    # the model runs its layers window by window (one in-context CMS chunk each): one call per layer and window of
+    # the 511 input tokens
+    assert len(calls) == 2 * math.ceil(511 / model.fast_period)

@@ -159,6 +159,23 @@ def test_inputs_the_kernels_do_not_take_are_refused_by_name_on_the_triton_backen
     assert torch.isfinite(y).all()
 
 
+def test_auto_keeps_chunks_that_crashed_a_gpu_on_the_reference_and_triton_still_runs_them():
+    """Chunks above AUTO_MAX_CHUNK (chunk 64 hit an illegal memory access on an H200) are taken by the kernels but kept
+    off them under 'auto'; an explicit 'triton' runs them (the GPU check that clears them needs that), and chunks up
+    to the bound stay on the kernels under 'auto'."""
+    from kernels._dispatch import takes_inputs
+    from kernels.self_modifying import autograd as hope_autograd
+    from kernels.titans_memory import autograd
+
+    assert autograd.unverified(autograd.AUTO_MAX_CHUNK) is None
+    why = autograd.unverified(64)
+    assert "chunk_size=64" in why and "illegal memory access" in why
+    assert hope_autograd.unverified is autograd.unverified  # one record for the kernels both ops run
+    assert takes_inputs("titans_memory", "auto", None, why) is False
+    assert takes_inputs("titans_memory", "triton", None, why) is True
+    assert takes_inputs("titans_memory", "auto", None, autograd.unverified(16)) is True
+
+
 def test_a_titans_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: Titans (memory only, and memory as a gate) logits and weight gradients agree across backends."""
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")
@@ -216,8 +233,23 @@ def test_gpu_titans_models_run_the_kernel_under_bf16_autocast(monkeypatch):
     from nlplatform.models.titans import Titans, TitansConfig
 
     calls = count_calls(monkeypatch, autograd, "triton_titans_memory")
-    model = Titans(TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64)).cuda()
+    model = Titans(TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=16)).cuda()
     autocast_train_step(model, 100)
+    assert len(calls) == 2
+
+
+@gpu
+@needs_cuda
+def test_gpu_titans_models_train_on_the_kernel_at_chunk_64_when_asked(monkeypatch):
+    """The configuration that hit an illegal memory access on an H200 (the 340m preset's chunk 64), run explicitly on
+    the kernels: passing clears it (then raise autograd.AUTO_MAX_CHUNK)."""
+    pytest.importorskip("omegaconf", reason="the model configs need omegaconf")
+    from kernels.titans_memory import autograd
+    from nlplatform.models.titans import Titans, TitansConfig
+
+    calls = count_calls(monkeypatch, autograd, "triton_titans_memory")
+    cfg = TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64, kernel_backend="triton")
+    autocast_train_step(Titans(cfg).cuda(), 100)
     assert len(calls) == 2
 
 
@@ -251,3 +283,18 @@ def test_without_autograd_the_kernels_give_the_same_read_out_and_state():
             y2, final2 = titans_memory(*args, state, **kw)
         assert torch.equal(y, y2)
         assert all(torch.equal(a, b) for a, b in zip(final.weights + final.momentum, final2.weights + final2.momentum))
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="checks the CPU interpreter's accesses (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize(("T", "K", "chunk_size"), [(200, 64, 64), (100, 128, 16)], ids=["C64-K64", "C16-K128"])
+def test_every_kernel_access_stays_inside_the_launch_tensors(T, K, chunk_size):
+    """The forward and backward kernels, run by the interpreter with every load and store checked against the storages
+    of the launch's tensors, at the shapes of the H200 failure (chunk 64, a partial last chunk) and of the model
+    default (chunk 16, K = 128): no access leaves them (a GPU's illegal memory access needs one that does, or a
+    compiler fault)."""
+    from tests.kernels.bounds import checked_bounds
+
+    inputs = make_inputs(1, T, 1, K, K, 2 * K, torch.float16)
+    with checked_bounds():
+        out = outputs_and_grads(inputs, "triton", chunk_size=chunk_size, max_grad_norm=1.0)
+    assert all(torch.isfinite(t).all() for t in out.values())
