@@ -44,7 +44,10 @@ def state_outputs_and_grads(
     outs = {out_name: out, **{f"W[{i}]": w for i, w in enumerate(state.weights)}}
     outs.update({f"S[{i}]": s for i, s in enumerate(state.momentum)})
     gen = torch.Generator().manual_seed(1)  # drawn on the CPU (the same weights on every device), then moved
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)).sum() for t in outs.values())
+    loss = sum(
+        (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)).sum()
+        for t in outs.values()
+    )
     leaves = leaves_of(inputs)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=allow_unused)
     return {**outs, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.titans_memory.autograd import TitansMemoryFunction, _block, chunk_coefficients
+from kernels.titans_memory.autograd import (
+    TitansMemoryFunction,
+    _block,
+    chunk_coefficients,
+    unverified,  # noqa: F401 (the same kernels, the same GPU record)
+)
 from kernels.titans_memory.autograd import unsupported as _unsupported
-from kernels.titans_memory.autograd import unverified  # noqa: F401 (the same kernels, the same GPU record)
 
 
 def unsupported(x: torch.Tensor, depth: int, memory_chunk_size: int) -> str | None:

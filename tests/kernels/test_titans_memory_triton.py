@@ -248,7 +248,9 @@ def test_gpu_titans_models_train_on_the_kernel_at_chunk_64_when_asked(monkeypatc
     from nlplatform.models.titans import Titans, TitansConfig
 
     calls = count_calls(monkeypatch, autograd, "triton_titans_memory")
-    cfg = TitansConfig(d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64, kernel_backend="triton")
+    cfg = TitansConfig(
+        d_model=256, n_layers=2, n_heads=2, vocab_size=100, memory_chunk_size=64, kernel_backend="triton"
+    )
     autocast_train_step(Titans(cfg).cuda(), 100)
     assert len(calls) == 2
 
