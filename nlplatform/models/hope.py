@@ -510,7 +510,8 @@ class Hope(DecoderLM):
         cfg = self.cfg
         levels: list[Level] = []
         if cfg.variant == "hope":
-            rule = "DGD + retention + momentum, gradients at the chunk-start state (Eq. 88-91)"
+            rule = ("exact DGD on the running weights + retention + momentum, gradients at the chunk-start snapshot "
+                    "(Eq. 88-91)")  # fmt: skip
             levels.append(Level("memory", cfg.memory_chunk_size, "in_context", update=rule,
                                 objective="||M(k_t) - M(v_t)||^2 per head (self-generated target)"))  # fmt: skip
             gens = ", ".join(f"M_{n}" for n in self.layers[0].mixer.names[1:])
