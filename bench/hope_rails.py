@@ -124,6 +124,8 @@ def verdicts(rows: list[dict]) -> list[str]:
     ]  # fmt: skip
     out = []
     for rail, on, off in pairs:
+        if on not in by or off not in by:  # --rows left one of the pair out: nothing to say about this rail
+            continue
         a, b = loss(on), loss(off)
         if a is None or b is None:
             failed = off if b is None else on
@@ -180,8 +182,10 @@ def main() -> None:
         speed = f"{r['tokens_per_sec']:,.0f}" + (f" ({', '.join(f'{x:,.0f}' for x in runs)})" if len(runs) > 1 else "")
         table.append(f"| {r['row']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['unigram_ppl']:.2f} | "
                      f"{r['train_loss']:.4f} | {speed} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} |")  # fmt: skip
-    table += ["", f"Rails (kept only if removing one diverges or worsens the val loss by more than "
-              f"{100 * KEEP_IF_WORSE:.0f}%):", "", *verdicts(rows)]  # fmt: skip
+    rails = verdicts(rows)
+    if rails:
+        table += ["", f"Rails (kept only if removing one diverges or worsens the val loss by more than "
+                  f"{100 * KEEP_IF_WORSE:.0f}%):", "", *rails]  # fmt: skip
     note = ("Each row is one `nlplatform train` run in a fresh process, one after another"
             + (f", the whole list {args.repeats} times round-robin (tokens/s and wall s: medians)" if args.repeats > 1
                else "")
