@@ -166,7 +166,7 @@ def fast_state_bytes(model, ids: torch.Tensor, device: str) -> dict:
     """The in-context CMS levels' fast state after reading ``ids`` (the state at the last committed boundary), by
     kind, and what one dense per-sequence copy of those levels' weights (w1, w3, w2, in the weights' dtype) takes."""
     with torch.no_grad(), _autocast(device):
-        _, states, committed = model._process(ids, [None] * len(model.layers))
+        _, states, committed = model._process(ids, [None] * len(model.layers), 0, False)
     applied = dense = pending = applied_tokens = 0
     for st in states:
         for top in st.cms if st is not None and st.cms is not None else []:

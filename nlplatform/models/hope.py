@@ -391,10 +391,12 @@ class Hope(DecoderLM):
             out.append(BlockState(st.mixer, block.cms.commit(cms, tokens_seen, detach=not second)))
         return out
 
-    def _process(self, ids: torch.Tensor, states: list[BlockState | None], offset: int = 0):
+    def _process(self, ids: torch.Tensor, states: list[BlockState | None], offset: int, outer: bool):
         """Run ``ids`` [B, T], the tokens after the first ``offset`` ones that ``states`` hold: (logits [B, T, V],
         the states at the last committed boundary, tokens committed). A chunk is committed once it is complete and,
-        when learning, the token after it is known (its last prediction's target)."""
+        when learning, the token after it is known (its last prediction's target). ``outer``: whether the caller
+        differentiates the result (grad mode as the caller had it: the inner steps always run with autograd on, and
+        without an outer backward each chunk's graph is dropped once no level has an open chunk)."""
         T = ids.shape[1]
         outs = []
         if not self.learning:
@@ -406,7 +408,6 @@ class Hope(DecoderLM):
                 outs.append(self._chunk(ids[:, done:], states, None)[0])
             return torch.cat(outs, dim=1), states, done
         P, done = self.fast_period, 0
-        outer = torch.is_grad_enabled()
         # second order keeps the inner gradients' graph even without an outer backward: a later chunk's inner gradient
         # then also flows through the earlier updates, so the forward is the same function with or without one
         second = self.cfg.cms_second_order
@@ -431,13 +432,15 @@ class Hope(DecoderLM):
         return torch.cat(outs, dim=1), states, done
 
     def _guarded(self):
-        """In-context learning needs autograd: leave inference mode for it (the caller's outputs are unaffected)."""
+        """In-context learning needs autograd: leave inference mode for it (the caller's outputs are unaffected).
+        Leaving inference mode also turns grad mode on, so callers read ``torch.is_grad_enabled()`` before it."""
         return torch.inference_mode(False) if self.learning and torch.is_inference_mode_enabled() else nullcontext()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        outer = torch.is_grad_enabled()
         with self._guarded():
             ids = input_ids.clone() if self.learning and input_ids.is_inference() else input_ids
-            return self._process(ids, [None] * len(self.layers))[0]
+            return self._process(ids, [None] * len(self.layers), 0, outer)[0]
 
     # --------------------------------------------------------------------------------------------- decoding
 
@@ -458,10 +461,11 @@ class Hope(DecoderLM):
         B, t = input_ids.shape
         if B != state.batch_size:
             raise ValueError(f"state was made for batch size {state.batch_size}, got input of batch size {B}")
+        outer = torch.is_grad_enabled()
         with self._guarded():
             ids = input_ids.clone() if self.learning and input_ids.is_inference() else input_ids
             xs = ids if state.pending is None else torch.cat([state.pending, ids], dim=1)
-            logits, state.layers, done = self._process(xs, state.layers, state.committed)
+            logits, state.layers, done = self._process(xs, state.layers, state.committed, outer)
         state.length += t
         state.pending = xs[:, done:] if done < xs.shape[1] else None
         return logits[:, -t:], state

@@ -150,8 +150,8 @@ def test_nested_cms_restarts_a_level_from_the_initial_state_its_parent_learned()
     assert cms.nested_parent == {0: 1} and sequential.layers[0].cms.nested_parent == {}
     ids = tokens(2, 9)
     with torch.no_grad():
-        logits_n, states_n, done = nested._process(ids, [None] * 2)
-        logits_s, states_s, _ = sequential._process(ids, [None] * 2)
+        logits_n, states_n, done = nested._process(ids, [None] * 2, 0, False)
+        logits_s, states_s, _ = sequential._process(ids, [None] * 2, 0, False)
     assert done == 8
     child_n, child_s = states_n[0].cms[0], states_s[0].cms[0]
     assert child_n.applied is None and child_n.dense is None and child_n.base is not None  # restarted, at the base
@@ -211,8 +211,8 @@ def test_fast_weights_are_kept_as_factors_until_dense_deltas_would_be_smaller():
     wide = make("attention", cms_hidden=64, cms_chunk_sizes=[4, 64])
     narrow = make("attention", cms_hidden=4, cms_chunk_sizes=[4, 64])
     with torch.no_grad():
-        _, wide_states, _ = wide._process(tokens(2, 17), [None] * 2)
-        _, narrow_states, _ = narrow._process(tokens(2, 17), [None] * 2)
+        _, wide_states, _ = wide._process(tokens(2, 17), [None] * 2, 0, False)
+        _, narrow_states, _ = narrow._process(tokens(2, 17), [None] * 2, 0, False)
     w = wide_states[0].cms[0]
     assert w.dense is None and w.applied.tokens == 16 and w.applied.x.shape == (2, 16, 32)
     n = narrow_states[0].cms[0]
@@ -296,6 +296,43 @@ def test_step_by_step_generation_equals_the_full_forward(variant, learning):
             parts.append(model.step(ids[:, t : t + 1], state)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-10)
     assert state.length == 21
+
+
+def _state_tensors(x, out: list) -> list:
+    """Every tensor inside a decoding state (dataclasses, lists and tuples walked)."""
+    if torch.is_tensor(x):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for t in x:
+            _state_tensors(t, out)
+    elif hasattr(x, "__dataclass_fields__"):
+        for name in x.__dataclass_fields__:
+            _state_tensors(getattr(x, name), out)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_decoding_with_learning_keeps_no_graph_and_a_state_that_does_not_grow(mode):
+    """Reading windows through `step` with the in-context levels learning, under inference mode (the eval harness)
+    or no_grad: at a boundary of every in-context level no state tensor carries a grad_fn, and the state after 4N
+    windows is as large as after N. (Between those boundaries the open chunk's taps keep its graph: the loss of its
+    later tokens still reaches them, Eq. 71.) Inference mode used to come back as grad mode from the model's own
+    guard, keeping every window's graph alive through the state."""
+    model = make("hope").eval()
+    ids = tokens(1, 4 + 8 * 16)
+    sizes = {}
+    with getattr(torch, mode)():
+        state = model.init_state(1)
+        for w in range(16):
+            # windows of 8 after a first one of 12: the state is committed up to 4 tokens short of what was read
+            # (the last chunk is learnt from once the token after it arrives), here 8, 16, ..., a boundary of both
+            # in-context levels (chunks 4 and 8)
+            model.step(ids[:, 0 if w == 0 else 4 + 8 * w : 4 + 8 * (w + 1)], state)
+            if w + 1 in (4, 16):
+                leaves = _state_tensors(state.layers, [])
+                assert all(t.grad_fn is None for t in leaves), f"a state tensor keeps a graph after {w + 1} windows"
+                sizes[w + 1] = sum(t.numel() for t in leaves)
+    assert sizes[16] == sizes[4], sizes
 
 
 def test_generate_runs_with_test_time_learning_under_inference_mode():
