@@ -335,6 +335,38 @@ def test_decoding_with_learning_keeps_no_graph_and_a_state_that_does_not_grow(mo
     assert sizes[16] == sizes[4], sizes
 
 
+_READ_WINDOWS = """
+import resource, sys, torch
+from nlplatform.models.hope import Hope, HopeConfig
+torch.manual_seed(0)
+model = Hope(HopeConfig(d_model=64, n_layers=2, n_heads=2, vocab_size=23, memory_chunk_size=8,
+                        projection_chunk_size=16, cms_chunk_sizes=[16, 32, 1024], context_len=64, cms_hidden=64)).eval()
+ids = torch.randint(0, 23, (1, 16 + 64 * 48))
+peaks = {}
+with torch.inference_mode():
+    state = model.init_state(1)
+    for w in range(48):
+        model.step(ids[:, 0 if w == 0 else 16 + 64 * w : 16 + 64 * (w + 1)], state)
+        if w + 1 in (12, 48):
+            peaks[w + 1] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peaks[12], peaks[48])
+"""
+
+
+def test_reading_four_times_as_many_windows_keeps_the_peak_resident_memory():
+    """In a fresh process, a HOPE model learning in context reads 48 windows of 64 tokens under inference mode: the
+    peak resident set after 48 windows is within 1.2x of that after 12 (it grew with every window before)."""
+    import subprocess
+    import sys
+
+    from tests.train.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", _READ_WINDOWS], capture_output=True, text=True, cwd=ROOT,
+                         check=True, timeout=600)  # fmt: skip
+    after_n, after_4n = (int(x) for x in out.stdout.split())
+    assert after_4n <= 1.2 * after_n, f"peak RSS {after_n} kB after 12 windows, {after_4n} kB after 48"
+
+
 def test_generate_runs_with_test_time_learning_under_inference_mode():
     """`nlplatform.generate` (inference mode) works with the in-context levels learning."""
     from nlplatform.generate import generate
