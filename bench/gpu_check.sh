@@ -53,7 +53,8 @@ memcheck() {  # each shape in its own process: an illegal access poisons the CUD
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for shape in "--seq-len 256 --chunk 64 --head-dim 64" "--seq-len 511 --chunk 64 --head-dim 128" \
     "--seq-len 511 --chunk 16 --head-dim 128" "--op hope --seq-len 511 --chunk 16 --head-dim 128" \
-    "--op hope --seq-len 256 --chunk 64 --head-dim 64"; do
+    "--op hope --seq-len 256 --chunk 64 --head-dim 64" "--seq-len 256 --chunk 64 --head-dim 64 --prec tf32" \
+    "--seq-len 256 --chunk 64 --head-dim 64 --prec ieee"; do
     echo "-- $shape"
     timeout 45 "$sanitizer" --tool memcheck --print-limit 3 $PY bench/gpu_memcheck.py $shape || echo "FAILED: $shape"
   done

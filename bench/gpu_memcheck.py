@@ -16,6 +16,18 @@ import torch
 from kernels.titans_memory import initial_memory_state, titans_memory
 
 
+def _override_settings(**overrides) -> None:
+    """Launch every kernel of this process with some settings replaced (those given as not None): isolates which
+    setting a crash depends on."""
+    overrides = {("PREC" if k == "prec" else k): v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return
+    from kernels.titans_memory.autograd import LaunchShape
+
+    settings = LaunchShape.settings
+    LaunchShape.settings = lambda self, *a, **k: {**settings(self, *a, **k), **overrides}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", choices=["titans", "hope"], default="titans")
@@ -27,7 +39,12 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device", default="cuda", help="cpu: the Triton interpreter (set TRITON_INTERPRET=1)")
+    parser.add_argument(
+        "--prec", choices=["bf16", "fp16", "tf32", "ieee"], help="override how the kernels multiply tiles"
+    )
+    parser.add_argument("--num-warps", type=int, help="override the launch's warps")
     args = parser.parse_args()
+    _override_settings(prec=args.prec, num_warps=args.num_warps)
     B, T, H, D = args.batch, args.seq_len, args.heads, args.head_dim
     dev, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
