@@ -37,9 +37,11 @@ KEEP_ALL_CHUNKS = 16
 DEPTHS = (1, 2)
 # Chunks above this stay on the reference under backend="auto": on an H200 (Triton 3.6) the kernels at chunk 64 hit
 # an illegal memory access, in a bf16 Titans training step and in bench_kernels' forward + backward, while HOPE's
-# main memory at chunk 16 trained (bench/results/gpu-check-NVIDIA_H200.md). The CPU interpreter, which checks every
-# access against the launch's tensors (tests/kernels/bounds.py), finds none at those shapes. backend="triton" still
-# runs them, for the GPU check (bench/gpu_check.sh memcheck) that will find the cause and clear them.
+# main memory at chunk 16 trained (bench/results/gpu-check-NVIDIA_H200.md). compute-sanitizer names an out-of-bounds
+# *shared*-memory read inside the half-precision dots (PREC "bf16", forward and backward kernels); the same shape with
+# float32 tiles (PREC "ieee") runs clean, and the CPU interpreter, which checks every global access against the
+# launch's tensors (tests/kernels/bounds.py), finds none. backend="triton" still runs them, for the GPU check
+# (bench/gpu_check.sh memcheck tries TF32 and IEEE tiles at chunk 64) that will decide the fix.
 AUTO_MAX_CHUNK = 16
 
 
@@ -68,7 +70,7 @@ def unverified(chunk_size: int) -> str | None:
     """Why backend="auto" keeps a chunk size the kernels take on the reference (None: it does not)."""
     if chunk_size <= AUTO_MAX_CHUNK:
         return None
-    return f"chunk_size={chunk_size} (above {AUTO_MAX_CHUNK}, the kernels hit an illegal memory access on an H200)"
+    return f"chunk_size={chunk_size} (above {AUTO_MAX_CHUNK}, the kernels' bf16 dots read shared memory out of bounds on an H200)"
 
 
 def _block(n: int) -> int:

@@ -38,6 +38,13 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
     assert [(r["family"], r["seq_len"]) for r in second["rows"][4:]] == [("gated_deltanet", 64), ("gated_deltanet", 32)]
     table = next(tmp_path.glob("train_step-tiny-*.md")).read_text()
     assert table.count("| transformer | tiny |") == 2 and "| gated_deltanet | tiny |" in table
+    # each family's tokens/s at the longest length over the shortest, at equal tokens per step
+    scaling = next(line for line in table.splitlines() if line.startswith("tokens/s at T=64 / at T=32"))
+    assert [part.split()[0] for part in scaling.split(": ")[1].split(", ")] == [
+        "transformer",
+        "deltanet",
+        "gated_deltanet",
+    ]
 
 
 def test_an_unknown_family_exits_2_naming_the_known_ones(bench, tmp_path, capsys):
