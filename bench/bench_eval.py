@@ -93,6 +93,16 @@ def rolling_long(family: str, preset: str, overrides: dict, tokens: int, max_len
     return {"seconds": seconds, "tokens_per_sec": tokens / seconds, "peak_gib": peak_mem_gib(device)}
 
 
+def full_forward(family: str, preset: str, overrides: dict, tokens: int, device: str) -> dict:
+    """One forward over a whole document of ``tokens`` tokens, as training runs it but without the backward (grad mode
+    off; HOPE's in-context levels still learn): the yardstick of a window step's cost per token."""
+    model = _model(family, preset, overrides).to(device).eval()
+    ids = torch.tensor([list(_text(random.Random(tokens), tokens).encode())], device=device)
+    with torch.no_grad():
+        seconds = median_seconds(lambda: model(ids), 1, device, warmup=1)
+    return {"tokens_per_sec": tokens / seconds}
+
+
 def generation(family: str, preset: str, overrides: dict, prompt_tokens: int, new_tokens: int, device: str) -> dict:
     """Greedy decoding after a prompt of ``prompt_tokens``: the prompt in one ``step`` (prefill), then one token per
     ``step`` (as ``nlplatform.generate`` decodes), each part timed on its own."""
@@ -128,6 +138,8 @@ def bench_long(args, device: str, device_name: str) -> None:
             row[f"rolling_{n}"] = r
             print(f"{label:>16}: {n:>6} tokens: " + (r.get("error") or f"{r['tokens_per_sec']:8,.0f} tokens/s, "
                                                           f"peak {r['peak_gib']:.2f} GiB"), flush=True)  # fmt: skip
+        f = in_child(full_forward, family, args.preset, overrides, min(lengths), device, threads=threads)
+        row["forward"] = f
         g = in_child(generation, family, args.preset, overrides, args.prompt_tokens, args.new_tokens, device,
                      threads=threads)  # fmt: skip
         row["generation"] = g
@@ -152,17 +164,22 @@ def bench_long(args, device: str, device_name: str) -> None:
         ok = "error" not in a and "error" not in b
         time_ratio = f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}" if ok else "-"
         rss_ratio = f"{b['peak_gib'] / a['peak_gib']:.2f}" if ok else "-"
+        fwd = r["forward"]
+        step_ratio = (
+            f"{fwd['tokens_per_sec'] / a['tokens_per_sec']:.2f}" if "error" not in a and "error" not in fwd else "-"
+        )
         g = r["generation"]
         gen = (["error"] * 3 if "error" in g else
                [f"{g['prefill_tokens_per_sec']:,.0f}", f"{g['decode_tokens_per_sec']:,.1f}", f"{g['decode_peak_gib']:.2f}"])  # fmt: skip
         mode = "state carried" if r["recurrent"] else f"windows of {args.max_length}"
-        lines.append(f"| {r['model']} | {mode} | " + " | ".join(cells) + f" | {time_ratio} | {rss_ratio} | "
+        lines.append(f"| {r['model']} | {mode} | " + " | ".join(cells) + f" | {time_ratio} | {rss_ratio} | {step_ratio} | "
                      + " | ".join(gen) + " |")  # fmt: skip
     note = (
         f"{args.preset} presets (random init), byte tokenizer (one token per character), max_length {args.max_length}; "
         f"each cell one run in a fresh process (peak GiB: that process's peak resident memory, model and interpreter "
         f"included; GPU: peak allocated). s/token {k(hi)} / {k(lo)}: time per token at {hi:,} tokens over "
-        f"that at {lo:,} (1 = flat); RSS likewise. Decode: {args.new_tokens} greedy tokens, one step each, after a "
+        f"that at {lo:,} (1 = flat); RSS likewise. Step / forward: the time per token of the {lo:,}-token document read in "
+        f"windows (as above) over that of one forward over the whole document (grad mode off). Decode: {args.new_tokens} greedy tokens, one step each, after a "
         f"{args.prompt_tokens:,}-token prompt read in one step. Attention families read rolling documents in "
         "lm-eval's windows and keep a KV cache that grows with the prompt when decoding."
     )
