@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,27 @@ def _tokenizer_for(spec: str, ckpt: Path):
     return load_tokenizer(spec)
 
 
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint file's contents, loaded as data only (``weights_only=True``): tensors, numbers, strings and
+    containers. A pickle that names any other Python object (which unpickling would import and call: code a crafted
+    file can run) is refused before anything of it runs, with one line naming what it wanted."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        first = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise UserError(
+            f"checkpoint {path} holds Python objects beyond tensors and plain data, which loading would run; "
+            f"refusing it ({first.strip() or 'not loadable as data'})"
+        ) from None
+    except Exception as exc:  # a truncated file, not a checkpoint at all, ...
+        raise UserError(
+            f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not an nlplatform training checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a training checkpoint in eval mode, with its recipe and tokenizer."""
     from nlplatform.models.base import flush_denormals
@@ -41,10 +63,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    state = read_checkpoint(path)
     hparams = state.get("hyper_parameters") or {}
     if "recipe" not in hparams:
         raise UserError(f"{path} is not an nlplatform training checkpoint (it has no recipe)")

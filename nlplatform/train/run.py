@@ -140,10 +140,9 @@ def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
 
 def _check_resume_compatible(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
     """Refuse a checkpoint of another model (family, preset or sizes) before Lightning tries to load its weights."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # a truncated file, not a checkpoint at all, ...
-        raise UserError(f"cannot read checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
+    from nlplatform.checkpoint import read_checkpoint
+
+    state = read_checkpoint(ckpt, mmap=True)
     saved = (state.get("hyper_parameters") or {}).get("recipe")
     if saved is None:
         raise UserError(f"{ckpt} is not an nlplatform training checkpoint (it has no recipe)")
