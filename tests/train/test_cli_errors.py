@@ -95,7 +95,7 @@ def test_unfetchable_default_corpus_names_the_data_command(tmp_path, monkeypatch
 def test_resume_refuses_a_checkpoint_of_another_model(trained_run, tmp_path, change, fragment):
     """trainer.resume with a checkpoint of another family or size exits 2 naming both models."""
     run_dir, _, _ = trained_run
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state["hyper_parameters"]["recipe"]["model"].update(change)
     ckpt = tmp_path / "other.ckpt"
     torch.save(state, ckpt)

@@ -44,7 +44,7 @@ DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
 
 
 def _ckpt(run_dir: Path, name: str = "last.ckpt") -> dict:
-    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
 
 
 def _losses(state: dict) -> list[tuple[int, float]]:

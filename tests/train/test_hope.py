@@ -122,7 +122,7 @@ def test_a_hope_checkpoint_of_the_linearised_format_is_refused_by_generate_eval_
 
     run_dir, _, _ = family_run("hope", "tiny")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["model_format"] == 2
     del state["model_format"]
     old = tmp_path / "old.ckpt"

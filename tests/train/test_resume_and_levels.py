@@ -36,7 +36,7 @@ def recipe(tmp_path, *overrides: str):
 
 
 def history(run_dir) -> tuple[list, list]:
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     h = state["callbacks"]["History"]
     return h["train"], h["val"]
 
@@ -48,7 +48,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path, capsys):
 
     with pytest.raises(Interrupted):
         train(recipe(tmp_path, *common, "tracking.run_name=killed"), callbacks=(KillAt(8),))
-    killed = torch.load(tmp_path / "runs/tiny/killed/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    killed = torch.load(tmp_path / "runs/tiny/killed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert killed["global_step"] == 8
     capsys.readouterr()
     resumed = train(recipe(tmp_path, *common, "tracking.run_name=killed", "trainer.resume=auto"))

@@ -28,7 +28,7 @@ def test_summary_has_the_contract_keys_and_a_final_validation_at_max_steps(train
     assert trained_summary["steps"] == 30
     assert trained_summary["tokens_seen"] == 30 * 8 * 64
     assert trained_summary["tokens_per_sec"] > 0 and trained_summary["wall_s"] > 0
-    ckpt = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 30
 
 
