@@ -11,6 +11,7 @@ family's named sizes, and the remaining ``model.*`` keys override fields of the 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,14 +25,15 @@ from nlplatform.errors import ConfigError
 
 
 def _positive(section: str, **values: float | int | None) -> None:
+    """Each value None or a finite number > 0 (nan and inf are refused: nan compares false with everything)."""
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{section}.{name} must be > 0, got {value}")
 
 
 def _non_negative(section: str, **values: float | int | None) -> None:
     for name, value in values.items():
-        if value is not None and value < 0:
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{section}.{name} must be >= 0, got {value}")
 
 
@@ -199,6 +201,10 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # numpy's seed range, which Lightning's seed_everything passes it to
+            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+
 
 # --------------------------------------------------------------------------------------------- loading
 
@@ -270,6 +276,11 @@ def _from_raw(raw: dict[str, Any]) -> RecipeConfig:
 def _load_raw(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
     """The recipe file merged with the overrides, as plain containers (keys and values not yet checked)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("**/*.yaml"))[:8]
+        raise ConfigError(
+            f"recipe {path} is a folder; give a recipe file" + (f", e.g. {', '.join(found)}" if found else "")
+        )
     if not path.is_file():
         hint = ""
         if Path("recipes").is_dir():

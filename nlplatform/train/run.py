@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -77,6 +78,17 @@ def _experiment_dir(cfg: RecipeConfig) -> Path:
     return Path(cfg.output_dir) / cfg.tracking.experiment
 
 
+def _check_writable(folder: Path, label: str) -> None:
+    """``folder``'s parent exists (created if needed) and takes a new folder: checked before anything of the run is
+    written, so an unusable ``output_dir`` is one line, not a traceback half-way (a probe folder, at once removed,
+    also catches what permission bits do not: a read-only or pseudo file system, and root)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder.parent))
+    except OSError as exc:
+        raise UserError(f"{label}: cannot create or write {folder.parent}: {exc.strerror or exc}") from None
+
+
 def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
     """The newest run of this experiment with the same model family and preset that has a last checkpoint."""
     root = _experiment_dir(cfg)
@@ -128,6 +140,7 @@ def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
         return run_dir, ckpt
     name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = _experiment_dir(cfg) / name
+    _check_writable(run_dir, "output_dir")
     # Only rank 0 writes the folder; under torchrun or srun the other ranks start on their own and may find rank 0's
     # folder already there (their choice is replaced by rank 0's once training starts).
     if is_rank_zero() and run_dir.exists() and any(run_dir.iterdir()):

@@ -30,6 +30,8 @@ def train_cli(tmp_path: Path, *overrides: str, recipe: Path = TINY_RECIPE):
         pytest.param(["optim.lrr=1e-3"], ["unknown recipe key 'optim.lrr'", "Did you mean 'optim.lr'"], id="typo"),
         pytest.param(["optim.lr=fast"], ["optim.lr"], id="wrong-type"),
         pytest.param(["optim.lr=0"], ["optim.lr must be > 0"], id="zero-lr"),
+        pytest.param(["optim.lr=nan"], ["optim.lr must be > 0, got nan"], id="nan-lr"),
+        pytest.param(["seed=-1"], ["seed must be in [0, 2**32 - 1]"], id="negative-seed"),
         pytest.param(["data.seq_len=-4"], ["data.seq_len must be > 0"], id="negative-size"),
         pytest.param(["model.n_heads=3"], ["divisible"], id="impossible-heads"),
         pytest.param(["data.paths=[/no/such/corpus.txt]"], ["/no/such/corpus.txt"], id="missing-corpus-file"),
@@ -47,6 +49,20 @@ def test_bad_recipe_input_exits_2_before_writing_anything(tmp_path, overrides, f
 def test_missing_recipe_file_exits_2(tmp_path):
     """A recipe path that does not exist is reported by name."""
     assert_bad_input(train_cli(tmp_path, recipe=tmp_path / "nope.yaml"), "recipe file not found")
+
+
+def test_a_folder_given_as_recipe_exits_2_saying_it_is_a_folder(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    assert_bad_input(train_cli(tmp_path, recipe=tmp_path / "recipes"), "is a folder; give a recipe file")
+
+
+def test_an_output_dir_that_cannot_be_created_exits_2_before_anything_runs(tmp_path):
+    """A file where a folder is needed (also what a read-only or pseudo file system gives) is refused up front."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc = run_cli("train", str(TINY_RECIPE), *FAST, f"output_dir={blocker / 'runs'}", "tracking.enabled=false",
+                   cwd=tmp_path)  # fmt: skip
+    assert_bad_input(proc, "output_dir: cannot create or write", str(blocker))
 
 
 @pytest.mark.parametrize(
