@@ -79,14 +79,19 @@ def _experiment_dir(cfg: RecipeConfig) -> Path:
 
 
 def _check_writable(folder: Path, label: str) -> None:
-    """``folder``'s parent exists (created if needed) and takes a new folder: checked before anything of the run is
-    written, so an unusable ``output_dir`` is one line, not a traceback half-way (a probe folder, at once removed,
-    also catches what permission bits do not: a read-only or pseudo file system, and root)."""
+    """``folder`` can be created: its nearest existing ancestor is a folder that takes a new folder. Checked before
+    anything of the run is written, so an unusable ``output_dir`` is one line, not a traceback half-way. The probe
+    (a folder made and at once removed) also catches what permission bits do not: a read-only or pseudo file system,
+    and root; nothing is left behind."""
+    probe = folder.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder.parent))
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
     except OSError as exc:
-        raise UserError(f"{label}: cannot create or write {folder.parent}: {exc.strerror or exc}") from None
+        raise UserError(f"{label}: cannot create {folder.parent}: {probe}: {exc.strerror or exc}") from None
 
 
 def _find_auto_resume(cfg: RecipeConfig) -> Path | None:

@@ -62,7 +62,7 @@ def test_an_output_dir_that_cannot_be_created_exits_2_before_anything_runs(tmp_p
     blocker.write_text("x")
     proc = run_cli("train", str(TINY_RECIPE), *FAST, f"output_dir={blocker / 'runs'}", "tracking.enabled=false",
                    cwd=tmp_path)  # fmt: skip
-    assert_bad_input(proc, "output_dir: cannot create or write", str(blocker))
+    assert_bad_input(proc, "output_dir: cannot create", str(blocker))
 
 
 @pytest.mark.parametrize(
