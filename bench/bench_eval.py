@@ -153,8 +153,9 @@ def bench_long(args, device: str, device_name: str) -> None:
     head = " | ".join(f"{k(n)} tokens/s | {k(n)} peak GiB" for n in lengths)
     lines = [
         f"| model | reads | {head} | s/token {k(hi)} / {k(lo)} | RSS {k(hi)} / {k(lo)} "
-        f"| prefill {k(args.prompt_tokens)} tokens/s | decode tokens/s | decode peak GiB |",
-        "|---|---|" + "---|---|" * len(lengths) + "---|---|---|---|---|",
+        f"| step / forward per token, {k(lo)} | prefill {k(args.prompt_tokens)} tokens/s | decode tokens/s "
+        "| decode peak GiB |",
+        "|---|---|" + "---|---|" * len(lengths) + "---|---|---|---|---|---|",
     ]
     for r in rows:
         cells, a, b = [], r[f"rolling_{lo}"], r[f"rolling_{hi}"]
