@@ -36,7 +36,8 @@ def _tokenizer_for(spec: str, ckpt: Path):
 def read_checkpoint(path: Path, mmap: bool = False) -> dict:
     """A checkpoint file's contents, loaded as data only (``weights_only=True``): tensors, numbers, strings and
     containers. A pickle that names any other Python object (which unpickling would import and call: code a crafted
-    file can run) is refused before anything of it runs, with one line naming what it wanted."""
+    file can run) is refused before anything of it runs, with one line naming what it wanted; so is a file without
+    the training recipe every nlplatform checkpoint holds."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -49,8 +50,8 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
         raise UserError(
             f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not an nlplatform training checkpoint (it holds a {type(state).__name__})")
+    if not isinstance(state, dict) or "recipe" not in (state.get("hyper_parameters") or {}):
+        raise UserError(f"{path} is not an nlplatform training checkpoint (it has no recipe)")
     return state
 
 
@@ -64,9 +65,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     state = read_checkpoint(path)
-    hparams = state.get("hyper_parameters") or {}
-    if "recipe" not in hparams:
-        raise UserError(f"{path} is not an nlplatform training checkpoint (it has no recipe)")
+    hparams = state["hyper_parameters"]
     recipe = recipe_from_dict(hparams["recipe"])
     check_model_format(recipe.model.name, state.get("model_format"), f"checkpoint {path}")
     model = build_model(recipe.model)

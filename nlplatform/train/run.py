@@ -78,7 +78,7 @@ def _experiment_dir(cfg: RecipeConfig) -> Path:
     return Path(cfg.output_dir) / cfg.tracking.experiment
 
 
-def _check_writable(folder: Path, label: str) -> None:
+def _check_writable(folder: Path) -> None:
     """``folder`` can be created: its nearest existing ancestor is a folder that takes a new folder. Checked before
     anything of the run is written, so an unusable ``output_dir`` is one line, not a traceback half-way. The probe
     (a folder made and at once removed) also catches what permission bits do not: a read-only or pseudo file system,
@@ -91,7 +91,7 @@ def _check_writable(folder: Path, label: str) -> None:
             raise NotADirectoryError(20, "Not a directory")
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
     except OSError as exc:
-        raise UserError(f"{label}: cannot create {folder.parent}: {probe}: {exc.strerror or exc}") from None
+        raise UserError(f"output_dir: cannot create {folder.parent}: {probe}: {exc.strerror or exc}") from None
 
 
 def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
@@ -145,7 +145,7 @@ def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
         return run_dir, ckpt
     name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = _experiment_dir(cfg) / name
-    _check_writable(run_dir, "output_dir")
+    _check_writable(run_dir)
     # Only rank 0 writes the folder; under torchrun or srun the other ranks start on their own and may find rank 0's
     # folder already there (their choice is replaced by rank 0's once training starts).
     if is_rank_zero() and run_dir.exists() and any(run_dir.iterdir()):
@@ -161,9 +161,7 @@ def _check_resume_compatible(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
     from nlplatform.checkpoint import read_checkpoint
 
     state = read_checkpoint(ckpt, mmap=True)
-    saved = (state.get("hyper_parameters") or {}).get("recipe")
-    if saved is None:
-        raise UserError(f"{ckpt} is not an nlplatform training checkpoint (it has no recipe)")
+    saved = state["hyper_parameters"]["recipe"]
     old, new = saved["model"], recipe_to_dict(cfg)["model"]
     if old.get("name") != new["name"]:
         raise UserError(
