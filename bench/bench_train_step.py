@@ -161,19 +161,30 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def ratio_note(rows: list[dict]) -> str:
-    """HOPE's tokens/s as a share of Transformer++'s at each length (eager): the platform's speed goal is >= 50%."""
-    fast = {
-        (r["family"], r["seq_len"]): r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r and not r["compile"]
-    }
+    """HOPE's tokens/s as a share of Transformer++'s at each length (eager): the platform's speed goal is >= 50%. Then
+    each family's tokens/s at the longest T over the shortest, once at equal tokens per step (batch shrinking as T
+    grows: what batch parallelism is lost to a longer sequence) and once at batch 1 when the file holds those rows
+    (``--tokens-per-step`` at most the shortest T: the cost per token against the sequence length alone)."""
+    eager = [r for r in rows if "tokens_per_sec" in r and not r["compile"]]
+    top = max((r["batch"] * r["seq_len"] for r in eager), default=0)
+    groups = {
+        "equal tokens per step": {(r["family"], r["seq_len"]): r["tokens_per_sec"] for r in eager
+                                  if r["batch"] * r["seq_len"] == top},
+        "batch 1": {(r["family"], r["seq_len"]): r["tokens_per_sec"] for r in eager if r["batch"] == 1},
+    }  # fmt: skip
+    fast = groups["equal tokens per step"]
     parts = [f"T={t}: {fast['hope', t] / fast['transformer', t]:.0%}" for (f, t) in sorted(fast)
              if f == "transformer" and ("hope", t) in fast]  # fmt: skip
     lines = ["HOPE / Transformer++ tokens/s (eager): " + ", ".join(parts)] if parts else []
-    lengths = sorted({t for _, t in fast})
-    if len(lengths) > 1:
+    for label, group in groups.items():
+        lengths = sorted({t for _, t in group})
+        if len(lengths) < 2:
+            continue
         lo, hi = lengths[0], lengths[-1]
-        scaling = [f"{f} {fast[f, hi] / fast[f, lo]:.2f}" for f in dict.fromkeys(f for f, _ in fast)
-                   if (f, lo) in fast and (f, hi) in fast]  # fmt: skip
-        lines.append(f"tokens/s at T={hi} / at T={lo}, equal tokens per step (eager): " + ", ".join(scaling))
+        scaling = [f"{f} {group[f, hi] / group[f, lo]:.2f}" for f in dict.fromkeys(f for f, _ in group)
+                   if (f, lo) in group and (f, hi) in group]  # fmt: skip
+        if scaling:
+            lines.append(f"tokens/s at T={hi} / at T={lo}, {label} (eager): " + ", ".join(scaling))
     return "\n\n".join(lines)
 
 

@@ -45,6 +45,20 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
         "deltanet",
         "gated_deltanet",
     ]
+    assert "batch 1" not in table  # T=32 ran at batch 2 so far
+
+
+def test_rows_at_batch_1_give_the_cost_per_token_against_the_length_alone(bench, tmp_path):
+    """``--tokens-per-step`` at most the shortest length runs every length at batch 1, beside the equal-tokens rows."""
+    _run(bench, tmp_path, "transformer")
+    assert bench.main(["--preset", "tiny", "--families", "transformer", "--seq-lens", "32,64", "--tokens-per-step",
+                       "32", "--steps", "1", "--out", str(tmp_path), "--in-process"]) == 0  # fmt: skip
+    rows = json.loads(next(tmp_path.glob("train_step-tiny-*.json")).read_text())["rows"]
+    assert [(r["seq_len"], r["batch"]) for r in rows] == [(64, 1), (32, 2), (32, 1)]  # T=64 x1 was not re-run
+    lines = next(tmp_path.glob("train_step-tiny-*.md")).read_text().splitlines()
+    assert any(line.startswith("tokens/s at T=64 / at T=32, equal tokens per step (eager): transformer ")
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("tokens/s at T=64 / at T=32, batch 1 (eager): transformer ") for line in lines)
 
 
 def test_an_unknown_family_exits_2_naming_the_known_ones(bench, tmp_path, capsys):
