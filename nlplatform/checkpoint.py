@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise UserError(f"checkpoint not found: {path}")
     state = read_checkpoint(path)
     hparams = state["hyper_parameters"]
-    recipe = recipe_from_dict(hparams["recipe"])
+    recipe = recipe_from_dict(hparams["recipe"], saved=True)
     check_model_format(recipe.model.name, state.get("model_format"), f"checkpoint {path}")
     model = build_model(recipe.model)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}

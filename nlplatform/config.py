@@ -10,9 +10,11 @@ family's named sizes, and the remaining ``model.*`` keys override fields of the 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -22,6 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nlplatform.errors import ConfigError
+
+# Field metadata of a key whose value may differ between a checkpoint's recipe and the recipe that resumes it (where
+# the run is written, how long it runs, on how many devices, what is logged); every other key must be equal, or the
+# resume is refused with the difference (``resume_differences``). "tokens per step": may change as long as the
+# global tokens per optimizer step stay the same (checked when the run starts: level periods and the data position
+# are counted in them).
+RESUMABLE = {"resume": "may change"}
+SAME_TOKENS_PER_STEP = {"resume": "tokens per step"}
+# A model field with metadata {"derived": "data.seq_len"} takes that recipe value when a recipe loads (HOPE's training
+# window): it is not a recipe key, so it is refused in recipes, left out of saved ones, and dropped from old ones.
+DERIVED = "derived"
 
 
 def _positive(section: str, **values: float | int | None) -> None:
@@ -54,7 +67,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     seq_len: int = 256  # tokens per training window; in-context state is reset at every window
-    batch_size: int = 16  # windows per micro-batch on each device
+    batch_size: int = field(default=16, metadata=SAME_TOKENS_PER_STEP)  # windows per micro-batch on each device
     tokenizer: str = "bytes"  # bytes (257 ids), bpe (trained on the train split, cached) or file:PATH/tokenizer.json
     bpe_vocab_size: int = 4096  # vocabulary of the bpe tokenizer, end-of-text token included
     paths: list[str] = field(default_factory=list)  # txt/jsonl/json/parquet/arrow files or folders (replace default)
@@ -66,7 +79,9 @@ class DataConfig:
     test_fraction: float = 0.05  # share of documents held out for the test split (at least one document)
     split_seed: int = 0  # seed of the document split; kept apart from `seed` so model seeds do not move the split
     val_batches: int = 16  # validation micro-batches per evaluation (0 = the whole validation split)
-    num_workers: int = 0  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
+    num_workers: int = field(
+        default=0, metadata=RESUMABLE
+    )  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
 
     def __post_init__(self) -> None:
         _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size)
@@ -141,22 +156,27 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer arguments under their Lightning names, plus resume and checkpoint settings."""
 
-    max_steps: int = 400  # optimizer steps; the cosine schedule ends here and a final validation always runs
+    max_steps: int = field(
+        default=400, metadata=RESUMABLE
+    )  # optimizer steps; the cosine schedule ends here and a final validation always runs
     val_check_interval: int = 100  # validate (and checkpoint) every this many optimizer steps
     accelerator: str = "auto"  # cpu, gpu, auto
-    devices: Any = 1  # number of devices, a list of ids, or "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto, ddp, fsdp, ddp_spawn (Lightning strategy names); torchrun / SLURM are detected
+    devices: Any = field(default=1, metadata=RESUMABLE)  # number of devices, a list of ids, or "auto"
+    num_nodes: int = field(default=1, metadata=RESUMABLE)
+    strategy: str = field(
+        default="auto", metadata=RESUMABLE
+    )  # auto, ddp, fsdp, ddp_spawn (Lightning strategy names); torchrun / SLURM are detected
     precision: str = "auto"  # auto = bf16-mixed on GPUs with bf16, 32-true on CPU; or any Lightning precision string
-    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    accumulate_grad_batches: int = field(default=1, metadata=SAME_TOKENS_PER_STEP)  # micro-batches per optimizer step
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more FLOPs
     # norm clip of each step's gradient, applied before slow levels hold theirs back (a level's release never rescales
     # another level's step; nlplatform/levels.py); 0 disables
     gradient_clip_val: float = 1.0
-    log_every_n_steps: int = 10  # metric logging period, in optimizer steps
-    resume: str | None = None  # "auto" continues the newest run of this recipe; or a checkpoint path
+    log_every_n_steps: int = field(default=10, metadata=RESUMABLE)  # metric logging period, in optimizer steps
+    # "auto" continues the newest unfinished run of this family and preset that is not running; or a checkpoint path
+    resume: str | None = field(default=None, metadata=RESUMABLE)
     save_top_k: int = 1  # best checkpoints kept by val loss, besides last.ckpt
-    enable_progress_bar: bool = True
+    enable_progress_bar: bool = field(default=True, metadata=RESUMABLE)
     deterministic: bool = False  # torch deterministic algorithms (slower; kill-and-resume is exact without it on CPU)
 
     def __post_init__(self) -> None:
@@ -177,11 +197,19 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True  # log to MLflow (sqlite:///mlruns.db unless MLFLOW_TRACKING_URI is set)
-    experiment: str = "nlplatform"  # MLflow experiment, and the folder under runs/
-    run_name: str | None = None  # default: <model>-<preset>-<timestamp>; also the folder name under runs/<experiment>/
-    tracking_uri: str | None = None  # overrides MLFLOW_TRACKING_URI and the sqlite default
-    system_metrics_every_s: float = 10.0  # MLflow system metrics (CPU, memory, each GPU) sampling period; 0 = off
+    enabled: bool = field(
+        default=True, metadata=RESUMABLE
+    )  # log to MLflow (sqlite:///mlruns.db unless MLFLOW_TRACKING_URI is set)
+    experiment: str = field(default="nlplatform", metadata=RESUMABLE)  # MLflow experiment, and the folder under runs/
+    run_name: str | None = field(
+        default=None, metadata=RESUMABLE
+    )  # default: <model>-<preset>-<timestamp>; also the folder name under runs/<experiment>/
+    tracking_uri: str | None = field(
+        default=None, metadata=RESUMABLE
+    )  # overrides MLFLOW_TRACKING_URI and the sqlite default
+    system_metrics_every_s: float = field(
+        default=10.0, metadata=RESUMABLE
+    )  # MLflow system metrics (CPU, memory, each GPU) sampling period; 0 = off
 
     def __post_init__(self) -> None:
         for name in ("experiment", "run_name"):
@@ -194,7 +222,9 @@ class TrackingConfig:
 @dataclass
 class RecipeConfig:
     seed: int = 1337  # global seed (model init, data order)
-    output_dir: str = "runs"  # runs are written to <output_dir>/<tracking.experiment>/<run>/
+    output_dir: str = field(
+        default="runs", metadata=RESUMABLE
+    )  # runs are written to <output_dir>/<tracking.experiment>/<run>/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -222,8 +252,11 @@ def _check_keys(raw: Any, schema: Any, prefix: str) -> None:
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in known:
-            names = [f"{prefix}{k}" for k in known]
+            names = [f"{prefix}{k}" for k, f in known.items() if DERIVED not in f.metadata]
             raise ConfigError(f"unknown recipe key '{path}'.{_suggest(path, names)}")
+        if DERIVED in known[key].metadata:
+            source = known[key].metadata[DERIVED]
+            raise ConfigError(f"recipe key '{path}' is not set in recipes: it is {source}; set {source} instead")
         child = getattr(schema, key)
         if is_dataclass(child):
             if not isinstance(value, dict):
@@ -254,9 +287,22 @@ def _schema_for(raw: dict[str, Any]) -> RecipeConfig:
     return RecipeConfig(model=model_cfg)
 
 
+def _derived(schema: RecipeConfig, raw: dict[str, Any]) -> dict[str, Any]:
+    """The model fields derived from other recipe keys (``DERIVED``), with their values in ``raw``."""
+    out = {}
+    for f in fields(schema.model):
+        if DERIVED in f.metadata:
+            section, key = f.metadata[DERIVED].split(".")
+            out[f.name] = (raw.get(section) or {}).get(key, getattr(getattr(schema, section), key))
+    return out
+
+
 def _from_raw(raw: dict[str, Any]) -> RecipeConfig:
     schema = _schema_for(raw)
     _check_keys(raw, schema, "")
+    derived = _derived(schema, raw)
+    if derived:  # set before the model's own checks run, so they see the real values
+        raw = {**raw, "model": {**(raw.get("model") or {}), **derived}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         cfg = OmegaConf.to_object(merged)
@@ -326,17 +372,79 @@ def check_recipe_keys(path: str | Path, overrides: Sequence[str], keys: Iterable
             raise ConfigError(f"recipe key '{key}' is a section, not a value; name one of its keys")
 
 
-def recipe_from_dict(raw: dict[str, Any]) -> RecipeConfig:
-    """Rebuild a recipe saved with ``recipe_to_dict`` (checkpoints, run folders), with the same strict checks."""
+# Keys that saved recipes may hold but the schema no longer has, and why they went: dropped when a saved recipe loads.
+RETIRED_KEYS = {
+    "model.context_len": "HOPE's training window is data.seq_len",  # a recipe key until it became DERIVED
+}
+_said_dropped: set[str] = set()
+
+
+def _drop_unknown(raw: Any, schema: Any, prefix: str) -> list[str]:
+    """Remove from ``raw`` (in place) the keys the dataclass ``schema`` does not declare; return their dotted names."""
+    if not isinstance(raw, dict) or not is_dataclass(schema):
+        return []
+    known = {f.name for f in fields(schema) if DERIVED not in f.metadata}
+    dropped = []
+    for key in list(raw):
+        if key not in known:
+            dropped.append(f"{prefix}{key}")
+            del raw[key]
+        elif is_dataclass(getattr(schema, key)):
+            dropped += _drop_unknown(raw[key], getattr(schema, key), f"{prefix}{key}.")
+    return dropped
+
+
+def recipe_from_dict(raw: dict[str, Any], saved: bool = False) -> RecipeConfig:
+    """Rebuild a recipe saved with ``recipe_to_dict`` (checkpoints, run folders), with the same strict checks.
+    ``saved``: the recipe was written by an earlier version, so keys the schema no longer has are dropped (said once
+    per key on stderr, with the reason when ``RETIRED_KEYS`` knows it) instead of refused."""
+    if saved:
+        raw = copy.deepcopy(raw)
+        for key in _drop_unknown(raw, _schema_for(raw), ""):
+            if key not in _said_dropped:
+                _said_dropped.add(key)
+                why = RETIRED_KEYS.get(key, "not a key of this version")
+                print(f"saved recipe: dropped {key} ({why})", file=sys.stderr)
     return _from_raw(raw)
 
 
+def resumable_keys(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted recipe keys whose field metadata lets them change on resume, with how (``RESUMABLE``,
+    ``SAME_TOKENS_PER_STEP``)."""
+    out: dict[str, str] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update(resumable_keys(value, f"{prefix}{f.name}."))
+        elif "resume" in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata["resume"]
+    return out
+
+
+def resume_differences(saved: dict[str, Any], cfg: RecipeConfig) -> list[str]:
+    """``key: checkpoint X, now Y`` for every key of the resolved recipe ``cfg`` that differs from the checkpoint's
+    saved recipe, except those the schema lets change on resume."""
+    allowed = resumable_keys(cfg)
+    old = flatten(recipe_to_dict(recipe_from_dict(saved, saved=True)))
+    new = flatten(recipe_to_dict(cfg))
+    return [
+        f"{key}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in allowed and old.get(key) != new.get(key)
+    ]
+
+
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The recipe as plain containers, without the derived model fields (they are not recipe keys)."""
+    out: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
+    for f in fields(cfg.model):
+        if DERIVED in f.metadata:
+            del out["model"][f.name]
+    return out
 
 
 def recipe_to_yaml(cfg: RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(cfg)))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

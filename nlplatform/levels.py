@@ -155,6 +155,14 @@ class LevelScheduler:
         return {"buffers": self.buffers, "updates": dict(self.updates), "periods": dict(self.periods)}
 
     def load_state_dict(self, state: dict) -> None:
+        periods = state.get("periods")
+        if periods is not None and {k: v for k, v in periods.items() if k in self.periods} != {
+            k: v for k, v in self.periods.items() if k in periods
+        }:
+            raise ValueError(
+                f"the checkpoint's levels step every {periods} optimizer steps but this run's every {self.periods}: "
+                "keep the tokens per optimizer step of the checkpoint (batch x devices x accumulation)"
+            )
         saved = state.get("buffers", {})
         for lv in self.levels:
             bufs = saved.get(lv.name)

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from nlplatform.config import RecipeConfig, load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from nlplatform.config import (
+    RecipeConfig,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    recipe_to_yaml,
+    resumable_keys,
+)
 from nlplatform.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +132,37 @@ def test_paper_size_recipes_use_the_papers_training_setup(path):
     assert t.gradient_clip_val == 1.0 and d.seq_len == 4096
     assert d.seq_len * d.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches == 2**19
     assert (d.tokenizer, d.bpe_vocab_size) == ("bpe", 32000)
+
+
+def test_hopes_window_is_data_seq_len_and_not_a_recipe_key(tmp_path):
+    """HOPE's training window (in-context vs persistent levels) is derived from data.seq_len in one place: a recipe
+    may not set it, chunk sizes are checked against the real window, and saved recipes leave it out."""
+    hope = ROOT / "recipes/hope/tiny.yaml"
+    with pytest.raises(ConfigError, match="'model.context_len' is not set in recipes: it is data.seq_len"):
+        load_recipe(hope, ["model.context_len=64"])
+    # in-context levels must divide one another: [64, 96] are both in-context below a window of 256, only 64 below 96
+    cfg = load_recipe(hope, ["data.seq_len=96", "model.cms_chunk_sizes=[64,96,8192]"])
+    assert cfg.model.context_len == 96 and cfg.model.cms_in_context == [True, False, False]
+    with pytest.raises(ConfigError, match="must each divide the next larger one"):
+        load_recipe(hope, ["data.seq_len=256", "model.cms_chunk_sizes=[64,96,8192]"])
+    assert "context_len" not in recipe_to_dict(cfg)["model"] and "context_len" not in recipe_to_yaml(cfg)
+
+
+def test_a_saved_recipe_with_a_retired_key_loads_and_says_so_once(capsys):
+    saved = recipe_to_dict(load_recipe(ROOT / "recipes/hope/tiny.yaml", ["data.seq_len=128"]))
+    saved["model"]["context_len"] = 256  # what recipes saved before the window was derived hold
+    with pytest.raises(ConfigError, match="model.context_len"):
+        recipe_from_dict(saved)
+    first = recipe_from_dict(saved, saved=True)
+    again = recipe_from_dict(saved, saved=True)
+    assert first.model.context_len == again.model.context_len == 128  # from data.seq_len, not the stale value
+    err = capsys.readouterr().err
+    assert err.count("saved recipe: dropped model.context_len (HOPE's training window is data.seq_len)") <= 1
+
+
+def test_the_keys_that_may_change_on_resume_are_declared_in_the_schema():
+    keys = resumable_keys(load_recipe(ROOT / "recipes/transformer/tiny.yaml"))
+    assert {"trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.resume", "tracking.run_name",
+            "tracking.experiment", "output_dir"} <= set(keys)  # fmt: skip
+    assert keys["data.batch_size"] == keys["trainer.accumulate_grad_batches"] == "tokens per step"
+    assert not {"optim.lr", "data.seq_len", "seed", "model.d_model", "trainer.precision"} & set(keys)

@@ -7,9 +7,10 @@ Importing this package does no work: the submodules (and their heavy imports, ``
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from nlplatform.files import atomic_write_text, make_staging_dir
 
 if TYPE_CHECKING:
     from nlplatform.data.datamodule import TextDataModule
@@ -25,29 +26,6 @@ def cache_root() -> Path:
     """
     env = os.environ.get("NLPLATFORM_CACHE")
     return Path(env).expanduser() if env else Path(".cache/nlplatform")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: readers never see half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def make_staging_dir(final: Path) -> Path:
-    """A fresh folder beside ``final``, to be filled and then renamed to ``final`` in one atomic step.
-
-    ``mkdtemp`` creates it private (0700); it is opened to 0755 so the renamed cache reads like any other folder.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-partial-", dir=final.parent))
-    staging.chmod(0o755)
-    return staging
 
 
 def __getattr__(name: str) -> Any:

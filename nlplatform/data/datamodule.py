@@ -28,11 +28,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
 from nlplatform.config import DataConfig
-from nlplatform.data import atomic_write_text, cache_root, make_staging_dir
+from nlplatform.data import cache_root
 from nlplatform.data.corpus import corpus_fingerprint, load_documents, split_documents
 from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens
 from nlplatform.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_key
 from nlplatform.errors import UserError
+from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir, make_staging_dir
 
 SPLITS = ("train", "val", "test")
 FORMAT = 1  # bump when the layout of the token folder changes, so old caches are not misread
@@ -84,6 +85,7 @@ class TextDataModule(L.LightningDataModule):
         folder = self.data_dir()
         if (folder / "meta.json").is_file():
             return
+        clean_stale_temporaries(folder.parent)  # staging folders of builds that were killed
         cfg = self.cfg
         docs = load_documents(cfg, self.root)
         splits = split_documents(docs, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
@@ -123,6 +125,7 @@ class TextDataModule(L.LightningDataModule):
                 if not (folder / "meta.json").is_file():  # not a concurrent build that finished first
                     shutil.rmtree(folder, ignore_errors=True)
                     os.rename(staging, folder)
+            fsync_dir(folder.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         docs_line = "/".join(str(meta["documents"][s]) for s in SPLITS)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from nlplatform.data import make_staging_dir
+from nlplatform.files import clean_stale_temporaries, fsync_dir, make_staging_dir, temporary_tag
 
 T = TypeVar("T")
 
@@ -44,13 +44,14 @@ def move_into_place(staging: Path, dest: Path, is_complete: Callable[[Path], boo
     rename fails, so ``dest`` is never left half-written."""
     try:
         os.rename(staging, dest)
+        fsync_dir(dest.parent)
         return
     except OSError:
         if not replace and is_complete(dest):
             return
         if not dest.exists():
             raise
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}-stale-", dir=dest.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}-stale-{temporary_tag()}-", dir=dest.parent))
     os.rename(dest, trash / "old")
     try:
         os.rename(staging, dest)
@@ -58,6 +59,7 @@ def move_into_place(staging: Path, dest: Path, is_complete: Callable[[Path], boo
         os.rename(trash / "old", dest)
         trash.rmdir()
         raise
+    fsync_dir(dest.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -79,6 +81,7 @@ def fetch_folder(
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(dest.parent)  # staging folders of fetches that were killed
         with tempfile.TemporaryDirectory(prefix="nlplatform-download-") as download_dir:
             downloaded = download(Path(download_dir))
             staging = make_staging_dir(dest)

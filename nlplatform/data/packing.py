@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from nlplatform.data import atomic_write_text
+from nlplatform.files import atomic_write_text, replace_durably, temporary_tag
 
 if TYPE_CHECKING:
     from nlplatform.data.tokenizer import Tokenizer
@@ -47,7 +46,7 @@ def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{temporary_tag()}")
     large = sum(len(d) for d in docs) > _PROGRESS_CHARS
     bar = tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit="doc", disable=not large, leave=False)
     count = 0
@@ -71,7 +70,7 @@ def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> 
             "tokenizer": tokenizer.fingerprint,
         }
         atomic_write_text(sidecar(path), json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)

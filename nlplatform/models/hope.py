@@ -89,7 +89,9 @@ class HopeConfig(DecoderConfig):
     cms_inner_lr: float = 1e-3
     cms_second_order: bool = False  # backpropagate through the inner updates (true) or first-order (false)
     test_time_learning: bool = True  # in-context CMS levels learn inside forward; false freezes them (f = 0)
-    context_len: int = 256  # the training window; training sets it to data.seq_len (decides in-context vs persistent)
+    # the training window (decides in-context vs persistent levels): derived from data.seq_len when a recipe is loaded,
+    # never a recipe key (nlplatform.config.DERIVED); set it directly only when building a model by hand
+    context_len: int = field(default=256, metadata={"derived": "data.seq_len"})
     # ad-hoc level stacking (§7.3): a trained checkpoint whose layer-i MLP initialises every CMS level of layer i
     # (its other weights of the same name and shape are copied too); applied when a run starts
     stack_from: str | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from nlplatform.files import replace_durably, temporary_tag
+
 
 def _accumulating(trainer: L.Trainer) -> bool:
     """True after a micro-batch that did not end with an optimizer step (gradient accumulation)."""
@@ -21,15 +22,16 @@ def _accumulating(trainer: L.Trainer) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file and renamed into place: a crash never leaves half a file."""
+    """Checkpoints are written to a temporary file, synced to disk and renamed into place (``nlplatform.files``): a
+    crash or a power loss never leaves half a file or an empty ``last.ckpt``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{temporary_tag()}")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 

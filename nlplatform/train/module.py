@@ -56,7 +56,7 @@ class LMModule(L.LightningModule):
         # The resolved recipe (vocab size filled in) and the tokenizer spec travel inside every checkpoint, so a
         # checkpoint alone rebuilds its model (generate, eval) and a resume can refuse a checkpoint of another model.
         self.save_hyperparameters({"recipe": recipe, "tokenizer": tokenizer}, logger=False)
-        self.cfg: RecipeConfig = recipe_from_dict(recipe)
+        self.cfg: RecipeConfig = recipe_from_dict(recipe, saved=True)
         self.model: nn.Module = build_model(self.cfg.model)
         if self.cfg.trainer.activation_checkpointing:
             checkpoint_blocks(self.model)
@@ -75,8 +75,14 @@ class LMModule(L.LightningModule):
             raise ConfigError(str(exc)) from None
         self.level_scheduler = LevelScheduler(levels, tokens_per_step(self.cfg, self.trainer.world_size))
         if self._pending_level_state is not None:
-            self.level_scheduler.load_state_dict(self._pending_level_state)
+            self._load_level_state(self._pending_level_state)
             self._pending_level_state = None
+
+    def _load_level_state(self, state: dict) -> None:
+        try:
+            self.level_scheduler.load_state_dict(state)
+        except ValueError as exc:  # another tokens per step than the checkpoint's: refused, not run differently
+            raise ConfigError(str(exc)) from None
 
     def level_table(self) -> list[dict]:
         assert self.level_scheduler is not None
@@ -161,6 +167,14 @@ class LMModule(L.LightningModule):
         checkpoint["model_format"] = get_spec(self.cfg.model.name).format_version
         if self.level_scheduler is not None:
             checkpoint["level_scheduler"] = self.level_scheduler.state_dict()
+        # what a resume must keep: level periods, the schedule and the data position are counted in tokens per step
+        checkpoint["layout"] = {
+            "tokens_per_step": tokens_per_step(self.cfg, self.trainer.world_size),
+            "world_size": self.trainer.world_size,
+            "seq_len": self.cfg.data.seq_len,
+            "batch_size": self.cfg.data.batch_size,
+            "accumulate": self.cfg.trainer.accumulate_grad_batches,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("level_scheduler")
@@ -169,4 +183,4 @@ class LMModule(L.LightningModule):
         if self.level_scheduler is None:
             self._pending_level_state = state
         else:
-            self.level_scheduler.load_state_dict(state)
+            self._load_level_state(state)

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml, resume_differences
 from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, UserError
 from nlplatform.models.base import flush_denormals
 from nlplatform.registry import check_model_format
+from nlplatform.train import runs
 
 SUMMARY_KEYS = (
     "model", "preset", "params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "unigram_ppl",
@@ -94,23 +94,6 @@ def _check_writable(folder: Path) -> None:
         raise UserError(f"output_dir: cannot create {folder.parent}: {probe}: {exc.strerror or exc}") from None
 
 
-def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
-    """The newest run of this experiment with the same model family and preset that has a last checkpoint."""
-    root = _experiment_dir(cfg)
-    if cfg.tracking.run_name:
-        ckpt = root / cfg.tracking.run_name / "checkpoints" / "last.ckpt"
-        return ckpt if ckpt.exists() else None
-    candidates = []
-    for ckpt in root.glob("*/checkpoints/last.ckpt"):
-        recipe = ckpt.parent.parent / "recipe.yaml"
-        if not recipe.exists():
-            continue
-        saved = OmegaConf.load(recipe)
-        if saved.model.name == cfg.model.name and saved.model.preset == cfg.model.preset:
-            candidates.append(ckpt)
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
 # Lightning's ddp launcher starts ranks 1.. as child processes of rank 0 with the same command line; rank 0 decides the
 # run folder and the checkpoint once and hands them to its children through the environment, which they inherit.
 # Only a child of the process that wrote it trusts the value: ranks started by torchrun or srun are not (they get rank
@@ -118,64 +101,156 @@ def _find_auto_resume(cfg: RecipeConfig) -> Path | None:
 _RUN_ENV = "NLPLATFORM_RUN"
 
 
-def resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume from or None), decided once by rank 0 and shared with the other ranks."""
+@dataclass
+class Resolved:
+    """Where a run trains and from what: decided once, before the data step or the model."""
+
+    run_dir: Path
+    ckpt: Path | None  # the checkpoint to resume from (None: a fresh start)
+    new: bool  # the folder was reserved by this call (a new run or a fork): removed again if the run never starts
+    forked_from: Path | None = None  # a checkpoint other than the run's last.ckpt, continued in a new folder
+    created: Path | None = None  # the outermost folder the reservation created (removed with it if never started)
+
+
+def resolve_run(cfg: RecipeConfig) -> Resolved:
+    """The run folder (reserved or locked for this process) and the checkpoint to resume from, decided once by rank 0
+    and shared with the other ranks."""
     shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
     if not is_rank_zero() and shared.get("pid") == os.getppid():
-        return Path(shared["run_dir"]), Path(shared["ckpt"]) if shared["ckpt"] else None
-    run_dir, ckpt = _resolve_run(cfg)
-    value = {"pid": os.getpid(), "run_dir": str(run_dir), "ckpt": str(ckpt) if ckpt else None}
+        ckpt = Path(shared["ckpt"]) if shared["ckpt"] else None
+        return Resolved(Path(shared["run_dir"]), ckpt, new=False)
+    resolved = _resolve_run(cfg, owner=is_rank_zero())
+    value = {
+        "pid": os.getpid(),
+        "run_dir": str(resolved.run_dir),
+        "ckpt": str(resolved.ckpt) if resolved.ckpt else None,
+    }
     os.environ[_RUN_ENV] = json.dumps(value)
-    return run_dir, ckpt
+    return resolved
 
 
-def _resolve_run(cfg: RecipeConfig) -> tuple[Path, Path | None]:
-    resume = cfg.trainer.resume
-    ckpt: Path | None = None
-    if resume == "auto":
-        ckpt = _find_auto_resume(cfg)
-        if ckpt is None and is_rank_zero():
-            print("trainer.resume=auto: no earlier checkpoint of this recipe; starting a new run", file=sys.stderr)
-    elif resume:
-        ckpt = Path(resume)
-        if not ckpt.is_file():
-            raise UserError(f"trainer.resume: checkpoint not found: {ckpt}")
-    if ckpt is not None:
-        run_dir = ckpt.resolve().parent.parent if ckpt.parent.name == "checkpoints" else ckpt.resolve().parent
-        return run_dir, ckpt
-    name = cfg.tracking.run_name or f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+def _default_name(cfg: RecipeConfig) -> str:
+    return f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _new_run(cfg: RecipeConfig, name: str | None, owner: bool, forked_from: Path | None = None) -> Resolved:
+    explicit = name is not None
+    name = name or _default_name(cfg)
     run_dir = _experiment_dir(cfg) / name
     _check_writable(run_dir)
-    # Only rank 0 writes the folder; under torchrun or srun the other ranks start on their own and may find rank 0's
-    # folder already there (their choice is replaced by rank 0's once training starts).
-    if is_rank_zero() and run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(
-            f"run folder {run_dir} already exists; pick another tracking.run_name or continue it with "
-            "trainer.resume=auto"
-        )
-    return run_dir.resolve(), None
+    if not owner:  # ranks started by torchrun or srun reserve nothing: rank 0's folder replaces theirs
+        return Resolved(run_dir.absolute(), forked_from, new=False, forked_from=forked_from)
+    run_dir, created = runs.reserve(_experiment_dir(cfg), name, explicit=explicit)
+    return Resolved(run_dir, forked_from, new=True, forked_from=forked_from, created=created)
 
 
-def _check_resume_compatible(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
-    """Refuse a checkpoint of another model (family, preset or sizes) before Lightning tries to load its weights."""
+def _continue(run_dir: Path, ckpt: Path, owner: bool) -> Resolved:
+    if owner:
+        runs.acquire(run_dir)
+        runs.clean(run_dir)
+    return Resolved(run_dir, ckpt, new=False)
+
+
+def _resolve_auto(cfg: RecipeConfig, owner: bool) -> Resolved:
+    """``trainer.resume=auto``: the named run, or the newest unfinished run of this family and preset that is not
+    running now; a new run when there is none."""
+    say = print if owner else (lambda *a, **k: None)
+    root, name = _experiment_dir(cfg), cfg.tracking.run_name
+    if name:
+        run_dir = (root / name).absolute()
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            say(f"trainer.resume=auto: run {name} has no checkpoint yet; starting it", file=sys.stderr)
+            if owner and run_dir.is_dir() and any(run_dir.iterdir()):  # stopped before its first checkpoint
+                runs.acquire(run_dir)
+                return Resolved(run_dir.resolve(), None, new=False)
+            return _new_run(cfg, name, owner)
+        if owner and runs.finished(run_dir):
+            raise UserError(
+                f"trainer.resume=auto: run {run_dir} finished; auto never reopens a finished run. To train it "
+                f"further, pass trainer.resume={ckpt} with a larger trainer.max_steps; for a new run, pick another "
+                "tracking.run_name"
+            )
+        say(f"trainer.resume=auto: continuing run {name}", file=sys.stderr)
+        return _continue(run_dir.resolve(), ckpt, owner)
+    found = runs.auto_candidates(root, cfg.model.name, cfg.model.preset)
+    for cand in found:
+        if cand.state == "unfinished" or (not owner and cand.state == "running"):
+            try:
+                resolved = _continue(cand.run_dir, cand.ckpt, owner)
+            except UserError:  # locked by a run that started a moment ago: not ours to continue
+                continue
+            say(f"trainer.resume=auto: continuing the newest unfinished {cfg.model.name}/{cfg.model.preset} run, "
+                f"{cand.run_dir}", file=sys.stderr)  # fmt: skip
+            return resolved
+    skipped = ", ".join(f"{sum(c.state == s for c in found)} {s}" for s in ("finished", "running"))
+    say(f"trainer.resume=auto: no unfinished {cfg.model.name}/{cfg.model.preset} run to continue in {root} "
+        f"({skipped}); starting a new run", file=sys.stderr)  # fmt: skip
+    return _new_run(cfg, None, owner)
+
+
+def _resolve_run(cfg: RecipeConfig, owner: bool) -> Resolved:
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        return _resolve_auto(cfg, owner)
+    if not resume:
+        return _new_run(cfg, cfg.tracking.run_name, owner)
+    ckpt = Path(resume)
+    if not ckpt.is_file():
+        raise UserError(f"trainer.resume: checkpoint not found: {ckpt}")
+    ckpt = ckpt.absolute()
+    run_dir = ckpt.parent.parent
+    if ckpt.name == "last.ckpt" and ckpt.parent.name == "checkpoints" and (run_dir / "recipe.yaml").is_file():
+        return _continue(run_dir.resolve(), ckpt, owner)
+    # any other checkpoint (a best one, a copied file) starts a new run from it: its own run folder keeps its last.ckpt
+    from nlplatform.checkpoint import read_checkpoint
+
+    step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
+    source = run_dir.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+    return _new_run(cfg, cfg.tracking.run_name or runs.fork_name(source, step), owner, forked_from=ckpt)
+
+
+def _check_resume(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
+    """Refuse a checkpoint whose recipe differs from ``cfg`` in any key the schema does not let change on resume
+    (``nlplatform.config.RESUMABLE``), with the differences, before Lightning loads anything of it."""
     from nlplatform.checkpoint import read_checkpoint
 
     state = read_checkpoint(ckpt, mmap=True)
     saved = state["hyper_parameters"]["recipe"]
-    old, new = saved["model"], recipe_to_dict(cfg)["model"]
-    if old.get("name") != new["name"]:
+    old = saved.get("model", {})
+    if old.get("name") != cfg.model.name:
         raise UserError(
             f"checkpoint {ckpt} holds a {old.get('name')}/{old.get('preset')} model, but this recipe trains "
-            f"{new['name']}/{new['preset']}; resume it with its own recipe ({ckpt.parent.parent / 'recipe.yaml'})"
+            f"{cfg.model.name}/{cfg.model.preset}; resume it with its own recipe ({ckpt.parent.parent / 'recipe.yaml'})"
         )
-    check_model_format(new["name"], state.get("model_format"), f"checkpoint {ckpt}")
-    diff = {k: (old.get(k), v) for k, v in new.items() if k != "vocab_size" and old.get(k) != v}
-    if new["vocab_size"] is not None and old.get("vocab_size") != new["vocab_size"]:
-        diff["vocab_size"] = (old.get("vocab_size"), new["vocab_size"])
+    check_model_format(cfg.model.name, state.get("model_format"), f"checkpoint {ckpt}")
+    diff = resume_differences(saved, cfg)
     if diff:
-        shown = ", ".join(f"model.{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in diff.items())
-        raise UserError(f"checkpoint {ckpt} was trained with a different model ({shown})")
+        raise UserError(
+            f"checkpoint {ckpt} was trained with another recipe ({'; '.join(diff)}); only "
+            "trainer.max_steps, devices, nodes, logging and tracking names may change on resume (and the batch "
+            "and accumulation at equal tokens per step). Resume with the run's own recipe.yaml, or start a new run"
+        )
     return state
+
+
+def _check_layout(ckpt: Path, state: dict[str, Any], cfg: RecipeConfig, world_size: int) -> None:
+    """A resume keeps the tokens per optimizer step of the checkpoint: level periods, the schedule and the data
+    position are all counted in them. Another world size is fine when batch x accumulation make up for it."""
+    from nlplatform.train.module import tokens_per_step
+
+    saved = state.get("layout")
+    if not saved:
+        return  # written before checkpoints recorded it: the level scheduler still compares its periods
+    now = tokens_per_step(cfg, world_size)
+    if now != saved["tokens_per_step"]:
+        raise UserError(
+            f"checkpoint {ckpt} was trained at {saved['tokens_per_step']:,} tokens per optimizer step "
+            f"(world size {saved['world_size']}, batch {saved['batch_size']}, accumulation {saved['accumulate']}); "
+            f"this run would take {now:,} (world size {world_size}, batch {cfg.data.batch_size}, accumulation "
+            f"{cfg.trainer.accumulate_grad_batches}). Level periods and the data position are counted in tokens per "
+            "step: set data.batch_size or trainer.accumulate_grad_batches so that they match"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -235,7 +310,24 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
 
 def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | None = None) -> RunResult:
     """Train ``cfg``; return the run folder and its summary. Raises UserError on bad input. ``callbacks`` join the
-    Trainer's; ``tags`` are set on a new MLflow run (a sweep nests its trials with ``mlflow.parentRunId``)."""
+    Trainer's; ``tags`` are set on a new MLflow run (a sweep nests its trials with ``mlflow.parentRunId``).
+
+    The run folder is reserved (a new run) or locked (a resumed one) first; however the run ends, its lock goes, and a
+    folder reserved for a run that never started (bad input found later) goes too."""
+    t_start = time.time()
+    _quiet_lightning()
+    flush_denormals()  # before the data step starts torch's worker threads
+    resolved = resolve_run(cfg)
+    try:
+        return _train(cfg, resolved, callbacks, tags, t_start)
+    finally:
+        if resolved.new and not (resolved.run_dir / "recipe.yaml").exists():
+            runs.abandon(resolved.run_dir, resolved.created)
+        else:
+            runs.release(resolved.run_dir)
+
+
+def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[str, str] | None, t_start: float):
     import lightning as L
 
     from nlplatform import tracking
@@ -243,30 +335,30 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
     from nlplatform.train.callbacks import FinalValidation, History, LevelMonitor, RunTracking, Throughput
     from nlplatform.train.module import LMModule
 
-    t_start = time.time()
-    _quiet_lightning()
-    flush_denormals()  # before the data step starts torch's worker threads
-    run_dir, ckpt = resolve_run(cfg)
-
+    run_dir, ckpt = resolved.run_dir, resolved.ckpt
+    continuing = ckpt is not None and resolved.forked_from is None  # the same run goes on (not a fork)
     data = TextDataModule(cfg.data, seed=cfg.seed)
     data.prepare_data()
     data.setup("fit")
     vocab = data.vocab_size
     if cfg.model.vocab_size is None:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
-    if getattr(cfg.model, "context_len", cfg.data.seq_len) != cfg.data.seq_len:
-        # families with in-context levels classify them against the training window (in-context iff C < window)
-        cfg = replace(cfg, model=replace(cfg.model, context_len=cfg.data.seq_len))
     elif cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} ids")
     cfg = recipe_from_dict(recipe_to_dict(cfg))  # re-validate the filled-in recipe
 
     run_meta: dict[str, Any] = {}
-    resume_step = 0
+    resume_step, state = 0, None
     if ckpt is not None:
-        resume_step = int(_check_resume_compatible(ckpt, cfg).get("global_step", 0))
-        if (run_dir / "run.json").exists():
-            run_meta = json.loads((run_dir / "run.json").read_text())
+        state = _check_resume(ckpt, cfg)
+        resume_step = int(state.get("global_step", 0))
+        if continuing:
+            run_meta = runs.read_meta(run_dir)
+            if runs.finished(run_dir) and resume_step >= cfg.trainer.max_steps:
+                raise UserError(
+                    f"run {run_dir} finished at step {resume_step}; to train it further raise trainer.max_steps "
+                    f"above {resume_step}"
+                )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Everything that can still reject the recipe (model sizes, Lightning's trainer arguments) runs before the run
@@ -275,13 +367,15 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
     logger = tracking.make_logger(cfg, run_name, run_id=run_meta.get("mlflow_run_id"), tags=tags)
     throughput = Throughput(cfg.data.seq_len, cfg.trainer.log_every_n_steps)
     history = History()
-    extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=ckpt is None)]
+    extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=not continuing)]
     extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
     if logger is not None:
         extra.append(
             RunTracking(tracking.absolute_uri(tracking.tracking_uri(cfg)), cfg.tracking.system_metrics_every_s)
         )
     trainer = build_trainer(cfg, run_dir, logger, extra)
+    if state is not None:
+        _check_layout(ckpt, state, cfg, trainer.world_size)
     module = LMModule(recipe_to_dict(cfg))
     if ckpt is None and getattr(cfg.model, "stack_from", None):
         from nlplatform.checkpoint import load_checkpoint
@@ -290,22 +384,30 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
         copied = module.model.stack_levels(source)
         print(f"stacked levels from {cfg.model.stack_from}: {len(copied)} tensors copied", file=sys.stderr)
 
-    rank_zero = is_rank_zero()
-    if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
-        module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
+    if is_rank_zero():
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if continuing:  # the run's recipe and tokenizer stay as they were written; run.json records the resume
+            module.hparams["tokenizer"] = state["hyper_parameters"].get("tokenizer", "bytes")
+            run_meta.setdefault("resumes", []).append(
+                {"step": resume_step, "checkpoint": str(ckpt), "time": now, "command": shlex.join(sys.argv)}
+            )
+            run_meta["finished"] = None
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
+            module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
+            run_meta = {"run_name": run_name, "started": now, "command": shlex.join(sys.argv), "finished": None}
+            if resolved.forked_from is not None:
+                run_meta["forked_from"] = {"checkpoint": str(resolved.forked_from), "step": resume_step}
         if logger is not None:
             run_meta["mlflow_run_id"] = logger.run_id
             run_meta["tracking_uri"] = tracking.absolute_uri(tracking.tracking_uri(cfg))
-            if ckpt is None:
+            if not continuing:
                 logger.log_hyperparams(tracking.recipe_params(cfg))
-        run_meta.setdefault("run_name", run_name)
-        run_meta.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        run_meta.setdefault("command", shlex.join(sys.argv))
-        atomic_write_text(run_dir / "run.json", json.dumps(run_meta, indent=2) + "\n")
+        runs.write_meta(run_dir, run_meta)
         if ckpt is not None:
-            print(f"resuming from {ckpt.resolve()} at step {resume_step}", file=sys.stderr)
+            what = "forking a new run" if resolved.forked_from is not None else "resuming"
+            print(f"{what} from {ckpt.resolve()} at step {resume_step}", file=sys.stderr)
             if resume_step >= cfg.trainer.max_steps:
                 print(
                     f"the run already reached trainer.max_steps={cfg.trainer.max_steps}; raise it to train further",
@@ -327,6 +429,7 @@ def train(cfg: RecipeConfig, *, callbacks: tuple = (), tags: dict[str, str] | No
             logger.log_metrics(tracking.summary_metrics(summary), step=trainer.global_step)
             tracking.log_artifacts(logger, [run_dir / "recipe.yaml", run_dir / "summary.json", plot])
             logger.finalize("success")
+        runs.mark_finished(run_dir)
     return RunResult(run_dir=run_dir, summary=summary)
 
 

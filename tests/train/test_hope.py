@@ -43,7 +43,7 @@ def test_levels_are_logged_with_their_chunks_scopes_and_update_counts(family_run
     _, uri, summary = family_run("hope", "tiny")
     run_id = summary["mlflow_run_id"]
     params = MlflowClient(uri).get_run(run_id).data.params
-    assert params["model.name"] == "hope" and params["model.context_len"] == "128"
+    assert params["model.name"] == "hope" and params["data.seq_len"] == "128" and "model.context_len" not in params
     expected = {
         "memory": ("in_context", "16", "None"),
         "projections": ("in_context", "64", "None"),

@@ -1,0 +1,197 @@
+"""A run's life: ``trainer.resume=auto`` never takes over a finished, running or different run; a resume rewrites
+neither the recipe nor the tokenizer and is recorded in run.json; a checkpoint other than ``last.ckpt`` forks a new
+run; two runs started at once get two folders; resumes keep tokens per step or are refused.
+
+Tiny Transformer++ (``data.seq_len=64``, batch 2), at most 6 steps per run, in process."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from nlplatform.config import load_recipe
+from nlplatform.errors import UserError
+from nlplatform.train import runs
+from nlplatform.train.run import _resolve_run, train
+from tests.train.conftest import FAST, TINY_RECIPE, needs_corpus
+
+pytestmark = needs_corpus
+
+SMALL = [*FAST, "data.batch_size=2", "data.val_batches=2", "tracking.enabled=false"]
+
+
+def recipe(tmp_path, *overrides: str):
+    return load_recipe(TINY_RECIPE, [*SMALL, f"output_dir={tmp_path / 'runs'}", *overrides])
+
+
+def steps_of(ckpt) -> list[int]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return [s for s, _ in state["callbacks"]["History"]["train"]]
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAt(L.Callback):
+    """Raises at the start of step ``step + 1``, as a killed job would, after step ``step`` was checkpointed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Stop(self.step)
+
+
+@pytest.fixture(scope="module")
+def finished_and_killed(tmp_path_factory):
+    """One finished run (4 steps, validation every 2) and one stopped after its step-2 checkpoint."""
+    tmp = tmp_path_factory.mktemp("life")
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2")
+    done = train(recipe(tmp, *common, "tracking.run_name=done"))
+    with pytest.raises(Stop):
+        train(recipe(tmp, *common, "tracking.run_name=killed"), callbacks=(StopAt(2),))
+    return tmp, done.run_dir, done.run_dir.parent / "killed"
+
+
+def _snapshot(run_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} | {
+        f"checkpoints/{p.name}": p.read_bytes() for p in (run_dir / "checkpoints").iterdir()
+    }
+
+
+def test_a_run_folder_records_finished_and_drops_its_lock(finished_and_killed):
+    _, done, killed = finished_and_killed
+    assert json.loads((done / "run.json").read_text())["finished"]
+    assert not (done / runs.LOCK).exists() and not (killed / runs.LOCK).exists()  # released however the run ended
+    assert runs.finished(done) and not runs.finished(killed)
+
+
+def test_auto_continues_only_the_unfinished_run_and_never_touches_the_finished_one(finished_and_killed, capsys):
+    tmp, done, killed = finished_and_killed
+    before = _snapshot(done)
+    recipe_before = (killed / "recipe.yaml").read_bytes()
+    capsys.readouterr()
+    resumed = train(recipe(tmp, "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.resume=auto"))
+    err = capsys.readouterr().err
+    assert resumed.run_dir == killed.resolve()
+    assert f"continuing the newest unfinished transformer/tiny run, {killed.resolve()}" in err
+    assert _snapshot(done) == before  # the finished run is not reopened, not even rewritten
+    assert steps_of(killed / "checkpoints" / "last.ckpt") == [1, 2, 3, 4]
+    assert (killed / "recipe.yaml").read_bytes() == recipe_before  # a resume never rewrites the recipe
+    meta = json.loads((killed / "run.json").read_text())
+    assert [r["step"] for r in meta["resumes"]] == [2] and meta["finished"]
+
+    # now both are finished: auto starts a new run and says so
+    capsys.readouterr()
+    fresh = train(recipe(tmp, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.resume=auto"))
+    assert "no unfinished transformer/tiny run to continue" in capsys.readouterr().err
+    assert fresh.run_dir not in (done.resolve(), killed.resolve()) and steps_of(
+        fresh.run_dir / "checkpoints" / "last.ckpt"
+    ) == [1, 2]
+
+
+def test_auto_with_a_finished_runs_name_is_refused_and_an_explicit_path_needs_more_steps(finished_and_killed):
+    tmp, done, _ = finished_and_killed
+    with pytest.raises(UserError, match="auto never reopens a finished run"):
+        train(recipe(tmp, "tracking.run_name=done", "trainer.resume=auto", "trainer.max_steps=6"))
+    last = done / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="finished at step 4; to train it further raise trainer.max_steps"):
+        train(recipe(tmp, "trainer.max_steps=4", "trainer.val_check_interval=2", f"trainer.resume={last}"))
+
+
+def test_a_changed_learning_rate_is_refused_with_the_difference_and_nothing_is_rewritten(tmp_path):
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "tracking.run_name=r")
+    with pytest.raises(Stop):
+        train(recipe(tmp_path, *common), callbacks=(StopAt(2),))
+    run_dir = tmp_path / "runs" / "tiny" / "r"
+    before = _snapshot(run_dir)
+    with pytest.raises(UserError, match=r"another recipe \(optim.lr: checkpoint 0.003, now 0.001\)"):
+        train(recipe(tmp_path, *common, "optim.lr=1e-3", "trainer.resume=auto"))
+    assert _snapshot(run_dir) == before and not (run_dir / runs.LOCK).exists()
+    # another batch at the same world size changes the tokens per optimizer step: refused, naming both
+    with pytest.raises(UserError, match="trained at 128 tokens per optimizer step"):
+        train(recipe(tmp_path, *common, "data.batch_size=4", "trainer.resume=auto"))
+    assert _snapshot(run_dir) == before
+
+
+def test_a_running_run_is_never_continued_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "tracking.run_name=r")
+    with pytest.raises(Stop):
+        train(recipe(tmp_path, *common), callbacks=(StopAt(2),))
+    run_dir = (tmp_path / "runs" / "tiny" / "r").resolve()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": runs._HOST, "pid": sleeper.pid, "started": "now"}
+        (run_dir / runs.LOCK).write_text(json.dumps(lock))
+        with pytest.raises(UserError, match=f"is running now \\(pid {sleeper.pid}"):
+            _resolve_run(recipe(tmp_path, f"trainer.resume={run_dir / 'checkpoints' / 'last.ckpt'}"), owner=True)
+        capsys.readouterr()
+        fresh = _resolve_run(recipe(tmp_path, "trainer.resume=auto"), owner=True)
+        assert fresh.ckpt is None and fresh.run_dir != run_dir  # the running run is skipped: a new one starts
+        assert "(0 finished, 1 running); starting a new run" in capsys.readouterr().err
+        runs.abandon(fresh.run_dir)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its process is gone: the lock is stale, taken over with a message
+    resolved = _resolve_run(recipe(tmp_path, *common, "trainer.resume=auto"), owner=True)
+    assert resolved.run_dir == run_dir and "no longer runs" in capsys.readouterr().err
+    assert runs.read_lock(run_dir).pid == os.getpid()
+    runs.release(run_dir)
+    assert not (run_dir / runs.LOCK).exists()
+
+
+def test_a_best_checkpoint_forks_a_new_run_and_leaves_its_run_alone(finished_and_killed, capsys):
+    tmp, done, _ = finished_and_killed
+    best = next(p for p in (done / "checkpoints").iterdir() if p.name.startswith("step"))
+    step = torch.load(best, map_location="cpu", weights_only=True)["global_step"]
+    before = _snapshot(done)
+    capsys.readouterr()
+    fork = train(recipe(tmp, "trainer.max_steps=6", "trainer.val_check_interval=2", f"trainer.resume={best}"))
+    assert f"forking a new run from {best.resolve()} at step {step}" in capsys.readouterr().err
+    assert fork.run_dir.name == f"done-from-step{step}" and _snapshot(done) == before
+    meta = json.loads((fork.run_dir / "run.json").read_text())
+    assert meta["forked_from"] == {"checkpoint": str(best), "step": step}
+    assert steps_of(fork.run_dir / "checkpoints" / "last.ckpt")[-1] == 6
+
+
+def _reserve(args) -> str:
+    root, name, start = args
+    start.wait()
+    return str(runs.reserve(root, name, explicit=False)[0])
+
+
+def test_two_runs_reserving_one_name_at_once_get_two_folders(tmp_path):
+    """What two runs of one recipe started in the same second do: claim <name> at the same moment."""
+    ctx = multiprocessing.get_context("fork")  # the workers only create folders
+    with ctx.Manager() as manager:
+        start = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            got = pool.map(_reserve, [(tmp_path, "hope-tiny-20261204-101010", start)] * 4)
+    assert sorted(os.path.basename(g) for g in got) == [
+        "hope-tiny-20261204-101010", "hope-tiny-20261204-101010-2", "hope-tiny-20261204-101010-3",
+        "hope-tiny-20261204-101010-4",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="already holds a run"):
+        runs.reserve(tmp_path, "hope-tiny-20261204-101010", explicit=True)
+
+
+def test_a_recipe_refused_after_the_folder_was_reserved_leaves_nothing(tmp_path):
+    """HOPE at data.seq_len=64 with a vocabulary smaller than the tokenizer's is refused (the check no longer
+    depends on the window), after the folder was reserved: the folder and the folders made for it are gone."""
+    cfg = load_recipe(
+        TINY_RECIPE.parent.parent / "hope" / "tiny.yaml",
+        [*SMALL, f"output_dir={tmp_path / 'runs'}", "model.vocab_size=100"],
+    )
+    with pytest.raises(Exception, match="model.vocab_size=100 is smaller than the tokenizer's 257 ids"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
