@@ -160,7 +160,7 @@ class TrainerConfig:
         default=400, metadata=RESUMABLE
     )  # optimizer steps; the cosine schedule ends here and a final validation always runs
     val_check_interval: int = 100  # validate (and checkpoint) every this many optimizer steps
-    accelerator: str = "auto"  # cpu, gpu, auto
+    accelerator: str = field(default="auto", metadata=RESUMABLE)  # cpu, gpu, auto
     devices: Any = field(default=1, metadata=RESUMABLE)  # number of devices, a list of ids, or "auto"
     num_nodes: int = field(default=1, metadata=RESUMABLE)
     strategy: str = field(

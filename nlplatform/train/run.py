@@ -280,6 +280,9 @@ def build_trainer(cfg: RecipeConfig, run_dir: Path, logger, callbacks: list):
         mode="min",
         save_top_k=t.save_top_k,
         save_last=True,
+        # last.ckpt is always this run's latest state: never "last-v1.ckpt" beside a last.ckpt that a moved or copied
+        # run folder brought along (auto would continue the stale one)
+        enable_version_counter=False,
     )
     try:
         return L.Trainer(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,21 @@ FAST = [
     "optim.warmup_steps=5",
     "trainer.enable_progress_bar=false",
 ]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class KillAt(L.Callback):
+    """Dies at the start of optimizer step ``step + 1``, as a killed job would, after step ``step`` was checkpointed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted(f"killed at step {self.step}")
 
 
 def corpus_ready() -> bool:

@@ -124,8 +124,8 @@ def _stopped_at_step_2(run_dir: Path, dest: Path) -> Path:
     (dest / "checkpoints").mkdir(parents=True)
     shutil.copy(run_dir / "recipe.yaml", dest / "recipe.yaml")
     step2 = next((run_dir / "checkpoints").glob("step000002-*.ckpt"))
-    shutil.copy(step2, dest / "checkpoints" / step2.name)
-    return dest / "checkpoints" / step2.name
+    shutil.copy(step2, dest / "checkpoints" / "last.ckpt")  # what the killed job's last checkpoint was
+    return dest / "checkpoints" / "last.ckpt"
 
 
 def test_ddp_run_resumed_from_its_step_2_checkpoint_continues_with_the_same_losses(hope_ddp, tmp_path):

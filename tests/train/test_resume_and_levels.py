@@ -11,24 +11,9 @@ from nlplatform.errors import TrainingDiverged
 from nlplatform.levels import Level
 from nlplatform.models.transformer import Transformer
 from nlplatform.train.run import train
-from tests.train.conftest import FAST, TINY_RECIPE, needs_corpus
+from tests.train.conftest import FAST, TINY_RECIPE, Interrupted, KillAt, needs_corpus
 
 pytestmark = needs_corpus
-
-
-class Interrupted(Exception):
-    pass
-
-
-class KillAt(L.Callback):
-    """Dies at the start of optimizer step ``step + 1``, as a killed job would, after step ``step`` was checkpointed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise Interrupted(f"killed at step {self.step}")
 
 
 def recipe(tmp_path, *overrides: str):

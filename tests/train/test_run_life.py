@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from nlplatform.config import load_recipe
 from nlplatform.errors import UserError
 from nlplatform.train import runs
 from nlplatform.train.run import _resolve_run, train
-from tests.train.conftest import FAST, TINY_RECIPE, needs_corpus
+from tests.train.conftest import FAST, TINY_RECIPE, Interrupted, KillAt, needs_corpus
 
 pytestmark = needs_corpus
 
@@ -36,29 +35,14 @@ def steps_of(ckpt) -> list[int]:
     return [s for s, _ in state["callbacks"]["History"]["train"]]
 
 
-class Stop(Exception):
-    pass
-
-
-class StopAt(L.Callback):
-    """Raises at the start of step ``step + 1``, as a killed job would, after step ``step`` was checkpointed."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise Stop(self.step)
-
-
 @pytest.fixture(scope="module")
 def finished_and_killed(tmp_path_factory):
     """One finished run (4 steps, validation every 2) and one stopped after its step-2 checkpoint."""
     tmp = tmp_path_factory.mktemp("life")
     common = ("trainer.max_steps=4", "trainer.val_check_interval=2")
     done = train(recipe(tmp, *common, "tracking.run_name=done"))
-    with pytest.raises(Stop):
-        train(recipe(tmp, *common, "tracking.run_name=killed"), callbacks=(StopAt(2),))
+    with pytest.raises(Interrupted):
+        train(recipe(tmp, *common, "tracking.run_name=killed"), callbacks=(KillAt(2),))
     return tmp, done.run_dir, done.run_dir.parent / "killed"
 
 
@@ -110,8 +94,8 @@ def test_auto_with_a_finished_runs_name_is_refused_and_an_explicit_path_needs_mo
 
 def test_a_changed_learning_rate_is_refused_with_the_difference_and_nothing_is_rewritten(tmp_path):
     common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "tracking.run_name=r")
-    with pytest.raises(Stop):
-        train(recipe(tmp_path, *common), callbacks=(StopAt(2),))
+    with pytest.raises(Interrupted):
+        train(recipe(tmp_path, *common), callbacks=(KillAt(2),))
     run_dir = tmp_path / "runs" / "tiny" / "r"
     before = _snapshot(run_dir)
     with pytest.raises(UserError, match=r"another recipe \(optim.lr: checkpoint 0.003, now 0.001\)"):
@@ -125,8 +109,8 @@ def test_a_changed_learning_rate_is_refused_with_the_difference_and_nothing_is_r
 
 def test_a_running_run_is_never_continued_and_a_stale_lock_is_taken_over(tmp_path, capsys):
     common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "tracking.run_name=r")
-    with pytest.raises(Stop):
-        train(recipe(tmp_path, *common), callbacks=(StopAt(2),))
+    with pytest.raises(Interrupted):
+        train(recipe(tmp_path, *common), callbacks=(KillAt(2),))
     run_dir = (tmp_path / "runs" / "tiny" / "r").resolve()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
