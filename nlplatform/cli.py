@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from nlplatform.errors import TrainingDiverged, UserError
+from nlplatform.errors import RunStopped, TrainingDiverged, UserError
 
 EXIT_BAD_INPUT = 2
 
@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except RunStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

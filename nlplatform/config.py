@@ -78,7 +78,9 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (at least one document)
     test_fraction: float = 0.05  # share of documents held out for the test split (at least one document)
     split_seed: int = 0  # seed of the document split; kept apart from `seed` so model seeds do not move the split
-    val_batches: int = 16  # validation micro-batches per evaluation (0 = the whole validation split)
+    # optimizer steps' worth of validation sequences per evaluation (batch x devices x accumulation each, so the same
+    # windows on any layout with the same tokens per step); 0 = the whole validation split
+    val_batches: int = 16
     num_workers: int = field(
         default=0, metadata=RESUMABLE
     )  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
@@ -176,6 +178,10 @@ class TrainerConfig:
     # "auto" continues the newest unfinished run of this family and preset that is not running; or a checkpoint path
     resume: str | None = field(default=None, metadata=RESUMABLE)
     save_top_k: int = 1  # best checkpoints kept by val loss, besides last.ckpt
+    # last.ckpt between validations, so a preempted job loses at most this much: every N optimizer steps / M minutes of
+    # training (0 = only at validation). SIGTERM, SIGUSR1 and Ctrl-C always save before stopping
+    checkpoint_every_steps: int = field(default=0, metadata=RESUMABLE)
+    checkpoint_every_minutes: float = field(default=0.0, metadata=RESUMABLE)
     enable_progress_bar: bool = field(default=True, metadata=RESUMABLE)
     deterministic: bool = False  # torch deterministic algorithms (slower; kill-and-resume is exact without it on CPU)
 
@@ -188,7 +194,12 @@ class TrainerConfig:
             accumulate_grad_batches=self.accumulate_grad_batches,
             log_every_n_steps=self.log_every_n_steps,
         )
-        _non_negative("trainer", gradient_clip_val=self.gradient_clip_val)
+        _non_negative(
+            "trainer",
+            gradient_clip_val=self.gradient_clip_val,
+            checkpoint_every_steps=self.checkpoint_every_steps,
+            checkpoint_every_minutes=self.checkpoint_every_minutes,
+        )
         if self.save_top_k < -1:
             raise ConfigError(f"trainer.save_top_k must be >= -1, got {self.save_top_k}")
         if isinstance(self.devices, int) and self.devices <= 0:

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a clear message and exit code 2."""
+"""The exceptions the command line turns into a clear message and an exit code (2 for bad input)."""
 
 
 class UserError(Exception):
@@ -15,3 +15,12 @@ class ConfigError(UserError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+class RunStopped(Exception):
+    """Training stopped on a signal after saving ``last.ckpt``; the message says how to continue. The command line
+    exits with ``exit_code`` (128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -225,18 +225,20 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def eval_indices(self, split: str, rank: int = 0, world_size: int = 1) -> list[int]:
+    def eval_indices(self, split: str, rank: int = 0, world_size: int = 1, accumulate: int = 1) -> list[int]:
         """The windows of ``split`` that rank ``rank`` evaluates, in order.
 
-        With ``data.val_batches > 0`` at most ``val_batches`` batches per rank are evaluated; those windows are
-        spread evenly over the whole split (not just its first documents), so the estimate covers every held-out
-        document while staying the same windows at every evaluation. Each rank gets an equal contiguous block, so
-        all ranks run the same number of batches.
+        With ``data.val_batches > 0`` the evaluation covers ``val_batches`` optimizer steps' worth of sequences
+        (``batch_size x world_size x accumulate`` each), so the windows are the same on any number of devices that
+        keeps the tokens per step (what a resume on another world size must keep): each rank then runs
+        ``val_batches x accumulate`` batches. The windows are spread evenly over the whole split (not just its first
+        documents), so the estimate covers every held-out document while staying the same windows at every
+        evaluation. Each rank gets an equal contiguous block, so all ranks run the same number of batches.
         """
         total = len(self.windows(split))
         chosen = total
         if self.cfg.val_batches:
-            chosen = min(total, self.cfg.val_batches * self.cfg.batch_size * world_size)
+            chosen = min(total, self.cfg.val_batches * self.cfg.batch_size * world_size * accumulate)
         per_rank = chosen // world_size
         if per_rank == 0:
             raise UserError(
@@ -249,7 +251,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._distribution()
-        dataset = Subset(self.windows(split), self.eval_indices(split, rank, world))
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        dataset = Subset(self.windows(split), self.eval_indices(split, rank, world, accumulate))
         return DataLoader(dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
 
     # ----------------------------------------------------------------------------------------- baseline and state

@@ -49,6 +49,17 @@ class DeepMomentumGD(Optimizer):
         super().__init__(params, defaults)
         self._generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        # the generator draws each new parameter's memory: a resumed run must draw what the uninterrupted one would
+        return {**super().state_dict(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        generator = state_dict.pop("generator", None)
+        super().load_state_dict(state_dict)
+        if generator is not None:
+            self._generator.set_state(generator)
+
     def _new_memory(self, p: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
         w1 = torch.randn(hidden, 2, generator=self._generator) / 2**0.5
         return {

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +160,74 @@ class History(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train = [tuple(x) for x in state.get("train", [])]
         self.val = [tuple(x) for x in state.get("val", [])]
+
+
+class Preemption(L.Callback):
+    """Checkpoints that do not wait for validation, and a clean stop on a signal.
+
+    ``last.ckpt`` is written (atomically, like every checkpoint) every ``every_steps`` optimizer steps and every
+    ``every_minutes`` minutes of training, so a preempted job loses at most that much. SIGTERM and SIGUSR1 (what
+    SLURM and most schedulers send before they kill a job; ``#SBATCH --signal=USR1@90``) and Ctrl-C (SIGINT) ask for
+    a stop: the step in flight finishes, ``last.ckpt`` is written, training ends, and ``stopped_by`` names the signal.
+    Every rank decides together (one all-reduce of the request per step), so ranks that got the signal at different
+    moments stop at the same step. A second Ctrl-C stops at once, without saving.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self, ckpt_path: Path, every_steps: int = 0, every_minutes: float = 0.0) -> None:
+        self.ckpt_path = ckpt_path
+        self.every_steps = every_steps
+        self.every_seconds = 60.0 * every_minutes
+        self.requested: str | None = None
+        self.stopped_by: str | None = None
+        self._last_save = time.monotonic()
+        self._previous: dict[int, Any] = {}
+
+    def _request(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.requested == "SIGINT":
+            os._exit(130)  # a second Ctrl-C: stop now
+        self.requested = name
+        if name == "SIGINT":
+            print("\nCtrl-C: saving last.ckpt after this step and stopping (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_save = time.monotonic()
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._request)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _accumulating(trainer):
+            return
+        step = trainer.global_step
+        timed = bool(self.every_seconds) and time.monotonic() - self._last_save >= self.every_seconds
+        # one decision for all ranks: a signal or a clock that reached one rank stops or saves every rank at this step
+        flags = torch.tensor([self.requested is not None, timed], dtype=torch.float32, device=pl_module.device)
+        stop, timed = (bool(v) for v in trainer.strategy.reduce(flags, reduce_op="max").tolist())
+        due = timed or (self.every_steps > 0 and step % self.every_steps == 0)
+        if stop or due:
+            trainer.save_checkpoint(self.ckpt_path)
+            self._last_save = time.monotonic()
+        if stop:
+            self.stopped_by = self.requested or "a signal on another rank"
+            trainer.should_stop = True
 
 
 class FinalValidation(L.Callback):

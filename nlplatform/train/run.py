@@ -29,7 +29,7 @@ import torch
 
 from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml, resume_differences
 from nlplatform.data import atomic_write_text
-from nlplatform.errors import ConfigError, UserError
+from nlplatform.errors import ConfigError, RunStopped, UserError
 from nlplatform.models.base import flush_denormals
 from nlplatform.registry import check_model_format
 from nlplatform.train import runs
@@ -335,7 +335,14 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
 
     from nlplatform import tracking
     from nlplatform.data import TextDataModule
-    from nlplatform.train.callbacks import FinalValidation, History, LevelMonitor, RunTracking, Throughput
+    from nlplatform.train.callbacks import (
+        FinalValidation,
+        History,
+        LevelMonitor,
+        Preemption,
+        RunTracking,
+        Throughput,
+    )
     from nlplatform.train.module import LMModule
 
     run_dir, ckpt = resolved.run_dir, resolved.ckpt
@@ -371,7 +378,9 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
     throughput = Throughput(cfg.data.seq_len, cfg.trainer.log_every_n_steps)
     history = History()
     extra = [throughput, history, LevelMonitor(cfg.trainer.log_every_n_steps, log_params=not continuing)]
-    extra += [FinalValidation(cfg.trainer.val_check_interval), *callbacks]
+    t = cfg.trainer
+    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt", t.checkpoint_every_steps, t.checkpoint_every_minutes)
+    extra += [FinalValidation(t.val_check_interval), preemption, *callbacks]
     if logger is not None:
         extra.append(
             RunTracking(tracking.absolute_uri(tracking.tracking_uri(cfg)), cfg.tracking.system_metrics_every_s)
@@ -418,6 +427,8 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
                 )
 
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    if preemption.stopped_by is not None:
+        raise _stopped(preemption.stopped_by, trainer.global_step, run_dir / "checkpoints" / "last.ckpt", logger)
 
     # Ranks on other nodes decided nothing themselves: the run folder and the MLflow run are rank 0's.
     run_dir = Path(trainer.strategy.broadcast(str(run_dir), src=0))
@@ -434,6 +445,28 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
             logger.finalize("success")
         runs.mark_finished(run_dir)
     return RunResult(run_dir=run_dir, summary=summary)
+
+
+def _stopped(signal_name: str, step: int, last: Path, logger) -> RunStopped:
+    """What training that stopped on a signal says (and, for SLURM's SIGUSR1 on rank 0, the job it requeued)."""
+    import signal
+    import subprocess
+
+    if logger is not None:
+        logger.finalize("killed")
+    code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+    args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
+    command = "nlplatform " + shlex.join([*args, f"trainer.resume={last}"]) if args[:1] == ["train"] else None
+    lines = [f"stopped by {signal_name} at step {step}; {last} saved"]
+    job = os.environ.get("SLURM_JOB_ID")
+    if signal_name == "SIGUSR1" and job and is_rank_zero():
+        try:  # SLURM's warning before a time limit or a preemption: put the job back in the queue
+            subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
+            lines.append(f"requeued SLURM job {job}: it continues with trainer.resume=auto or {last}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            lines.append(f"could not requeue SLURM job {job} ({exc})")
+    lines.append(f"continue with: {command}" if command else f"continue with trainer.resume={last}")
+    return RunStopped("\n".join(lines), 130 if signal_name == "SIGINT" else code)
 
 
 def _summary(cfg, module, trainer, unigram_ppl, throughput, history, t_start, run_id) -> dict[str, Any]:

@@ -198,3 +198,18 @@ def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path):
     _, second = fit(6, ckpt=str(tmp_path / "step3.ckpt"))
     assert len(straight) == 12 and len(first) == 6 and len(second) == 6
     assert all(torch.equal(a, b) for a, b in zip(first + second, straight))
+
+
+def test_the_validation_windows_do_not_depend_on_the_layout_at_equal_tokens_per_step(txt_corpus):
+    """batch 4 on 1 device, batch 2 on 2 devices and batch 2 with 2 accumulated micro-batches evaluate the same
+    windows (what a resume on another number of devices keeps)."""
+    folder = txt_corpus(12)
+    layouts = [(4, 1, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]  # (batch, world, accumulate)
+    windows = []
+    for batch, world, acc in layouts:
+        dm = make_module(folder, val_batches=1, batch_size=batch)
+        dm.setup()
+        windows.append(sorted(i for r in range(world) for i in dm.eval_indices("val", r, world, acc)))
+    assert all(w == windows[0] for w in windows) and len(windows[0]) == 4
+    dm.trainer = fake_trainer(accumulate=2)
+    assert len(list(dm.val_dataloader())) == 2  # batch 1 x accumulation 2 per validation step's worth

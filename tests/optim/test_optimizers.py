@@ -412,3 +412,25 @@ def test_every_optimizer_steps_tiny_hope_with_its_levels_param_groups(name):
     losses = [lm_step(module, opt, sched, s) for s in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_dmgd_saves_its_random_generator_so_memories_drawn_after_a_resume_match(tmp_path):
+    """DMGD draws a parameter's memory when the parameter first gets a gradient (a slow level's first release can
+    come after a resume): the generator's state travels in the optimizer's state dict, loadable as data."""
+
+    def fresh():
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+        return a, b, DeepMomentumGD([a, b], hidden=4, seed=3)
+
+    a, b, opt = fresh()
+    a.grad = torch.ones(4)
+    opt.step()  # only a has a memory so far
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    a2, b2, opt2 = fresh()
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    a2.grad, b2.grad = torch.ones(4), torch.ones(4)
+    opt2.step()
+    assert torch.equal(opt2.state[b2]["w1"], opt.state[b]["w1"])

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import lightning as L
 import pytest
 import torch
 
 from nlplatform.config import load_recipe
-from nlplatform.errors import UserError
+from nlplatform.errors import RunStopped, UserError
 from nlplatform.train import runs
 from nlplatform.train.run import _resolve_run, train
 from tests.train.conftest import FAST, TINY_RECIPE, Interrupted, KillAt, needs_corpus
@@ -179,3 +182,66 @@ def test_a_recipe_refused_after_the_folder_was_reserved_leaves_nothing(tmp_path)
     with pytest.raises(Exception, match="model.vocab_size=100 is smaller than the tokenizer's 257 ids"):
         train(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+class SignalAt(L.Callback):
+    """Sends this process ``signum`` at the start of step ``step + 1``, as a scheduler would mid-step."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_and_interval_checkpoints_resume_with_the_uninterrupted_losses(tmp_path):
+    """SIGTERM mid-step 2 saves last.ckpt after that step (no validation there) and stops with 143; a job killed at
+    step 5 keeps the step-4 checkpoint trainer.checkpoint_every_steps=2 wrote; each resumes with auto to the losses
+    of an uninterrupted run (tolerance: float32 round-off of the same operations, 1e-6 relative)."""
+    common = ("trainer.max_steps=6", "trainer.val_check_interval=3")
+    straight = train(recipe(tmp_path, *common, "tracking.run_name=straight"))
+    expected = torch.load(straight.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["History"]
+
+    with pytest.raises(RunStopped) as stopped:
+        train(recipe(tmp_path, *common, "tracking.run_name=term"), callbacks=(SignalAt(1, signal.SIGTERM),))
+    assert stopped.value.exit_code == 143 and "stopped by SIGTERM at step 2" in str(stopped.value)
+    term = tmp_path / "runs" / "tiny" / "term"
+    assert steps_of(term / "checkpoints" / "last.ckpt") == [1, 2] and not runs.finished(term)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+    with pytest.raises(Interrupted):
+        train(recipe(tmp_path, *common, "tracking.run_name=every", "trainer.checkpoint_every_steps=2"),
+              callbacks=(KillAt(4),))  # fmt: skip
+    every = tmp_path / "runs" / "tiny" / "every"
+    assert steps_of(every / "checkpoints" / "last.ckpt") == [1, 2, 3, 4]
+
+    for name in ("term", "every"):
+        resumed = train(recipe(tmp_path, *common, f"tracking.run_name={name}", "trainer.resume=auto"))
+        got = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["History"]
+        assert [s for s, _ in got["train"]] == list(range(1, 7))
+        torch.testing.assert_close(torch.tensor([v for _, v in got["train"]]),
+                                   torch.tensor([v for _, v in expected["train"]]), rtol=1e-6, atol=0)  # fmt: skip
+
+
+def test_ctrl_c_saves_exits_130_and_prints_the_command_that_continues(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = ["train", str(TINY_RECIPE), *SMALL, f"output_dir={tmp_path / 'runs'}", "tracking.run_name=c",
+            "trainer.max_steps=100000", "trainer.checkpoint_every_steps=1"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "nlplatform", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    last = tmp_path / "runs" / "tiny" / "c" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), "no checkpoint within 120 s"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "stopped by SIGINT at step" in err
+    command = next(line for line in err.splitlines() if line.startswith("continue with: nlplatform train "))
+    assert command.endswith(f"trainer.resume={last}") and "trainer.max_steps=100000" in command
+    assert not (last.parent.parent / runs.LOCK).exists()
