@@ -19,6 +19,7 @@ import shlex
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, RunStopped, UserError
 from nlplatform.models.base import flush_denormals
 from nlplatform.registry import check_model_format
-from nlplatform.train import runs
+from nlplatform.train import rendezvous, runs
 
 SUMMARY_KEYS = (
     "model", "preset", "params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "unigram_ppl",
@@ -96,8 +97,8 @@ def _check_writable(folder: Path) -> None:
 
 # Lightning's ddp launcher starts ranks 1.. as child processes of rank 0 with the same command line; rank 0 decides the
 # run folder and the checkpoint once and hands them to its children through the environment, which they inherit.
-# Only a child of the process that wrote it trusts the value: ranks started by torchrun or srun are not (they get rank
-# 0's choice by broadcast once training starts), nor is anything launched later by a process that once trained.
+# Only a child of the process that wrote it trusts the value, not anything launched later by a process that once
+# trained. Launchers that start every process at once (torchrun, srun) share rank 0's decision through a rendezvous.
 _RUN_ENV = "NLPLATFORM_RUN"
 
 
@@ -113,13 +114,19 @@ class Resolved:
 
 
 def resolve_run(cfg: RecipeConfig) -> Resolved:
-    """The run folder (reserved or locked for this process) and the checkpoint to resume from, decided once by rank 0
-    and shared with the other ranks."""
+    """The run folder (reserved or locked by rank 0) and the checkpoint to resume from, decided once by global rank 0
+    and shared with every other rank before the Trainer exists (``rendezvous``): through the environment for the
+    ranks Lightning's launcher starts, through a store for torchrun and srun, where every rank also checks that it
+    sees the run folder rank 0 wrote (a ``runs/`` that is not shared across nodes is refused)."""
     shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
     if not is_rank_zero() and shared.get("pid") == os.getppid():
         ckpt = Path(shared["ckpt"]) if shared["ckpt"] else None
         return Resolved(Path(shared["run_dir"]), ckpt, new=False)
-    resolved = _resolve_run(cfg, owner=is_rank_zero())
+    group = rendezvous.peers(cfg.trainer.num_nodes)
+    if group is None:
+        resolved = _resolve_run(cfg)
+    else:
+        resolved = _agree(group, cfg)
     value = {
         "pid": os.getpid(),
         "run_dir": str(resolved.run_dir),
@@ -129,85 +136,121 @@ def resolve_run(cfg: RecipeConfig) -> Resolved:
     return resolved
 
 
+_MARKER = ".rendezvous-"  # a file rank 0 writes in the run folder for the other ranks to find
+
+
+def _agree(group: rendezvous.Peers, cfg: RecipeConfig) -> Resolved:
+    mine: dict[str, Resolved] = {}
+
+    def decide() -> dict:
+        resolved = mine["run"] = _resolve_run(cfg)
+        marker = resolved.run_dir / f"{_MARKER}{uuid.uuid4().hex}"
+        marker.touch()
+        return {
+            "run_dir": str(resolved.run_dir),
+            "ckpt": str(resolved.ckpt) if resolved.ckpt else None,
+            "forked_from": str(resolved.forked_from) if resolved.forked_from else None,
+            "marker": marker.name,
+        }
+
+    def check(decision: dict) -> str | None:
+        if (Path(decision["run_dir"]) / decision["marker"]).exists():
+            return None
+        return (f"cannot see the run folder {decision['run_dir']} that rank 0 wrote; output_dir must be one file "
+                "system every node mounts at the same path")  # fmt: skip
+
+    try:
+        decision = group.agree(decide, check)
+    except UserError:
+        if "run" in mine:  # rank 0 reserved or locked a folder the launch will not use
+            run = mine["run"]
+            for marker in run.run_dir.glob(f"{_MARKER}*"):
+                marker.unlink(missing_ok=True)
+            runs.abandon(run.run_dir, run.created) if run.new else runs.release(run.run_dir)
+        raise
+    if group.rank == 0:
+        (mine["run"].run_dir / decision["marker"]).unlink(missing_ok=True)
+        return mine["run"]
+    forked = Path(decision["forked_from"]) if decision["forked_from"] else None
+    return Resolved(Path(decision["run_dir"]), Path(decision["ckpt"]) if decision["ckpt"] else None, new=False,
+                    forked_from=forked)  # fmt: skip
+
+
 def _default_name(cfg: RecipeConfig) -> str:
     return f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _new_run(cfg: RecipeConfig, name: str | None, owner: bool, forked_from: Path | None = None) -> Resolved:
+def _new_run(cfg: RecipeConfig, name: str | None, forked_from: Path | None = None) -> Resolved:
     explicit = name is not None
     name = name or _default_name(cfg)
     run_dir = _experiment_dir(cfg) / name
     _check_writable(run_dir)
-    if not owner:  # ranks started by torchrun or srun reserve nothing: rank 0's folder replaces theirs
-        return Resolved(run_dir.absolute(), forked_from, new=False, forked_from=forked_from)
     run_dir, created = runs.reserve(_experiment_dir(cfg), name, explicit=explicit)
     return Resolved(run_dir, forked_from, new=True, forked_from=forked_from, created=created)
 
 
-def _continue(run_dir: Path, ckpt: Path, owner: bool) -> Resolved:
-    if owner:
-        runs.acquire(run_dir)
-        runs.clean(run_dir)
+def _continue(run_dir: Path, ckpt: Path) -> Resolved:
+    runs.acquire(run_dir)
+    runs.clean(run_dir)
     return Resolved(run_dir, ckpt, new=False)
 
 
-def _resolve_auto(cfg: RecipeConfig, owner: bool) -> Resolved:
+def _resolve_auto(cfg: RecipeConfig) -> Resolved:
     """``trainer.resume=auto``: the named run, or the newest unfinished run of this family and preset that is not
     running now; a new run when there is none."""
-    say = print if owner else (lambda *a, **k: None)
     root, name = _experiment_dir(cfg), cfg.tracking.run_name
     if name:
         run_dir = (root / name).absolute()
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
-            say(f"trainer.resume=auto: run {name} has no checkpoint yet; starting it", file=sys.stderr)
-            if owner and run_dir.is_dir() and any(run_dir.iterdir()):  # stopped before its first checkpoint
+            print(f"trainer.resume=auto: run {name} has no checkpoint yet; starting it", file=sys.stderr)
+            if run_dir.is_dir() and any(run_dir.iterdir()):  # stopped before its first checkpoint
                 runs.acquire(run_dir)
                 return Resolved(run_dir.resolve(), None, new=False)
-            return _new_run(cfg, name, owner)
-        if owner and runs.finished(run_dir):
+            return _new_run(cfg, name)
+        if runs.finished(run_dir):
             raise UserError(
                 f"trainer.resume=auto: run {run_dir} finished; auto never reopens a finished run. To train it "
                 f"further, pass trainer.resume={ckpt} with a larger trainer.max_steps; for a new run, pick another "
                 "tracking.run_name"
             )
-        say(f"trainer.resume=auto: continuing run {name}", file=sys.stderr)
-        return _continue(run_dir.resolve(), ckpt, owner)
+        print(f"trainer.resume=auto: continuing run {name}", file=sys.stderr)
+        return _continue(run_dir.resolve(), ckpt)
     found = runs.auto_candidates(root, cfg.model.name, cfg.model.preset)
     for cand in found:
-        if cand.state == "unfinished" or (not owner and cand.state == "running"):
+        if cand.state == "unfinished":
             try:
-                resolved = _continue(cand.run_dir, cand.ckpt, owner)
+                resolved = _continue(cand.run_dir, cand.ckpt)
             except UserError:  # locked by a run that started a moment ago: not ours to continue
                 continue
-            say(f"trainer.resume=auto: continuing the newest unfinished {cfg.model.name}/{cfg.model.preset} run, "
+            print(f"trainer.resume=auto: continuing the newest unfinished {cfg.model.name}/{cfg.model.preset} run, "
                 f"{cand.run_dir}", file=sys.stderr)  # fmt: skip
             return resolved
     skipped = ", ".join(f"{sum(c.state == s for c in found)} {s}" for s in ("finished", "running"))
-    say(f"trainer.resume=auto: no unfinished {cfg.model.name}/{cfg.model.preset} run to continue in {root} "
+    print(f"trainer.resume=auto: no unfinished {cfg.model.name}/{cfg.model.preset} run to continue in {root} "
         f"({skipped}); starting a new run", file=sys.stderr)  # fmt: skip
-    return _new_run(cfg, None, owner)
+    return _new_run(cfg, None)
 
 
-def _resolve_run(cfg: RecipeConfig, owner: bool) -> Resolved:
+def _resolve_run(cfg: RecipeConfig) -> Resolved:
     resume = cfg.trainer.resume
     if resume == "auto":
-        return _resolve_auto(cfg, owner)
+        return _resolve_auto(cfg)
     if not resume:
-        return _new_run(cfg, cfg.tracking.run_name, owner)
+        return _new_run(cfg, cfg.tracking.run_name)
     ckpt = Path(resume)
     if not ckpt.is_file():
         raise UserError(f"trainer.resume: checkpoint not found: {ckpt}")
     ckpt = ckpt.absolute()
     run_dir = ckpt.parent.parent
     if ckpt.name == "last.ckpt" and ckpt.parent.name == "checkpoints" and (run_dir / "recipe.yaml").is_file():
-        return _continue(run_dir.resolve(), ckpt, owner)
+        return _continue(run_dir.resolve(), ckpt)
     # any other checkpoint (a best one, a copied file) starts a new run from it: its own run folder keeps its last.ckpt
     from nlplatform.checkpoint import read_checkpoint
 
     step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
     source = run_dir.name if ckpt.parent.name == "checkpoints" else ckpt.stem
-    return _new_run(cfg, cfg.tracking.run_name or runs.fork_name(source, step), owner, forked_from=ckpt)
+    return _new_run(cfg, cfg.tracking.run_name or runs.fork_name(source, step), forked_from=ckpt)
 
 
 def _check_resume(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:

@@ -120,9 +120,9 @@ def test_a_running_run_is_never_continued_and_a_stale_lock_is_taken_over(tmp_pat
         lock = {"host": runs._HOST, "pid": sleeper.pid, "started": "now"}
         (run_dir / runs.LOCK).write_text(json.dumps(lock))
         with pytest.raises(UserError, match=f"is running now \\(pid {sleeper.pid}"):
-            _resolve_run(recipe(tmp_path, f"trainer.resume={run_dir / 'checkpoints' / 'last.ckpt'}"), owner=True)
+            _resolve_run(recipe(tmp_path, f"trainer.resume={run_dir / 'checkpoints' / 'last.ckpt'}"))
         capsys.readouterr()
-        fresh = _resolve_run(recipe(tmp_path, "trainer.resume=auto"), owner=True)
+        fresh = _resolve_run(recipe(tmp_path, "trainer.resume=auto"))
         assert fresh.ckpt is None and fresh.run_dir != run_dir  # the running run is skipped: a new one starts
         assert "(0 finished, 1 running); starting a new run" in capsys.readouterr().err
         runs.abandon(fresh.run_dir)
@@ -130,7 +130,7 @@ def test_a_running_run_is_never_continued_and_a_stale_lock_is_taken_over(tmp_pat
         sleeper.kill()
         sleeper.wait()
     # its process is gone: the lock is stale, taken over with a message
-    resolved = _resolve_run(recipe(tmp_path, *common, "trainer.resume=auto"), owner=True)
+    resolved = _resolve_run(recipe(tmp_path, *common, "trainer.resume=auto"))
     assert resolved.run_dir == run_dir and "no longer runs" in capsys.readouterr().err
     assert runs.read_lock(run_dir).pid == os.getpid()
     runs.release(run_dir)
