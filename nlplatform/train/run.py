@@ -118,15 +118,15 @@ def resolve_run(cfg: RecipeConfig) -> Resolved:
     and shared with every other rank before the Trainer exists (``rendezvous``): through the environment for the
     ranks Lightning's launcher starts, through a store for torchrun and srun, where every rank also checks that it
     sees the run folder rank 0 wrote (a ``runs/`` that is not shared across nodes is refused)."""
-    shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
-    if not is_rank_zero() and shared.get("pid") == os.getppid():
-        ckpt = Path(shared["ckpt"]) if shared["ckpt"] else None
-        return Resolved(Path(shared["run_dir"]), ckpt, new=False)
-    group = rendezvous.peers(cfg.trainer.num_nodes)
-    if group is None:
-        resolved = _resolve_run(cfg)
-    else:
+    group = rendezvous.peers(cfg.trainer.num_nodes)  # first: a launcher's ranks never take a value they inherited
+    if group is not None:
         resolved = _agree(group, cfg)
+    else:
+        shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
+        if not is_rank_zero() and shared.get("pid") == os.getppid():
+            ckpt = Path(shared["ckpt"]) if shared["ckpt"] else None
+            return Resolved(Path(shared["run_dir"]), ckpt, new=False)
+        resolved = _resolve_run(cfg)
     value = {
         "pid": os.getpid(),
         "run_dir": str(resolved.run_dir),

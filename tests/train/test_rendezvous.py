@@ -4,6 +4,7 @@ torchrun test in test_distributed.py). A rank that cannot see the run folder ref
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -80,18 +81,18 @@ def test_a_runs_folder_one_rank_cannot_see_is_refused_on_every_rank_and_left_emp
             "tracking.enabled=false", "trainer.max_steps=2"]  # fmt: skip
     isolated = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                 f"mount -t tmpfs tmpfs {out} && exec \"$@\"", "sh", *args]  # fmt: skip
+    # a decision this test process made earlier, inherited by both ranks: a launcher's ranks must not take it
+    stale = {"NLPLATFORM_RUN": json.dumps({"pid": os.getpid(), "run_dir": str(tmp_path / "stale"), "ckpt": None})}
+    env = [_launch_env(rank, 2, port) | stale | {"PYTHONWARNINGS": "ignore"} for rank in range(2)]
     procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
-            env=_launch_env(rank, 2, port) | {"PYTHONWARNINGS": "ignore"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        subprocess.Popen(cmd, cwd=tmp_path, env=env[rank], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank, cmd in ((0, args), (1, isolated))
     ]
-    results = [p.communicate(timeout=600) for p in procs]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 2, err[-2000:]
         assert "rank 1 on" in err and "cannot see the run folder" in err and "Traceback" not in err
