@@ -180,9 +180,13 @@ def _default_name(cfg: RecipeConfig) -> str:
     return f"{cfg.model.name}-{cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _new_run(cfg: RecipeConfig, name: str | None, forked_from: Path | None = None) -> Resolved:
+def _new_run(
+    cfg: RecipeConfig, name: str | None, forked_from: Path | None = None, default: str | None = None
+) -> Resolved:
+    """A new run folder: ``name`` (tracking.run_name: refused when taken) or ``default`` / a timestamped name (a
+    suffix added when taken)."""
     explicit = name is not None
-    name = name or _default_name(cfg)
+    name = name or default or _default_name(cfg)
     run_dir = _experiment_dir(cfg) / name
     _check_writable(run_dir)
     run_dir, created = runs.reserve(_experiment_dir(cfg), name, explicit=explicit)
@@ -250,7 +254,7 @@ def _resolve_run(cfg: RecipeConfig) -> Resolved:
 
     step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
     source = run_dir.name if ckpt.parent.name == "checkpoints" else ckpt.stem
-    return _new_run(cfg, cfg.tracking.run_name or runs.fork_name(source, step), forked_from=ckpt)
+    return _new_run(cfg, cfg.tracking.run_name, forked_from=ckpt, default=runs.fork_name(source, step))
 
 
 def _check_resume(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def test_a_best_checkpoint_forks_a_new_run_and_leaves_its_run_alone(finished_and
     meta = json.loads((fork.run_dir / "run.json").read_text())
     assert meta["forked_from"] == {"checkpoint": str(best), "step": step}
     assert steps_of(fork.run_dir / "checkpoints" / "last.ckpt")[-1] == 6
+    again = train(recipe(tmp, "trainer.max_steps=6", "trainer.val_check_interval=2", f"trainer.resume={best}"))
+    assert again.run_dir.name == f"done-from-step{step}-2"  # a second fork of the same checkpoint gets its own folder
 
 
 def _reserve(args) -> str:
