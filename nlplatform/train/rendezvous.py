@@ -11,7 +11,8 @@ How the processes of a run start decides how they learn rank 0's decision (the r
 
 Each rank then checks that it sees what rank 0 wrote (a marker file in the run folder): a run whose ``runs/`` is not
 one shared file system across nodes would otherwise train each node into its own folder. Any refusal (bad input on
-rank 0, a folder not shared) reaches every rank as the same one-line error. The data preparation can reuse ``agree``.
+rank 0, a folder not shared) reaches every rank as the same one-line error. The data step reuses ``agree``: rank 0
+prepares the token cache while the others wait, then every rank checks it sees the cache.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class Peers:
     prefix: str
     serving: bool  # rank 0 serves this store itself (it must outlive every rank's read)
 
-    def agree(self, decide: Callable[[], dict], check: Callable[[dict], str | None]) -> dict:
-        """Rank 0 runs ``decide`` (a JSON-able dict; a UserError there reaches every rank); every rank runs ``check``
-        on the decision (None when fine, else what is wrong here); returns the decision once every rank is fine."""
-        key = self.prefix + "decision"
+    def agree(self, name: str, decide: Callable[[], dict], check: Callable[[dict], str | None]) -> dict:
+        """Rank 0 runs ``decide`` (a JSON-able dict; a UserError there reaches every rank) while the others wait;
+        every rank runs ``check`` on the decision (None when fine, else what is wrong here); returns the decision once
+        every rank is fine. ``name`` keeps the agreements of one launch apart (the run, then its data)."""
+        prefix = f"{self.prefix}{name}/"
+        key = prefix + "decision"
         if self.rank == 0:
             try:
                 value = {"decision": decide()}
@@ -75,26 +78,26 @@ class Peers:
         else:
             value = json.loads(self.store.get(key))
         if "error" in value:
-            self._done()
+            self._done(prefix)
             raise UserError(value["error"])
         problem = check(value["decision"])
-        self.store.set(f"{self.prefix}seen/{self.rank}", json.dumps({"host": socket.gethostname(), "problem": problem}))
-        reports = [json.loads(self.store.get(f"{self.prefix}seen/{r}")) for r in range(self.world)]
-        self._done()
+        self.store.set(f"{prefix}seen/{self.rank}", json.dumps({"host": socket.gethostname(), "problem": problem}))
+        reports = [json.loads(self.store.get(f"{prefix}seen/{r}")) for r in range(self.world)]
+        self._done(prefix)
         bad = [(r, rep) for r, rep in enumerate(reports) if rep["problem"]]
         if bad:
             shown = "; ".join(f"rank {r} on {rep['host']}: {rep['problem']}" for r, rep in bad[:4])
-            raise UserError(f"the ranks of this launch disagree on the run ({shown})")
+            raise UserError(f"the ranks of this launch disagree on the {name} ({shown})")
         return value["decision"]
 
-    def _done(self) -> None:
+    def _done(self, prefix: str) -> None:
         """Every rank but 0 says it has read everything; a serving rank 0 waits for that before its store goes."""
         if self.rank:
-            self.store.add(self.prefix + "read", 1)
+            self.store.add(prefix + "read", 1)
             return
         if self.serving:
             deadline = time.monotonic() + TIMEOUT_S
-            while self.store.add(self.prefix + "read", 0) < self.world - 1 and time.monotonic() < deadline:
+            while self.store.add(prefix + "read", 0) < self.world - 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
 
 

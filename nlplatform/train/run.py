@@ -111,6 +111,7 @@ class Resolved:
     new: bool  # the folder was reserved by this call (a new run or a fork): removed again if the run never starts
     forked_from: Path | None = None  # a checkpoint other than the run's last.ckpt, continued in a new folder
     created: Path | None = None  # the outermost folder the reservation created (removed with it if never started)
+    peers: rendezvous.Peers | None = None  # the launch's processes, when they started at once (torchrun, srun)
 
 
 def resolve_run(cfg: RecipeConfig) -> Resolved:
@@ -121,6 +122,7 @@ def resolve_run(cfg: RecipeConfig) -> Resolved:
     group = rendezvous.peers(cfg.trainer.num_nodes)  # first: a launcher's ranks never take a value they inherited
     if group is not None:
         resolved = _agree(group, cfg)
+        resolved.peers = group
     else:
         shared = json.loads(os.environ.get(_RUN_ENV, "{}"))
         if not is_rank_zero() and shared.get("pid") == os.getppid():
@@ -160,7 +162,7 @@ def _agree(group: rendezvous.Peers, cfg: RecipeConfig) -> Resolved:
                 "system every node mounts at the same path")  # fmt: skip
 
     try:
-        decision = group.agree(decide, check)
+        decision = group.agree("run", decide, check)
     except UserError:
         if "run" in mine:  # rank 0 reserved or locked a folder the launch will not use
             run = mine["run"]
@@ -255,6 +257,26 @@ def _resolve_run(cfg: RecipeConfig) -> Resolved:
     step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
     source = run_dir.name if ckpt.parent.name == "checkpoints" else ckpt.stem
     return _new_run(cfg, cfg.tracking.run_name, forked_from=ckpt, default=runs.fork_name(source, step))
+
+
+def _prepare_data(data, peers: rendezvous.Peers | None) -> None:
+    """Build the token cache once: by this process, or, when the launch's processes started at once, by global rank 0
+    while the others wait; every rank then checks it sees the cache (one file system for ``NLPLATFORM_CACHE``)."""
+    if peers is None:
+        data.prepare_data()
+        return
+
+    def prepare() -> dict:
+        data.prepare_data()
+        return {"folder": str(data.data_dir().absolute())}
+
+    def check(decision: dict) -> str | None:
+        if (Path(decision["folder"]) / "meta.json").is_file():
+            return None
+        return (f"cannot see the token cache {decision['folder']} that rank 0 built; NLPLATFORM_CACHE must be one "
+                "file system every node mounts at the same path")  # fmt: skip
+
+    peers.agree("data", prepare, check)
 
 
 def _check_resume(ckpt: Path, cfg: RecipeConfig) -> dict[str, Any]:
@@ -395,7 +417,7 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
     run_dir, ckpt = resolved.run_dir, resolved.ckpt
     continuing = ckpt is not None and resolved.forked_from is None  # the same run goes on (not a fork)
     data = TextDataModule(cfg.data, seed=cfg.seed)
-    data.prepare_data()
+    _prepare_data(data, resolved.peers)
     data.setup("fit")
     vocab = data.vocab_size
     if cfg.model.vocab_size is None:

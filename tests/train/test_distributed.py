@@ -249,3 +249,25 @@ def test_two_process_run_killed_by_sigkill_resumes_with_auto_to_the_uninterrupte
     assert [s for s, _ in got] == list(range(1, 7))
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
     assert not (run_dir / "run.lock").exists()
+
+
+def test_torchrun_launch_prepares_a_new_corpus_once_on_rank_0(tmp_path):
+    """Under torchrun every process starts at once: global rank 0 builds the token cache of a corpus nobody prepared
+    while rank 1 waits, then both check they see it (one "data ready" line, not one per rank)."""
+    from tests.data.conftest import generate_docs
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(generate_docs(20, words=400)):
+        (corpus / f"doc{i:02d}.txt").write_text(doc)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "NLPLATFORM_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nlplatform",
+         "train", str(TINY_RECIPE), *FAST, *DDP, "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=1",
+         f"data.paths=[{corpus}]", "data.val_fraction=0.2", "data.test_fraction=0.2",
+         f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("nlplatform: data ready in") == 1, proc.stderr[-3000:]
+    assert len(list((tmp_path / "c" / "tokens").iterdir())) == 1

@@ -41,7 +41,7 @@ def _agree(rank: int, world: int, port: int, fail: bool, out) -> None:
         return {"run_dir": "/runs/x", "pid": os.getpid()}
 
     try:
-        out.put((rank, group.agree(decide, lambda d: None)))
+        out.put((rank, group.agree("run", decide, lambda d: None)))
     except UserError as exc:
         out.put((rank, str(exc)))
 
