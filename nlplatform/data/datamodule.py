@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from nlplatform.config import DataConfig
 from nlplatform.data import cache_root
 from nlplatform.data.corpus import corpus_fingerprint, load_documents, split_documents
-from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens
+from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens, read_counts
 from nlplatform.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_key
 from nlplatform.errors import UserError
 from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir, make_staging_dir
@@ -265,11 +265,16 @@ class TextDataModule(L.LightningDataModule):
         tokenizer = self._require_setup()
         vocab = tokenizer.vocab_size
         folder = self.data_dir()
-        train_counts = _bincount(open_tokens(folder / "train.bin"), vocab)
-        val_counts = _bincount(open_tokens(folder / "val.bin"), vocab)
+        train_counts, val_counts = (self._counts(folder / f"{split}.bin", vocab) for split in ("train", "val"))
         log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab)
         nll = -float((val_counts * log_p).sum()) / float(val_counts.sum())
         return float(np.exp(nll))
+
+    @staticmethod
+    def _counts(path: Path, vocab: int) -> np.ndarray:
+        """Token counts of a split: saved at preparation; a scan only for caches built before they were saved."""
+        saved = read_counts(path, vocab)
+        return saved if saved is not None else _bincount(open_tokens(path), vocab)
 
     def summary(self) -> dict[str, Any]:
         """Documents, tokens and windows per split, plus tokenizer and cache folder: what ``nlplatform data`` shows."""

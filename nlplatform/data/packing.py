@@ -36,6 +36,21 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def counts_file(path: Path) -> Path:
+    """The token counts of token file ``path`` (``train.bin`` -> ``train.counts.npy``), saved while packing, so the
+    unigram baseline never scans the tokens again."""
+    return Path(path).with_suffix(".counts.npy")
+
+
+def read_counts(path: Path, vocab: int) -> np.ndarray | None:
+    """The saved counts of token file ``path`` ([vocab] int64), or None for a cache built before they were saved."""
+    try:
+        counts = np.load(counts_file(path), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return counts if counts.shape == (vocab,) else None
+
+
 def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> np.memmap:
     """Tokenise ``docs``, append ``eot_id`` after each, write one flat array to ``path``; return it memory-mapped.
 
@@ -50,6 +65,8 @@ def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> 
     large = sum(len(d) for d in docs) > _PROGRESS_CHARS
     bar = tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit="doc", disable=not large, leave=False)
     count = 0
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    counts_tmp = counts_file(path).with_name(f".{counts_file(path).name}.tmp-{temporary_tag()}")
     try:
         with tmp.open("wb") as f:
             for start in range(0, len(docs), _PACK_BATCH):
@@ -59,6 +76,7 @@ def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> 
                     packed[:-1] = ids
                     packed[-1] = tokenizer.eot_id
                     f.write(packed.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+                    counts += np.bincount(packed, minlength=tokenizer.vocab_size)[: tokenizer.vocab_size]
                     count += len(packed)
                 bar.update(len(batch))
         meta = {
@@ -69,11 +87,15 @@ def pack_tokens(docs: Sequence[str], tokenizer: Tokenizer, path: str | Path) -> 
             "eot_id": tokenizer.eot_id,
             "tokenizer": tokenizer.fingerprint,
         }
+        with counts_tmp.open("wb") as f:
+            np.save(f, counts)
+        replace_durably(counts_tmp, counts_file(path))
         atomic_write_text(sidecar(path), json.dumps(meta, indent=1) + "\n")
         replace_durably(tmp, path)
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
+        counts_tmp.unlink(missing_ok=True)
     return open_tokens(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +214,24 @@ def test_the_validation_windows_do_not_depend_on_the_layout_at_equal_tokens_per_
     assert all(w == windows[0] for w in windows) and len(windows[0]) == 4
     dm.trainer = fake_trainer(accumulate=2)
     assert len(list(dm.val_dataloader())) == 2  # batch 1 x accumulation 2 per validation step's worth
+
+
+def test_the_unigram_baseline_reads_the_counts_saved_at_preparation_not_the_tokens(txt_corpus, monkeypatch):
+    """Preparation saves each split's token counts beside its tokens; the baseline then needs no scan of train.bin
+    (what every rank did at the end of a run), and a cache without them (built before) still gets the same value."""
+    from nlplatform.data.packing import counts_file, open_tokens
+
+    dm = make_module(txt_corpus(12), tokenizer="bpe", bpe_vocab_size=300)
+    dm.setup()
+    folder = dm.data_dir()
+    for split in ("train", "val", "test"):
+        tokens = np.asarray(open_tokens(folder / f"{split}.bin"))
+        saved = np.load(counts_file(folder / f"{split}.bin"))
+        assert saved.dtype == np.int64 and np.array_equal(saved, np.bincount(tokens, minlength=300))
+    from_counts = dm.unigram_perplexity()
+    monkeypatch.setattr(datamodule_module, "_bincount", lambda *a: pytest.fail("scanned the tokens"))
+    assert dm.unigram_perplexity() == from_counts
+    monkeypatch.undo()
+    for split in ("train", "val"):
+        counts_file(folder / f"{split}.bin").unlink()
+    assert dm.unigram_perplexity() == pytest.approx(from_counts, rel=1e-12)
