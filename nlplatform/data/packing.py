@@ -160,11 +160,51 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+_MASK64 = (1 << 64) - 1
+_ROUNDS = 6  # Feistel rounds: 4 already make a pseudo-random permutation of a good round function; 6 for margin
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of ``x``."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+class ShuffledIndex:
+    """A seeded permutation of ``range(n)`` evaluated one position at a time in O(1) memory: ``self[i]`` is the window
+    at position ``i``. A balanced Feistel network permutes the smallest even-bit-width domain 2^(2h) >= n (at most 4n)
+    and positions that land outside ``range(n)`` walk the cycle until they fall inside (fewer than 4 steps on
+    average): a bijection on ``range(n)`` whatever ``n``, with no list of n indices to hold (a permutation of 30B tokens'
+    windows would be gigabytes per rank)."""
+
+    def __init__(self, n: int, key: int) -> None:
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.low = (1 << self.half) - 1
+        self.keys = [_mix(key + round_) for round_ in range(_ROUNDS)]
+
+    def _permute(self, x: int) -> int:
+        left, right = x >> self.half, x & self.low
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.low)
+        return (left << self.half) | right
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = self._permute(i)
+        while x >= self.n:
+            x = self._permute(x)
+        return x
+
+
 class ResumableSampler(Sampler[int]):
     """An infinite, resumable stream of indices into ``num_samples`` windows, sharded over ranks.
 
-    The global stream is epoch after epoch, each a permutation of all windows seeded by ``(seed, epoch)`` through a
-    private ``torch.Generator``: global position ``p`` is window ``perm(p // N)[p % N]``. ``start`` is the number of
+    The global stream is epoch after epoch, each a permutation of all windows seeded by ``(seed, epoch)``
+    (``ShuffledIndex``: computed position by position, so memory does not grow with the corpus): global position ``p``
+    is window ``perm(p // N)[p % N]``. ``start`` is the number of
     global positions already consumed (by all ranks together); rank ``r`` of ``W`` then takes positions
     ``start + r, start + r + W, ...``. A global batch of ``W`` ranks x ``b`` windows is therefore the same set of
     windows as one process's batch of ``W * b``, and a run resumed at ``start`` continues exactly where it stopped
@@ -186,18 +226,16 @@ class ResumableSampler(Sampler[int]):
         self.world_size = int(world_size)
         self.start = int(start)
 
-    def permutation(self, epoch: int) -> torch.Tensor:
+    def permutation(self, epoch: int) -> ShuffledIndex:
         """The order of all windows in global epoch ``epoch``."""
-        generator = torch.Generator()
-        generator.manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(self.num_samples, generator=generator)
+        return ShuffledIndex(self.num_samples, _epoch_seed(self.seed, epoch))
 
     def __iter__(self) -> Iterator[int]:
         position = self.start + self.rank
-        epoch, order = -1, []
+        epoch, order = -1, None
         while True:
             current, offset = divmod(position, self.num_samples)
             if current != epoch:
-                epoch, order = current, self.permutation(current).tolist()
+                epoch, order = current, self.permutation(current)
             yield order[offset]
             position += self.world_size
