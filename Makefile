@@ -43,8 +43,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project (editable) with all extras
 
-data: $(STAMP) ## fetch the embedded default corpus (Shakespeare) and build its token cache
-	$(PY) -m nlplatform data
+data: $(STAMP) ## fetch the corpus of RECIPE (default: the embedded Shakespeare) and build its token cache; ARGS="data.paths=[...] ..."
+	$(PY) -m nlplatform data $(RECIPE) $(ARGS)
 
 eval-data: $(STAMP) ## fetch the commonsense eval data (once) into the cache
 	$(PY) -m nlplatform eval-data

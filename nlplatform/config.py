@@ -70,6 +70,9 @@ class DataConfig:
     batch_size: int = field(default=16, metadata=SAME_TOKENS_PER_STEP)  # windows per micro-batch on each device
     tokenizer: str = "bytes"  # bytes (257 ids), bpe (trained on the train split, cached) or file:PATH/tokenizer.json
     bpe_vocab_size: int = 4096  # vocabulary of the bpe tokenizer, end-of-text token included
+    # the bpe tokenizer is trained on at most this much train text (a deterministic spread of documents): bounded memory
+    # and time on any corpus; the default corpus (5 MB) is used whole
+    tokenizer_sample_bytes: int = 64_000_000
     paths: list[str] = field(default_factory=list)  # txt/jsonl/json/parquet/arrow files or folders (replace default)
     hf_dataset: str | None = None  # a Hugging Face dataset name or saved folder (replaces the default corpus)
     hf_config: str | None = None  # the dataset's configuration name, when it has several
@@ -86,7 +89,8 @@ class DataConfig:
     )  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
 
     def __post_init__(self) -> None:
-        _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size)
+        _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size,
+                  tokenizer_sample_bytes=self.tokenizer_sample_bytes)  # fmt: skip
         _non_negative("data", val_batches=self.val_batches, num_workers=self.num_workers)
         if not (self.tokenizer in ("bytes", "bpe") or self.tokenizer.startswith("file:")):
             raise ConfigError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {self.tokenizer!r}")

@@ -72,7 +72,7 @@ class TextDataModule(L.LightningDataModule):
             "format": FORMAT,
             "corpus": corpus_fingerprint(cfg),
             "split": [cfg.val_fraction, cfg.test_fraction, cfg.split_seed],
-            "tokenizer": tokenizer_key(cfg.tokenizer, cfg.bpe_vocab_size),
+            "tokenizer": tokenizer_key(cfg.tokenizer, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -90,7 +90,9 @@ class TextDataModule(L.LightningDataModule):
         docs = load_documents(cfg, self.root)
         splits = split_documents(docs, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         del docs
-        tokenizer = build_tokenizer(cfg.tokenizer, splits["train"], self.root, cfg.bpe_vocab_size)
+        tokenizer = build_tokenizer(
+            cfg.tokenizer, splits["train"], self.root, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes
+        )
         staging = make_staging_dir(folder)
         try:
             counts = {name: len(pack_tokens(splits[name], tokenizer, staging / f"{name}.bin")) for name in SPLITS}

@@ -114,12 +114,33 @@ class Tokenizer:
         return f"file:{path.resolve()}"
 
 
-def build_tokenizer(spec: str, train_docs: Sequence[str], root: Path, bpe_vocab_size: int) -> Tokenizer:
-    """The tokenizer ``spec`` names; ``bpe`` is trained on ``train_docs`` (the train split only) or reused."""
+# The text a BPE tokenizer is trained on, at most: every document of a smaller train split (the default corpus is
+# 5.06 MB, so its tokenizer is the one trained on all of it), a deterministic spread of documents of a larger one.
+# Measured: training on 128 MB of synthetic text (50,000 distinct words) peaks at 0.23 GB resident, 18 s on 2 cores.
+DEFAULT_SAMPLE_BYTES = 64_000_000
+
+
+def bpe_sample(docs: Sequence[str], max_bytes: int) -> list[str]:
+    """At most about ``max_bytes`` of UTF-8 text from ``docs``: all of them when they fit, else every k-th document
+    (k = the ratio of their size to the budget, rounded up), so the sample spreads over the whole split and is the
+    same on every rank and every run."""
+    sizes = [len(d.encode("utf-8")) for d in docs]
+    total = sum(sizes)
+    if total <= max_bytes:
+        return list(docs)
+    stride = -(-total // max_bytes)
+    return [d for i, d in enumerate(docs) if i % stride == 0]
+
+
+def build_tokenizer(
+    spec: str, train_docs: Sequence[str], root: Path, bpe_vocab_size: int, sample_bytes: int = DEFAULT_SAMPLE_BYTES
+) -> Tokenizer:
+    """The tokenizer ``spec`` names; ``bpe`` is trained on a bounded sample of ``train_docs`` (the train split only,
+    ``bpe_sample``) or reused."""
     if spec == "bytes":
         return Tokenizer()
     if spec == "bpe":
-        return _bpe(train_docs, Path(root), bpe_vocab_size)
+        return _bpe(bpe_sample(train_docs, sample_bytes), Path(root), bpe_vocab_size)
     if spec.startswith("file:"):
         return load_tokenizer(spec)
     raise UserError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {spec!r}")
@@ -145,15 +166,15 @@ def tokenizer_file(spec: str) -> Path:
     return path.resolve()
 
 
-def tokenizer_key(spec: str, bpe_vocab_size: int) -> str:
+def tokenizer_key(spec: str, bpe_vocab_size: int, sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> str:
     """What identifies the tokenizer ``spec`` will produce, computable before building it (a cache-key part).
 
     ``bpe`` is determined by the train split (keyed separately) and the vocabulary size; a file by its content.
     """
     if spec == "bytes":
         return "bytes"
-    if spec == "bpe":
-        return f"bpe-{bpe_vocab_size}"
+    if spec == "bpe":  # the default sample keeps the key caches were built under before the sample existed
+        return f"bpe-{bpe_vocab_size}" + ("" if sample_bytes == DEFAULT_SAMPLE_BYTES else f"-sample{sample_bytes}")
     if spec.startswith("file:"):
         return "file-" + hashlib.sha256(tokenizer_file(spec).read_bytes()).hexdigest()[:16]
     raise UserError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {spec!r}")
