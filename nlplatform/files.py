@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "clean_stale_temporaries",
     "fsync_dir",
+    "process_alive",
     "make_staging_dir",
     "replace_durably",
     "temporary_tag",
@@ -95,7 +96,8 @@ def make_staging_dir(final: Path) -> Path:
     return staging
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +118,7 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+        if not match or match["host"] != _HOST or process_alive(int(match["pid"])):
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():

@@ -168,7 +168,10 @@ def _agree(group: rendezvous.Peers, cfg: RecipeConfig) -> Resolved:
             run = mine["run"]
             for marker in run.run_dir.glob(f"{_MARKER}*"):
                 marker.unlink(missing_ok=True)
-            runs.abandon(run.run_dir, run.created) if run.new else runs.release(run.run_dir)
+            if run.new:
+                runs.abandon(run.run_dir, run.created)
+            else:
+                runs.release(run.run_dir)
         raise
     if group.rank == 0:
         (mine["run"].run_dir / decision["marker"]).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from nlplatform.errors import UserError
-from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir
+from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir, process_alive
 
 LOCK = "run.lock"
 _HOST = socket.gethostname()
@@ -50,16 +50,11 @@ class Lock:
         return f"pid {self.pid} on {self.host}, since {self.started}"
 
     def alive(self) -> bool:
-        """Whether the process may still run: on another host it cannot be checked, so it is assumed to."""
-        if self.host != _HOST:
-            return True
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        """Whether the process may still run. A half-written lock (pid -1) is nobody's; on another host the process
+        cannot be checked, so it is assumed to run."""
+        if self.pid < 0:
             return False
-        except PermissionError:
-            return True
-        return True
+        return self.host != _HOST or process_alive(self.pid)
 
 
 def read_lock(run_dir: Path) -> Lock | None:
@@ -97,7 +92,7 @@ def acquire(run_dir: Path) -> None:
             continue
         if held.pid == os.getpid() and held.host == _HOST:
             return  # this process holds it already (a train() that resolved the run before)
-        if held.pid >= 0 and held.alive():
+        if held.alive():
             raise UserError(
                 f"run {run_dir} is running now ({held.describe()}); wait for it to end, or remove "
                 f"{run_dir / LOCK} if that process is gone"
@@ -214,7 +209,7 @@ def auto_candidates(experiment_dir: Path, family: str, preset: str) -> list[Cand
         if saved.get("model", {}).get("name") != family or saved.get("model", {}).get("preset") != preset:
             continue
         lock = read_lock(run_dir)
-        if lock is not None and lock.pid >= 0 and lock.alive():
+        if lock is not None and lock.alive():
             state = "running"
         else:
             state = "finished" if finished(run_dir) else "unfinished"
