@@ -297,5 +297,10 @@ class RunTracking(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
+            # MLflow's monitor publishes only after a whole sampling interval and gives up when a status query fails
+            # (a busy sqlite store): one last sample at the end, so every run records its system metrics
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
