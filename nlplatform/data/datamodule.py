@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +31,17 @@ from torch.utils.data import DataLoader, Subset
 
 from nlplatform.config import DataConfig
 from nlplatform.data import cache_root
-from nlplatform.data.corpus import corpus_fingerprint, load_documents, split_documents
-from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens, read_counts
-from nlplatform.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_key
+from nlplatform.data.corpus import corpus_fingerprint
+from nlplatform.data.packing import ResumableSampler, TokenWindows
+from nlplatform.data.prepare import SPLITS
+from nlplatform.data.shards import TokenShards, read_counts, read_index
+from nlplatform.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_key
 from nlplatform.errors import UserError
 from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir, make_staging_dir
 
-SPLITS = ("train", "val", "test")
-FORMAT = 1  # bump when the layout of the token folder changes, so old caches are not misread
+# bump when the layout of the token folder changes, so old caches are not misread. 2: token shards with an index (the
+# tokens themselves are those of format 1: the same split, tokenizer and packing)
+FORMAT = 2
 
 
 class TextDataModule(L.LightningDataModule):
@@ -74,6 +79,8 @@ class TextDataModule(L.LightningDataModule):
             "split": [cfg.val_fraction, cfg.test_fraction, cfg.split_seed],
             "tokenizer": tokenizer_key(cfg.tokenizer, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes),
         }
+        if cfg.max_tokens is not None:  # absent otherwise: the key of a whole corpus does not change
+            parts["max_tokens"] = cfg.max_tokens
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def data_dir(self) -> Path:
@@ -81,60 +88,52 @@ class TextDataModule(L.LightningDataModule):
         return self.root / "tokens" / self.data_key()
 
     def prepare_data(self) -> None:
-        """Build the token folder if it is not cached: load, split, build the tokenizer on train, pack each split."""
+        """Build the token folder if it is not cached (``nlplatform.data.prepare``): stream the corpus, split it,
+        build the tokenizer on train, tokenise every split into shards. Two preparations of one cache on a machine
+        (or on a shared file system with locks) do the work once: the second waits for the first and finds it done."""
         folder = self.data_dir()
         if (folder / "meta.json").is_file():
             return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder.parent / f".{folder.name}.lock"):
+            if (folder / "meta.json").is_file():  # prepared by whoever held the lock before us
+                return
+            self._prepare(folder)
+
+    def _prepare(self, folder: Path) -> None:
+        from nlplatform.data.prepare import prepare_folder
+
         clean_stale_temporaries(folder.parent)  # staging folders of builds that were killed
         cfg = self.cfg
-        docs = load_documents(cfg, self.root)
-        splits = split_documents(docs, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-        del docs
-        tokenizer = build_tokenizer(
-            cfg.tokenizer, splits["train"], self.root, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes
-        )
         staging = make_staging_dir(folder)
         try:
-            counts = {name: len(pack_tokens(splits[name], tokenizer, staging / f"{name}.bin")) for name in SPLITS}
-            spec = tokenizer.save(staging)
-            meta = {
-                "format": FORMAT,
-                "key": folder.name,
-                # Relative to the folder, which is renamed after this is written.
-                "tokenizer": {"spec": "bytes" if spec == "bytes" else "file:tokenizer.json", "name": tokenizer.name},
-                "tokenizer_fingerprint": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size,
-                "eot_id": tokenizer.eot_id,
-                "documents": {name: len(splits[name]) for name in SPLITS},
-                "tokens": counts,
-                "config": {
-                    "tokenizer": cfg.tokenizer,
-                    "bpe_vocab_size": cfg.bpe_vocab_size,
-                    "paths": list(cfg.paths),
-                    "hf_dataset": cfg.hf_dataset,
-                    "hf_config": cfg.hf_config,
-                    "hf_split": cfg.hf_split,
-                    "text_field": cfg.text_field,
-                    "val_fraction": cfg.val_fraction,
-                    "test_fraction": cfg.test_fraction,
-                    "split_seed": cfg.split_seed,
-                },
+            meta = {"format": FORMAT, "key": folder.name, **prepare_folder(cfg, self.root, staging)}
+            meta["config"] = {
+                "tokenizer": cfg.tokenizer,
+                "bpe_vocab_size": cfg.bpe_vocab_size,
+                "tokenizer_sample_bytes": cfg.tokenizer_sample_bytes,
+                "paths": list(cfg.paths),
+                "hf_dataset": cfg.hf_dataset,
+                "hf_config": cfg.hf_config,
+                "hf_split": cfg.hf_split,
+                "text_field": cfg.text_field,
+                "val_fraction": cfg.val_fraction,
+                "test_fraction": cfg.test_fraction,
+                "split_seed": cfg.split_seed,
+                "max_tokens": cfg.max_tokens,
             }
             atomic_write_text(staging / "meta.json", json.dumps(meta, indent=1) + "\n")
-            try:
-                os.rename(staging, folder)
-            except OSError:
-                if not (folder / "meta.json").is_file():  # not a concurrent build that finished first
-                    shutil.rmtree(folder, ignore_errors=True)
-                    os.rename(staging, folder)
+            if folder.exists():  # a folder without meta.json: not a cache (an old layout's remains or damage)
+                shutil.rmtree(folder)
+            os.rename(staging, folder)
             fsync_dir(folder.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         docs_line = "/".join(str(meta["documents"][s]) for s in SPLITS)
-        tokens_line = "/".join(f"{counts[s]:,}" for s in SPLITS)
+        tokens_line = "/".join(f"{meta['tokens'][s]:,}" for s in SPLITS)
         print(
             f"nlplatform: data ready in {folder}: train/val/test {docs_line} documents, {tokens_line} tokens "
-            f"({tokenizer.name}, vocab {tokenizer.vocab_size})",
+            f"({meta['tokenizer']['name']}, vocab {meta['vocab_size']})",
             file=sys.stderr,
         )
 
@@ -154,7 +153,7 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_size = self.tokenizer.vocab_size
         self.fingerprint = folder.name
         self.num_documents = dict(meta["documents"])
-        self.num_tokens = {name: len(open_tokens(folder / f"{name}.bin")) for name in SPLITS}
+        self.num_tokens = {name: int(read_index(folder, name)["num_tokens"]) for name in SPLITS}
         self._check_split_sizes()
         if self._loaded_state is not None:
             self._compare_state(self._loaded_state)
@@ -178,7 +177,7 @@ class TextDataModule(L.LightningDataModule):
     def windows(self, split: str) -> TokenWindows:
         """All windows of ``split`` (``train``, ``val`` or ``test``), in order."""
         self._require_setup()
-        return TokenWindows(self.data_dir() / f"{split}.bin", self.cfg.seq_len)
+        return TokenWindows(TokenShards(self.data_dir(), split), self.cfg.seq_len)
 
     # ----------------------------------------------------------------------------------------- loaders
 
@@ -267,16 +266,10 @@ class TextDataModule(L.LightningDataModule):
         tokenizer = self._require_setup()
         vocab = tokenizer.vocab_size
         folder = self.data_dir()
-        train_counts, val_counts = (self._counts(folder / f"{split}.bin", vocab) for split in ("train", "val"))
+        train_counts, val_counts = (read_counts(folder, split) for split in ("train", "val"))
         log_p = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab)
         nll = -float((val_counts * log_p).sum()) / float(val_counts.sum())
         return float(np.exp(nll))
-
-    @staticmethod
-    def _counts(path: Path, vocab: int) -> np.ndarray:
-        """Token counts of a split: saved at preparation; a scan only for caches built before they were saved."""
-        saved = read_counts(path, vocab)
-        return saved if saved is not None else _bincount(open_tokens(path), vocab)
 
     def summary(self) -> dict[str, Any]:
         """Documents, tokens and windows per split, plus tokenizer and cache folder: what ``nlplatform data`` shows."""
@@ -325,9 +318,18 @@ class TextDataModule(L.LightningDataModule):
             )
 
 
-def _bincount(tokens: np.ndarray, vocab: int, chunk: int = 1 << 24) -> np.ndarray:
-    """Token counts of a (memory-mapped) array, read in chunks so large splits are never loaded whole."""
-    counts = np.zeros(vocab, dtype=np.int64)
-    for start in range(0, len(tokens), chunk):
-        counts += np.bincount(np.asarray(tokens[start : start + chunk]), minlength=vocab)[:vocab]
-    return counts
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the block; say so when another process has it."""
+    import fcntl
+
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"nlplatform: another process is preparing this data ({path}); waiting for it", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -120,23 +120,31 @@ class Tokenizer:
 DEFAULT_SAMPLE_BYTES = 64_000_000
 
 
-def bpe_sample(docs: Sequence[str], max_bytes: int) -> list[str]:
-    """At most about ``max_bytes`` of UTF-8 text from ``docs``: all of them when they fit, else every k-th document
-    (k = the ratio of their size to the budget, rounded up), so the sample spreads over the whole split and is the
-    same on every rank and every run."""
-    sizes = [len(d.encode("utf-8")) for d in docs]
-    total = sum(sizes)
-    if total <= max_bytes:
-        return list(docs)
-    stride = -(-total // max_bytes)
-    return [d for i, d in enumerate(docs) if i % stride == 0]
+def bpe_sample(docs: Iterable[str], max_bytes: int) -> list[str]:
+    """At most ``max_bytes`` of UTF-8 text from the stream ``docs``: all of it when it fits, else every k-th document
+    for the smallest power of two k that fits (one pass: k doubles, dropping every other kept document, whenever the
+    kept text outgrows the budget), so the sample spreads over the whole split, is the same on every rank and every
+    run, and never holds more than the budget."""
+    kept: list[tuple[int, str, int]] = []
+    stride, size = 1, 0
+    for i, doc in enumerate(docs):
+        if i % stride:
+            continue
+        n = len(doc.encode("utf-8"))
+        kept.append((i, doc, n))
+        size += n
+        while size > max_bytes and len(kept) > 1:
+            stride *= 2
+            kept = [item for item in kept if item[0] % stride == 0]
+            size = sum(item[2] for item in kept)
+    return [doc for _, doc, _ in kept]
 
 
 def build_tokenizer(
-    spec: str, train_docs: Sequence[str], root: Path, bpe_vocab_size: int, sample_bytes: int = DEFAULT_SAMPLE_BYTES
+    spec: str, train_docs: Iterable[str], root: Path, bpe_vocab_size: int, sample_bytes: int = DEFAULT_SAMPLE_BYTES
 ) -> Tokenizer:
-    """The tokenizer ``spec`` names; ``bpe`` is trained on a bounded sample of ``train_docs`` (the train split only,
-    ``bpe_sample``) or reused."""
+    """The tokenizer ``spec`` names; ``bpe`` is trained on a bounded sample of the train documents (``bpe_sample``;
+    a lazy stream is read only when a bpe tokenizer is built) or reused."""
     if spec == "bytes":
         return Tokenizer()
     if spec == "bpe":

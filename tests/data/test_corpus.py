@@ -59,6 +59,26 @@ def test_split_gives_val_and_test_at_least_one_document_and_train_one(make_docs)
     assert len(parts["train"]) >= 1 and len(parts["val"]) >= 1 and len(parts["test"]) >= 1
 
 
+@pytest.mark.parametrize("width", [8.0, 1e-3])
+def test_the_streamed_split_ranks_documents_by_their_seeded_hash_exactly(monkeypatch, width):
+    """Document by document, the split equals the literal rule on the whole corpus: rank the n indices by
+    sha256("seed:i"), the first n_val to val, the next n_test to test, the rest to train, whatever n; also when the
+    bands around the expected quantiles are too narrow at first (width 1e-3 standard deviations: widened until they
+    hold their ranks)."""
+    import hashlib
+
+    from nlplatform.data import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "_BAND_WIDTH", width)
+    for n, val, test, seed in [(3, 0.05, 0.05, 0), (42, 0.05, 0.05, 0), (500, 0.1, 0.2, 3), (5000, 0.05, 0.05, 11)]:
+        rule = corpus_module.SplitRule(n, val, test, seed)
+        order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+        n_val = max(1, round(val * n))
+        n_test = max(1, round(test * n)) if n > 3 else 1
+        expected = {i: "val" for i in order[:n_val]} | {i: "test" for i in order[n_val : n_val + n_test]}
+        assert [rule(i) for i in range(n)] == [expected.get(i, "train") for i in range(n)]
+
+
 def test_split_of_fewer_than_three_documents_is_a_user_error(make_docs):
     """Two documents cannot make three splits: UserError saying so."""
     with pytest.raises(UserError, match="at least 3"):
@@ -167,6 +187,14 @@ def test_corpus_of_only_empty_rows_is_a_user_error(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": ""}\n{"text": null}\n', encoding="utf-8")
     with pytest.raises(UserError, match="corpus is empty"):
+        load_documents(DataConfig(paths=[str(path)]))
+
+
+def test_a_text_field_that_is_not_text_is_a_user_error(tmp_path):
+    """A column of numbers (or lists) named as the text field is refused with what it holds and the knob to set."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": 1, "body": "a"}\n{"text": 2, "body": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"column 'text' of .*rows\.jsonl holds .*int64.*not text; set data.text_field"):
         load_documents(DataConfig(paths=[str(path)]))
 
 

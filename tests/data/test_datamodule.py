@@ -11,8 +11,10 @@ import torch
 
 from nlplatform.config import DataConfig
 from nlplatform.data import TextDataModule, cache_root
-from nlplatform.data import datamodule as datamodule_module
 from nlplatform.errors import UserError
+
+# The real cache, resolved before the autouse fixture redirects NLPLATFORM_CACHE.
+REAL_CACHE = cache_root().resolve()
 
 
 def make_module(folder, seed: int = 0, **overrides) -> TextDataModule:
@@ -44,7 +46,7 @@ def test_end_to_end_gives_vocab_batches_and_a_unigram_baseline(txt_corpus, token
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         assert all(b[0].shape[1] == 32 for b in loader)
     assert 1.0 < dm.unigram_perplexity() < vocab
-    assert (cache_root() / "tokens" / dm.fingerprint / "train.bin").is_file()
+    assert (cache_root() / "tokens" / dm.fingerprint / "train-00000.bin").is_file()
 
 
 def test_second_prepare_uses_the_cache(txt_corpus, monkeypatch):
@@ -55,7 +57,9 @@ def test_second_prepare_uses_the_cache(txt_corpus, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("corpus loaded again")
 
-    monkeypatch.setattr(datamodule_module, "load_documents", no_loading)
+    from nlplatform.data import corpus
+
+    monkeypatch.setattr(corpus, "open_corpus", no_loading)
     again = make_module(folder)
     again.prepare_data()
     again.setup()
@@ -217,21 +221,66 @@ def test_the_validation_windows_do_not_depend_on_the_layout_at_equal_tokens_per_
 
 
 def test_the_unigram_baseline_reads_the_counts_saved_at_preparation_not_the_tokens(txt_corpus, monkeypatch):
-    """Preparation saves each split's token counts beside its tokens; the baseline then needs no scan of train.bin
-    (what every rank did at the end of a run), and a cache without them (built before) still gets the same value."""
-    from nlplatform.data.packing import counts_file, open_tokens
+    """Preparation saves each split's token counts beside its shards; the baseline reads them and never the tokens
+    (what every rank did at the end of a run)."""
+    from nlplatform.data.shards import TokenShards, read_counts
 
     dm = make_module(txt_corpus(12), tokenizer="bpe", bpe_vocab_size=300)
     dm.setup()
     folder = dm.data_dir()
     for split in ("train", "val", "test"):
-        tokens = np.asarray(open_tokens(folder / f"{split}.bin"))
-        saved = np.load(counts_file(folder / f"{split}.bin"))
-        assert saved.dtype == np.int64 and np.array_equal(saved, np.bincount(tokens, minlength=300))
-    from_counts = dm.unigram_perplexity()
-    monkeypatch.setattr(datamodule_module, "_bincount", lambda *a: pytest.fail("scanned the tokens"))
-    assert dm.unigram_perplexity() == from_counts
-    monkeypatch.undo()
-    for split in ("train", "val"):
-        counts_file(folder / f"{split}.bin").unlink()
-    assert dm.unigram_perplexity() == pytest.approx(from_counts, rel=1e-12)
+        shards = TokenShards(folder, split)
+        saved = read_counts(folder, split)
+        assert saved.dtype == np.int64 and np.array_equal(saved, np.bincount(shards[0 : len(shards)], minlength=300))
+    expected = dm.unigram_perplexity()
+    monkeypatch.setattr(TokenShards, "__getitem__", lambda *a: pytest.fail("read the tokens"))
+    assert dm.unigram_perplexity() == expected
+
+
+# The token streams of the default corpus as the single-file layout (cache format 1) wrote them: sha256 of each split's
+# little-endian uint16 tokens. The sharded, streamed preparation must give them token for token.
+FORMAT_1_DIGESTS = {
+    "bytes": {
+        "train": "76ec804399bfbb10afe451b5807f6133e9e9b77c9862332e0b33600660da7518",
+        "val": "79470aa70ea66e0eea68f5f37341e9a9afa237e280d43bf3e3ed63156bcaddae",
+        "test": "ae6beadf1999e5589a4ecd507ceb32c1d258d6fa246050f1e05621c74ceed312",
+    },
+    "bpe": {
+        "train": "f9af7c434cb124acfbc3ab3f2f73cff525b9b8ad6e2e411fbf6bc6e56f7e892f",
+        "val": "c8d28e342d2b5dc3879a767f128bac4aa734eb07006af81390d24f1f24ede534",
+        "test": "ecbc7fdf89843843b551fece2eac7bd9cdfa6d96a582bfb788f2eebbcc61bb93",
+    },
+}
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_the_default_corpus_prepares_token_for_token_as_before(tmp_path, tokenizer):
+    """Streaming, sharded preparation of the default corpus gives exactly the tokens the whole-corpus preparation gave
+    (its recorded digests), so the default split, tokenizer and packing are unchanged; for bytes the stream is also
+    rebuilt here literally: the plays ranked by sha256("0:<index>"), 2 to val, 2 to test, each play's UTF-8 bytes
+    followed by 256."""
+    import hashlib
+
+    from nlplatform.data.corpus import default_corpus_dir, default_corpus_present
+    from nlplatform.data.shards import TokenShards
+
+    real = default_corpus_dir(REAL_CACHE)
+    if not default_corpus_present(REAL_CACHE):
+        pytest.skip("default corpus not fetched; run make data")
+    root = tmp_path / "cache"
+    (root / "corpora").mkdir(parents=True)
+    (root / "corpora" / "shakespeare").symlink_to(real)
+    dm = TextDataModule(DataConfig(tokenizer=tokenizer), seed=0, root=root)
+    dm.setup()
+    streams = {}
+    for split in ("train", "val", "test"):
+        shards = TokenShards(dm.data_dir(), split)
+        streams[split] = shards[0 : len(shards)]
+        assert hashlib.sha256(streams[split].astype("<u2").tobytes()).hexdigest() == FORMAT_1_DIGESTS[tokenizer][split]
+    if tokenizer == "bytes":
+        names = sorted(p.name for p in real.glob("*_gut.txt"))
+        order = sorted(range(len(names)), key=lambda i: hashlib.sha256(f"0:{i}".encode()).digest())
+        members = {"val": order[:2], "test": order[2:4], "train": order[4:]}
+        for split, indices in members.items():
+            expected = [b for i in sorted(indices) for b in [*(real / names[i]).read_text().encode(), 256]]
+            assert streams[split].tolist() == expected

@@ -1,4 +1,4 @@
-"""Packing, training windows and the resumable sampler."""
+"""Training windows and the resumable sampler."""
 
 from __future__ import annotations
 
@@ -9,30 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nlplatform.data.packing import ResumableSampler, TokenWindows, open_tokens, pack_tokens, token_dtype
-from nlplatform.data.tokenizer import Tokenizer
+from nlplatform.data.packing import ResumableSampler, TokenWindows
 
 
 def take(sampler: ResumableSampler, n: int) -> list[int]:
     return list(itertools.islice(iter(sampler), n))
-
-
-def test_packing_appends_eot_after_every_document(tmp_path):
-    """The packed file is each document's tokens followed by end-of-text, concatenated, as uint16."""
-    tok = Tokenizer()
-    docs = ["ab", "ü🦊", "c"]
-    tokens = pack_tokens(docs, tok, tmp_path / "train.bin")
-    expected = [i for d in docs for i in [*tok.encode(d), tok.eot_id]]
-    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
-    assert int((tokens == tok.eot_id).sum()) == len(docs)
-    assert not tokens.flags.writeable
-    assert open_tokens(tmp_path / "train.bin").tolist() == expected
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
-
-
-def test_large_vocabularies_use_uint32():
-    """Token files are uint16 up to 65,536 ids and uint32 beyond."""
-    assert token_dtype(257) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
 def test_windows_line_up_inputs_and_targets(tmp_path):
@@ -47,16 +28,6 @@ def test_windows_line_up_inputs_and_targets(tmp_path):
         assert torch.equal(x[1:], y[:-1]) and y[-1].item() == i * 10 + 10
     with pytest.raises(IndexError):
         windows[10]
-
-
-def test_windows_from_a_file_pickle_without_the_data(tmp_path):
-    """A file-backed dataset pickles as its path (for DataLoader workers) and reopens the memory map."""
-    pack_tokens(["x" * 500], Tokenizer(), tmp_path / "t.bin")
-    windows = TokenWindows(tmp_path / "t.bin", seq_len=8)
-    blob = pickle.dumps(windows)
-    assert len(blob) < 500
-    clone = pickle.loads(blob)
-    assert all(torch.equal(a, b) for a, b in zip(clone[3], windows[3]))
 
 
 def test_sampler_is_deterministic_and_ignores_global_rng():
@@ -128,7 +99,6 @@ def test_shuffled_index_spreads_a_position_evenly_over_the_windows():
 def test_the_sampler_holds_no_list_of_windows_however_large_the_corpus():
     """A stream over 10^12 windows (30B tokens x 30 epochs would be far less) starts at once and its state stays a
     few numbers: no permutation of every window is materialised, on any rank, at any resume position."""
-    import pickle
 
     sampler = ResumableSampler(10**12, seed=1, rank=3, world_size=8, start=10**11 + 5)
     stream = iter(sampler)

@@ -1,0 +1,97 @@
+"""Preparation at scale: memory that does not grow with the corpus, and one preparation of a cache at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nlplatform.config import DataConfig
+from nlplatform.data import TextDataModule
+
+# Prepares data.paths=[argv[1]] under root argv[2] after a warm-up preparation (imports, the worker pool, the
+# allocator), then prints the peak resident memory above the resident memory before it (Linux: VmHWM reset through
+# /proc/self/clear_refs).
+MEASURE = """
+import json, sys
+from pathlib import Path
+from nlplatform.config import DataConfig
+from nlplatform.data.datamodule import TextDataModule
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+def prepare(folder, root):
+    cfg = DataConfig(paths=[folder], num_proc=2)
+    TextDataModule(cfg, seed=0, root=Path(root)).prepare_data()
+
+prepare(sys.argv[3], sys.argv[2] + "-warmup")
+before = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+prepare(sys.argv[1], sys.argv[2])
+print(json.dumps({"increase_mb": status("VmHWM") - before}))
+"""
+
+
+def write_corpus(folder: Path, megabytes: int) -> str:
+    """``megabytes`` MB of random words as 64 KB text files (one document each)."""
+    rng = np.random.default_rng(megabytes)
+    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9))) for _ in range(5000)]
+    folder.mkdir(parents=True)
+    for i in range(megabytes * 16):
+        (folder / f"d{i:05d}.txt").write_text(" ".join(rng.choice(words, 11000))[:65536], encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_preparing_a_corpus_four_times_larger_takes_no_more_memory(tmp_path):
+    """The resident memory a preparation adds (2 tokenising workers, the stream, the shard writers) is the same for a
+    16 MB corpus as for a 4 MB one, within 1.2x: nothing holds the corpus or grows with it."""
+    warmup = write_corpus(tmp_path / "warmup", 1)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    increases = {}
+    for mb in (4, 16):
+        corpus = write_corpus(tmp_path / f"c{mb}", mb)
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE, corpus, str(tmp_path / f"root{mb}"), warmup],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        increases[mb] = json.loads(out.stdout.strip().splitlines()[-1])["increase_mb"]
+    assert increases[16] <= 1.2 * increases[4] + 1.0, increases  # + 1 MB: the resolution of a few pages
+
+
+def test_two_preparations_of_one_cache_started_together_do_the_work_once(tmp_path, txt_corpus):
+    """A second preparation of a cache another process is building waits for it and finds it done: one tokenizer
+    training, one tokenisation, one valid cache."""
+    folder = txt_corpus(40, words=3000)
+    root = tmp_path / "shared-cache"
+    code = (
+        "import sys, time; from pathlib import Path; from nlplatform.config import DataConfig; "
+        "from nlplatform.data.datamodule import TextDataModule; "
+        f"tokens = Path({str(root)!r}) / 'tokens'\n"
+        # the second one starts once the first holds the lock and stages its folder (both have imported by then)
+        "while sys.argv[1] == 'second' and not any('-partial-' in p.name for p in "
+        "(tokens.iterdir() if tokens.is_dir() else [])): time.sleep(0.005)\n"
+        f"TextDataModule(DataConfig(paths=[{str(folder)!r}], tokenizer='bpe', bpe_vocab_size=2000), seed=0, "
+        f"root=Path({str(root)!r})).prepare_data()"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    second = subprocess.Popen([sys.executable, "-c", code, "second"], stderr=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen([sys.executable, "-c", code, "first"], stderr=subprocess.PIPE, text=True, env=env)
+    logs = [p.communicate(timeout=120)[1] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], logs
+    assert "training a byte-level BPE" in logs[0] and "tokenizing" in logs[0]
+    assert "another process is preparing this data" in logs[1]
+    assert "training a byte-level BPE" not in logs[1] and "tokenizing" not in logs[1]
+    dm = TextDataModule(DataConfig(paths=[str(folder)], tokenizer="bpe", bpe_vocab_size=2000), seed=0, root=root)
+    dm.setup()
+    assert [p.name for p in (root / "tokens").iterdir() if not p.name.startswith(".")] == [dm.data_dir().name]
+    assert dm.num_documents == {"train": 36, "val": 2, "test": 2}
