@@ -6,9 +6,11 @@ The corpus is read as a stream (``corpus.open_corpus``): each document is assign
 two thresholds, the BPE sample (``data.tokenizer_sample_bytes``) and the token counts.
 
 Tokenisation runs in ``data.num_proc`` worker processes (spawned, one thread each: they import numpy and the
-tokenizer, not torch), fed batches of about 1 MB of text in corpus order and drained in that order, with at most two
-batches per worker in flight; the tokens do not depend on the number of workers. The first 8 MB are tokenised in this
-process, so a small corpus never pays for starting workers.
+tokenizer, not torch), fed batches of about 256 KB of text in corpus order and drained in that order, with at most two
+batches per worker in flight; the tokens do not depend on the number of workers. The first 2 MB are tokenised in this
+process, so a small corpus never pays for starting workers, and the byte tokenizer (a copy of the UTF-8 bytes) never
+starts any. Workers are spawned, so a script that prepares data must guard its entry point with
+``if __name__ == "__main__":`` (as for any spawned DataLoader worker); the ``nlplatform`` commands do.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def write_splits(
     try:
         going = True
         for labels, texts, chars in _tasks(corpus, rule):
-            if pool is None and num_proc > 1 and inline >= _INLINE_CHARS:
+            # the byte tokenizer is a copy of the UTF-8 bytes: shipping text to workers would cost more than it
+            if pool is None and num_proc > 1 and tokenizer.backend is not None and inline >= _INLINE_CHARS:
                 pool = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker,
                                            initargs=_portable(tokenizer))  # fmt: skip
             future: Future = Future()

@@ -119,10 +119,12 @@ def test_max_tokens_stops_before_the_first_document_that_starts_after_the_cap(tm
 
 
 def test_workers_write_the_same_tokens_as_one_process(tmp_path, monkeypatch):
-    """Tokenising in 2 worker processes (from the first batch on) gives the stream one process gives."""
+    """Tokenising with a BPE in 2 worker processes (from the first batch on) gives the stream one process gives."""
     from nlplatform.data import prepare
+    from nlplatform.data.tokenizer import build_tokenizer
 
     docs = [f"doc {i} " + "word " * (i % 50) for i in range(400)]
+    tok = build_tokenizer("bpe", docs, tmp_path / "tokenizers", 300)
     monkeypatch.setattr(prepare, "_BATCH_CHARS", 500)
     monkeypatch.setattr(prepare, "_INLINE_CHARS", 0)
     started = []
@@ -133,12 +135,15 @@ def test_workers_write_the_same_tokens_as_one_process(tmp_path, monkeypatch):
             super().__init__(workers, **kwargs)
 
     monkeypatch.setattr(prepare, "ProcessPoolExecutor", CountedPool)
-    write_splits(corpus_of(docs, 7), lambda i: "val" if i % 5 == 0 else "train", Tokenizer(), tmp_path, num_proc=2)
-    tok = Tokenizer()
+    rule = lambda i: "val" if i % 5 == 0 else "train"  # noqa: E731
+    write_splits(corpus_of(docs, 7), rule, tok, tmp_path, num_proc=2)
     for split, mine in (("train", [d for i, d in enumerate(docs) if i % 5]), ("val", docs[::5])):
         shards = TokenShards(tmp_path, split)
         assert shards[0 : len(shards)].tolist() == literal_stream(mine, tok)
     assert started == [2]
+    (tmp_path / "bytes").mkdir()
+    write_splits(corpus_of(docs, 7), rule, Tokenizer(), tmp_path / "bytes", num_proc=2)
+    assert started == [2]  # the byte tokenizer is a copy: it starts no workers
 
 
 def test_encode_documents_marks_each_documents_end():
