@@ -234,13 +234,13 @@ def _load_files(builder: str, files: Sequence[Path], root: Path, **kwargs: Any) 
         raise UserError(f"could not read {_describe(files)} ({builder} format): {one_line(exc)}") from None
 
 
-_ROWS_PER_BATCH = 1024  # rows of an arrow dataset read at a time
+_ROWS_PER_BATCH = 64  # rows of an arrow dataset converted to Python strings at a time
 
 
 def _text_column(ds: Any, field: str, what: str) -> Corpus:
-    """The non-empty strings of column ``field`` of a ``datasets.Dataset`` (arrow, memory-mapped from disk), read a
-    batch of rows at a time; their number is counted on the arrow column first, without reading the text into
-    Python. A UserError names the columns when ``field`` is missing or not text."""
+    """The non-empty strings of column ``field`` of a ``datasets.Dataset`` (arrow files on disk), read a few rows at a
+    time; their number is counted on the arrow column first, without converting the text to Python. A UserError
+    names the columns when ``field`` is missing or not text."""
     import datasets
     import pyarrow.compute as pc
 
@@ -252,11 +252,23 @@ def _text_column(ds: Any, field: str, what: str) -> Corpus:
     feature = ds.features[field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise UserError(f"column {field!r} of {what} holds {feature}, not text; set data.text_field to a text column")
-    column = ds.select_columns([field]).with_format("arrow")
+    files = [f["filename"] for f in ds.cache_files]
 
     def arrow_batches() -> Iterator[Any]:
-        for table in column.iter(batch_size=_ROWS_PER_BATCH):
-            yield table.column(field)
+        if files and getattr(ds, "_indices", None) is None:
+            # the dataset is its arrow files in order: read them as streams, a record batch at a time, into memory
+            # that is freed after it (a memory map would keep every page read resident: RSS would grow with the corpus)
+            import pyarrow as pa
+
+            for path in files:
+                with pa.OSFile(path) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        column = batch.column(batch.schema.get_field_index(field))
+                        for start in range(0, len(column), _ROWS_PER_BATCH):
+                            yield column.slice(start, _ROWS_PER_BATCH)
+        else:  # a dataset held in memory or viewed through an index mapping
+            for table in ds.select_columns([field]).with_format("arrow").iter(batch_size=_ROWS_PER_BATCH):
+                yield table.column(field)
 
     # missing (None) and empty rows carry no tokens and are not documents
     count = sum(int(pc.sum(pc.greater(pc.binary_length(col), 0)).as_py() or 0) for col in arrow_batches())
