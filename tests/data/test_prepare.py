@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,28 +75,46 @@ def test_preparing_a_corpus_four_times_larger_takes_no_more_memory(tmp_path):
 
 def test_two_preparations_of_one_cache_started_together_do_the_work_once(tmp_path, txt_corpus):
     """A second preparation of a cache another process is building waits for it and finds it done: one tokenizer
-    training, one tokenisation, one valid cache."""
-    folder = txt_corpus(40, words=3000)
-    root = tmp_path / "shared-cache"
+    training, one tokenisation, one valid cache. The first is held inside its preparation (lock taken, folder staged)
+    until the second has said it waits, so the two always overlap."""
+    folder = txt_corpus(40, words=300)
+    root, go = tmp_path / "shared-cache", tmp_path / "go"
     code = (
         "import sys, time; from pathlib import Path; from nlplatform.config import DataConfig; "
-        "from nlplatform.data.datamodule import TextDataModule; "
-        f"tokens = Path({str(root)!r}) / 'tokens'\n"
-        # the second one starts once the first holds the lock and stages its folder (both have imported by then)
-        "while sys.argv[1] == 'second' and not any('-partial-' in p.name for p in "
-        "(tokens.iterdir() if tokens.is_dir() else [])): time.sleep(0.005)\n"
-        f"TextDataModule(DataConfig(paths=[{str(folder)!r}], tokenizer='bpe', bpe_vocab_size=2000), seed=0, "
+        "from nlplatform.data import prepare; from nlplatform.data.datamodule import TextDataModule\n"
+        "if sys.argv[1] == 'first':\n"
+        "    real = prepare.prepare_folder\n"
+        "    def held(*args, **kwargs):\n"
+        f"        while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        "        return real(*args, **kwargs)\n"
+        "    prepare.prepare_folder = held\n"
+        f"TextDataModule(DataConfig(paths=[{str(folder)!r}], tokenizer='bpe', bpe_vocab_size=500), seed=0, "
         f"root=Path({str(root)!r})).prepare_data()"
     )
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    second = subprocess.Popen([sys.executable, "-c", code, "second"], stderr=subprocess.PIPE, text=True, env=env)
-    first = subprocess.Popen([sys.executable, "-c", code, "first"], stderr=subprocess.PIPE, text=True, env=env)
-    logs = [p.communicate(timeout=120)[1] for p in (first, second)]
-    assert [p.returncode for p in (first, second)] == [0, 0], logs
-    assert "training a byte-level BPE" in logs[0] and "tokenizing" in logs[0]
-    assert "another process is preparing this data" in logs[1]
-    assert "training a byte-level BPE" not in logs[1] and "tokenizing" not in logs[1]
-    dm = TextDataModule(DataConfig(paths=[str(folder)], tokenizer="bpe", bpe_vocab_size=2000), seed=0, root=root)
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+
+    def start(which: str, log: Path) -> subprocess.Popen:
+        with log.open("w") as f:
+            return subprocess.Popen([sys.executable, "-c", code, which], stderr=f, text=True, env=env)
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    first = start("first", logs[0])
+    tokens = root / "tokens"
+    wait_for(lambda: tokens.is_dir() and any("-partial-" in p.name for p in tokens.iterdir()), "the first to stage")
+    second = start("second", logs[1])
+    wait_for(lambda: "another process is preparing this data" in logs[1].read_text(), "the second to wait")
+    go.touch()
+    assert [p.wait(timeout=120) for p in (first, second)] == [0, 0], [log.read_text() for log in logs]
+    first_log, second_log = (log.read_text() for log in logs)
+    assert "training a byte-level BPE" in first_log and "tokenizing" in first_log
+    assert "training a byte-level BPE" not in second_log and "tokenizing" not in second_log
+    dm = TextDataModule(DataConfig(paths=[str(folder)], tokenizer="bpe", bpe_vocab_size=500), seed=0, root=root)
     dm.setup()
-    assert [p.name for p in (root / "tokens").iterdir() if not p.name.startswith(".")] == [dm.data_dir().name]
+    assert [p.name for p in tokens.iterdir() if not p.name.startswith(".")] == [dm.data_dir().name]
     assert dm.num_documents == {"train": 36, "val": 2, "test": 2}
