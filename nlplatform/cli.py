@@ -48,6 +48,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
             f"{s['windows'][split]:>10,} windows of {s['seq_len']}"
         )
     print(f"  unigram perplexity of val (the baseline a model must beat): {data.unigram_perplexity():.2f}")
+    if args.verify:
+        from nlplatform.data.shards import verify_checksums
+
+        for split in ("train", "val", "test"):
+            verify_checksums(data.data_dir(), split)
+        print("  every shard matches its sha256")
     return 0
 
 
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch the default corpus (or a recipe's corpus) and build its token caches")
     p.add_argument("recipe", nargs="?", help="optional recipe whose data section to prepare")
     p.add_argument("overrides", nargs="*", help="recipe overrides as key=value")
+    p.add_argument("--verify", action="store_true", help="read every shard again and check it against its sha256")
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser(

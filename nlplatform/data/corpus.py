@@ -367,6 +367,14 @@ def open_corpus(cfg: DataConfig, root: Path | None = None) -> Corpus:
     return corpus
 
 
+def split_stream(cfg: DataConfig, split: str, root: Path | None = None) -> Iterator[str]:
+    """The documents of one split (``train``, ``val`` or ``test``) of the corpus ``cfg`` names, streamed: what the
+    held-out evaluations read, without the rest of the corpus in memory."""
+    corpus = open_corpus(cfg, root)
+    rule = SplitRule(corpus.count, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return (doc for i, doc in enumerate(corpus.documents()) if rule(i) == split)
+
+
 def load_documents(cfg: DataConfig, root: Path | None = None) -> list[str]:
     """Every document of the corpus as a list (small corpora and tests; preparation streams ``open_corpus``)."""
     return list(open_corpus(cfg, root).documents())

@@ -54,12 +54,9 @@ class LongContextResult:
 def heldout_tokens(loaded) -> list[int]:
     """The checkpoint corpus's test split (documents joined by blank lines), in the checkpoint's tokens."""
     from nlplatform.data import cache_root
-    from nlplatform.data.corpus import load_documents, split_documents
+    from nlplatform.data.corpus import split_stream
 
-    data = loaded.recipe.data
-    docs = load_documents(data, cache_root())
-    test = split_documents(docs, data.val_fraction, data.test_fraction, data.split_seed)["test"]
-    return loaded.tokenizer.encode("\n\n".join(test))
+    return loaded.tokenizer.encode("\n\n".join(split_stream(loaded.recipe.data, "test", cache_root())))
 
 
 def _check(tasks, lengths, depths, per_cell) -> None:

@@ -129,10 +129,9 @@ def pages(text: str, page_chars: int = PAGE_CHARS) -> list[str]:
 def write_heldout_pages(data: DataConfig, out_path: Path, page_chars: int = PAGE_CHARS) -> Path:
     """The test split of the corpus ``data`` describes (the same split training held out), as JSON lines
     ``{"page": ...}`` for the ``heldout_corpus`` task."""
-    from nlplatform.data.corpus import load_documents, split_documents
+    from nlplatform.data.corpus import split_stream
 
-    docs = load_documents(data, cache_root())
-    test = split_documents(docs, data.val_fraction, data.test_fraction, data.split_seed)["test"]
+    test = split_stream(data, "test", cache_root())
     lines = [json.dumps({"page": page}) for doc in test for page in pages(doc, page_chars)]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, "\n".join(lines) + "\n")

@@ -118,3 +118,22 @@ def test_two_preparations_of_one_cache_started_together_do_the_work_once(tmp_pat
     dm.setup()
     assert [p.name for p in tokens.iterdir() if not p.name.startswith(".")] == [dm.data_dir().name]
     assert dm.num_documents == {"train": 36, "val": 2, "test": 2}
+
+
+def test_nlplatform_data_verify_checks_every_shard_and_a_changed_byte_is_one_line_and_exit_2(txt_corpus, capsys):
+    """``nlplatform data RECIPE --verify`` recomputes every shard's sha256; after one byte of a shard changes it
+    says which shard, in one line, with exit status 2."""
+    from nlplatform.cli import main
+
+    args = ["data", "recipes/transformer/tiny.yaml", f"data.paths=[{txt_corpus(12)}]", "data.seq_len=32", "--verify"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "every shard matches its sha256" in out
+    folder = Path(out.split("corpus ready in ")[1].split(" (")[0])
+    shard = folder / "train-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard train-00000.bin does not match its checksum" in err[0], err
