@@ -16,12 +16,16 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
     "atomic_write_text",
     "clean_stale_temporaries",
+    "exclusive_lock",
     "fsync_dir",
     "process_alive",
     "make_staging_dir",
@@ -129,3 +133,22 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
             continue
         removed.append(entry)
     return removed
+
+
+@contextmanager
+def exclusive_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block. ``waiting``: a line printed to stderr
+    when another process holds it. The lock goes with the process: a killed holder never leaves it taken."""
+    import fcntl
+
+    with Path(path).open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(f"nlplatform: {waiting}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -440,9 +440,9 @@ def _objective(ctx: _Context, sweep: Sweep):
 def _tag_run(ctx: _Context, run_id: str | None, tags: dict[str, str]) -> None:
     if not run_id:
         return
-    from mlflow.tracking import MlflowClient
+    from nlplatform.tracking import client as mlflow_client
 
-    client = MlflowClient(ctx.tracking_uri)
+    client = mlflow_client(ctx.tracking_uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
 
@@ -500,9 +500,9 @@ def _finished(study) -> int:
 
 def _parent_run(sweep: Sweep, study, tracking_uri: str) -> str:
     """The study's MLflow parent run: created on the first call (the run id is kept in the study), reopened after."""
-    from mlflow.tracking import MlflowClient
+    from nlplatform.tracking import client as mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id:
         try:
@@ -560,9 +560,9 @@ def run_sweep(
     uri = trk.absolute_uri(trk.tracking_uri(base)) if base.tracking.enabled else None
     parent = _parent_run(sweep, study, uri) if uri else None
     if parent:
-        from mlflow.tracking import MlflowClient
+        from nlplatform.tracking import client as mlflow_client
 
-        MlflowClient(uri).log_artifact(parent, str(sweep.path))
+        mlflow_client(uri).log_artifact(parent, str(sweep.path))
     print(
         f"study {sweep.name!r} in {url}: {done} trial(s) so far, running {todo} more on {workers} worker(s)"
         + (f"; MLflow experiment {sweep.experiment!r}, parent run {parent}" if parent else ""),
@@ -623,9 +623,9 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
             print(f"  {key:<40} {value:.3f}")
     plots = _plots(study, plots_dir)
     if parent and tracking_uri:
-        from mlflow.tracking import MlflowClient
+        from nlplatform.tracking import client as mlflow_client
 
-        client = MlflowClient(tracking_uri)
+        client = mlflow_client(tracking_uri)
         for plot in plots:
             client.log_artifact(parent, str(plot), artifact_path="plots")
         client.log_metric(parent, "sweep/trials", len(trials))

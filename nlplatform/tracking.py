@@ -35,6 +35,35 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+_READY: set[str] = set()  # stores this process has opened
+
+
+def ensure_store(uri: str) -> None:
+    """Create a fresh sqlite store's tables once, under a file lock beside it. MLflow migrates a new database's schema
+    on first use, and processes doing that at once collide ("duplicate column name: step", "table _alembic_tmp_metrics
+    already exists"): sweep workers, the ranks of several runs, or runs started together. Other stores (a tracking
+    server, PostgreSQL) serialise their own migrations."""
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from nlplatform.files import exclusive_lock
+
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the schema when it is new
+    _READY.add(uri)
+
+
+def client(uri: str):
+    """An ``MlflowClient`` of ``uri``, its store created first when it is a fresh sqlite file (``ensure_store``)."""
+    from mlflow.tracking import MlflowClient
+
+    ensure_store(uri)
+    return MlflowClient(uri)
+
+
 def git_commit() -> str:
     """The commit of the code that ran (with '-dirty' when the work tree has changes), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent
@@ -61,6 +90,7 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tag
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
+    ensure_store(tracking_uri(cfg))
     tags = {
         "family": cfg.model.name,
         "preset": cfg.model.preset,

@@ -18,8 +18,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from nlplatform.data.prepare import SPLITS
 from nlplatform.data.shards import TokenShards, read_counts, read_index
 from nlplatform.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_key
 from nlplatform.errors import UserError
-from nlplatform.files import atomic_write_text, clean_stale_temporaries, fsync_dir, make_staging_dir
+from nlplatform.files import atomic_write_text, clean_stale_temporaries, exclusive_lock, fsync_dir, make_staging_dir
 
 # bump when the layout of the token folder changes, so old caches are not misread. 2: token shards with an index (the
 # tokens themselves are those of format 1: the same split, tokenizer and packing)
@@ -95,7 +93,8 @@ class TextDataModule(L.LightningDataModule):
         if (folder / "meta.json").is_file():
             return
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(folder.parent / f".{folder.name}.lock"):
+        lock = folder.parent / f".{folder.name}.lock"
+        with exclusive_lock(lock, f"another process is preparing this data ({lock}); waiting for it"):
             if (folder / "meta.json").is_file():  # prepared by whoever held the lock before us
                 return
             self._prepare(folder)
@@ -316,20 +315,3 @@ class TextDataModule(L.LightningDataModule):
                 f"{self.fingerprint} (vocab {self.vocab_size}): the corpus, its split or the tokenizer changed; "
                 f"training continues on the new data"
             )
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed) for the block; say so when another process has it."""
-    import fcntl
-
-    with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"nlplatform: another process is preparing this data ({path}); waiting for it", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

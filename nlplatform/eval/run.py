@@ -103,14 +103,14 @@ def log_eval_to_mlflow(
     if not run_id:
         return None
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
+    from nlplatform.tracking import client as mlflow_client
     from nlplatform.tracking import tracking_uri
 
     uri = meta.get("tracking_uri") or tracking_uri()
     stamp = int(time.time() * 1000)
     try:
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
         for path in artifact if isinstance(artifact, list) else [artifact]:
             client.log_artifact(run_id, str(path), artifact_path="eval")

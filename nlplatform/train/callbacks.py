@@ -278,9 +278,9 @@ class RunTracking(L.Callback):
         if self.run_id is None:
             return
         if trainer.is_global_zero:
-            from mlflow.tracking import MlflowClient
+            from nlplatform.tracking import client as mlflow_client
 
-            client = MlflowClient(self.tracking_uri)
+            client = mlflow_client(self.tracking_uri)
             for key, value in process_layout(trainer).items():
                 client.set_tag(self.run_id, key, str(value))
         if self.every_s > 0 and trainer.local_rank == 0 and self._monitor is None:
