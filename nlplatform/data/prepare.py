@@ -181,7 +181,7 @@ def write_splits(
     return {split: writer.close() for split, writer in writers.items()}
 
 
-def prepare_folder(cfg: Any, root: Path, staging: Path, *, shard_tokens: int = SHARD_TOKENS) -> dict[str, Any]:
+def prepare_folder(cfg: Any, root: Path, staging: Path, *, shard_tokens: int | None = None) -> dict[str, Any]:
     """Everything a token folder holds, written into ``staging``: the shards of every split and the tokenizer.
     Returns the meta data (``meta.json``'s content, without the cache key)."""
     from nlplatform.data.corpus import SplitRule, open_corpus
@@ -198,7 +198,7 @@ def prepare_folder(cfg: Any, root: Path, staging: Path, *, shard_tokens: int = S
         file=sys.stderr,
     )
     indexes = write_splits(corpus, rule, tokenizer, staging, num_proc=num_proc, max_tokens=cfg.max_tokens,
-                           shard_tokens=shard_tokens)  # fmt: skip
+                           shard_tokens=shard_tokens or SHARD_TOKENS)  # fmt: skip
     spec = tokenizer.save(staging)
     return {
         # relative to the folder, which is renamed after this is written

@@ -169,9 +169,18 @@ def test_checkpoint_state_warns_when_the_data_changed(txt_corpus):
         dm.load_state_dict({**state, "fingerprint": "0123456789abcdef"})
 
 
-def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path):
-    """A Lightning run stopped after 3 steps and resumed to 6 trains on exactly the batches of an uninterrupted run."""
+@pytest.mark.parametrize("shard_tokens", [None, 500])
+def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path, monkeypatch, shard_tokens):
+    """A Lightning run stopped after 3 steps and resumed to 6 trains on exactly the batches of an uninterrupted run,
+    also when the training stream is cut into shards of 500 tokens (windows and the resume point fall mid-shard and
+    across shard boundaries)."""
     import lightning as L
+
+    from nlplatform.data import prepare
+    from nlplatform.data.shards import read_index
+
+    if shard_tokens:
+        monkeypatch.setattr(prepare, "SHARD_TOKENS", shard_tokens)
 
     class Recorder(L.LightningModule):
         def __init__(self):
@@ -198,6 +207,8 @@ def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path):
 
     folder = txt_corpus(12)
     _, straight = fit(6)
+    shards = len(read_index(make_module(folder, seed=4).data_dir(), "train")["shards"])
+    assert shards == 1 if shard_tokens is None else shards > 10
     trainer, first = fit(3)
     trainer.save_checkpoint(tmp_path / "step3.ckpt")
     _, second = fit(6, ckpt=str(tmp_path / "step3.ckpt"))
