@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 from nlplatform.errors import RunStopped, TrainingDiverged, UserError
+from nlplatform.secrets import mask
 
 EXIT_BAD_INPUT = 2
 
@@ -356,14 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on an unknown command or option
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # messages may quote a storage or tracking URL: never its password
+        print(mask(f"error: {exc}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(mask(f"error: {exc}"), file=sys.stderr)
         return 1
     except RunStopped as exc:
-        print(str(exc), file=sys.stderr)
+        print(mask(str(exc)), file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

@@ -42,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nlplatform.config import ConfigError, _check_keys, check_recipe_keys, load_recipe
 from nlplatform.errors import UserError
+from nlplatform.secrets import mask
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
 OBJECTIVES = ("val_loss", "val_ppl", "train_loss", "tokens_per_sec")  # numeric figures of a run's summary
@@ -349,7 +350,18 @@ def open_storage(url: str):
             warnings.simplefilter("ignore")
             return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # sqlalchemy errors, a missing driver, a bad URL
-        raise UserError(f"cannot open the Optuna storage {url!r}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(mask(f"cannot open the Optuna storage {url!r}: {reason}")) from None
+
+
+def _log_masked_copy(client, run_id: str, path: Path) -> None:
+    """Upload the sweep file to the parent run, with any password in its URLs masked."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / Path(path).name
+        copy.write_text(mask(Path(path).read_text(encoding="utf-8")), encoding="utf-8")
+        client.log_artifact(run_id, str(copy))
 
 
 # ------------------------------------------------------------------------------------------------- pruning
@@ -546,7 +558,7 @@ def run_sweep(
     )
     if study.direction.name.lower() != sweep.file.objective.direction:
         raise ConfigError(
-            f"study {sweep.name!r} in {url} was created to {study.direction.name.lower()} its objective; this "
+            f"study {sweep.name!r} in {mask(url)} was created to {study.direction.name.lower()} its objective; this "
             f"sweep file says {sweep.file.objective.direction} (rename the sweep or use another storage)"
         )
     done = _finished(study)
@@ -562,9 +574,9 @@ def run_sweep(
     if parent:
         from nlplatform.tracking import client as mlflow_client
 
-        mlflow_client(uri).log_artifact(parent, str(sweep.path))
+        _log_masked_copy(mlflow_client(uri), parent, sweep.path)
     print(
-        f"study {sweep.name!r} in {url}: {done} trial(s) so far, running {todo} more on {workers} worker(s)"
+        f"study {sweep.name!r} in {mask(url)}: {done} trial(s) so far, running {todo} more on {workers} worker(s)"
         + (f"; MLflow experiment {sweep.experiment!r}, parent run {parent}" if parent else ""),
         file=sys.stderr,
     )
@@ -637,7 +649,7 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
             client.set_tag(parent, "sweep.best_trial", str(best["number"]))
             client.set_tag(parent, "sweep.best_command", best["command"] or "")
         client.set_terminated(parent, status="FINISHED")
-    return SweepResult(sweep.name, url, len(trials), best, importances, parent, plots)
+    return SweepResult(sweep.name, mask(url), len(trials), best, importances, parent, plots)
 
 
 def _importances(study) -> dict[str, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nlplatform.config import RecipeConfig, flatten, recipe_to_dict
+from nlplatform.secrets import mask
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
@@ -111,7 +112,8 @@ def recipe_params(cfg: RecipeConfig) -> dict[str, Any]:
     """The flattened recipe as MLflow params (lists as strings, None as 'null')."""
     out = {}
     for key, value in flatten(recipe_to_dict(cfg)).items():
-        out[key] = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
+        value = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
+        out[key] = mask(value) if isinstance(value, str) else value
     return out
 
 

@@ -172,6 +172,18 @@ def test_unreachable_storage_exits_2_with_the_url(tmp_path, capsys):
     assert not (tmp_path / "mlruns.db").exists()  # nothing tracked for a study that never opened
 
 
+@pytest.mark.parametrize("where", ["--storage", "file"])
+def test_a_storage_password_reaches_no_output(tmp_path, capsys, where):
+    """A PostgreSQL URL with a password (given on the command line or in the sweep file) that cannot be opened fails
+    with one line and exit 2 that names the URL with its password masked."""
+    url = "postgresql://alice:S3cretPW@127.0.0.1:9/optuna"
+    path = write_sweep(tmp_path, **({"storage": url} if where == "file" else {}))
+    assert cli.main(["sweep", str(path), *(["--storage", url] if where == "--storage" else [])]) == 2
+    out, err = capsys.readouterr()
+    assert "S3cretPW" not in out + err and "postgresql://alice:***@127.0.0.1:9/optuna" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------- real trials
 
 

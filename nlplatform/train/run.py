@@ -33,6 +33,7 @@ from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, RunStopped, UserError
 from nlplatform.models.base import flush_denormals
 from nlplatform.registry import check_model_format
+from nlplatform.secrets import mask
 from nlplatform.train import rendezvous, runs
 
 SUMMARY_KEYS = (
@@ -473,19 +474,19 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
         if continuing:  # the run's recipe and tokenizer stay as they were written; run.json records the resume
             module.hparams["tokenizer"] = state["hyper_parameters"].get("tokenizer", "bytes")
             run_meta.setdefault("resumes", []).append(
-                {"step": resume_step, "checkpoint": str(ckpt), "time": now, "command": shlex.join(sys.argv)}
+                {"step": resume_step, "checkpoint": str(ckpt), "time": now, "command": mask(shlex.join(sys.argv))}
             )
             run_meta["finished"] = None
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(cfg))
             module.hparams["tokenizer"] = data.tokenizer.save(run_dir)  # travels in every checkpoint
-            run_meta = {"run_name": run_name, "started": now, "command": shlex.join(sys.argv), "finished": None}
+            run_meta = {"run_name": run_name, "started": now, "command": mask(shlex.join(sys.argv)), "finished": None}
             if resolved.forked_from is not None:
                 run_meta["forked_from"] = {"checkpoint": str(resolved.forked_from), "step": resume_step}
         if logger is not None:
             run_meta["mlflow_run_id"] = logger.run_id
-            run_meta["tracking_uri"] = tracking.absolute_uri(tracking.tracking_uri(cfg))
+            run_meta["tracking_uri"] = mask(tracking.absolute_uri(tracking.tracking_uri(cfg)))
             if not continuing:
                 logger.log_hyperparams(tracking.recipe_params(cfg))
         runs.write_meta(run_dir, run_meta)
