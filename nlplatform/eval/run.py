@@ -21,6 +21,7 @@ from nlplatform.data import atomic_write_text, cache_root
 from nlplatform.data.fetch import one_line
 from nlplatform.errors import UserError
 from nlplatform.eval.tasks import Suite, check_tasks, load_suite, render_tasks, write_heldout_pages
+from nlplatform.secrets import MASK, mask
 
 # (column, task, metric, is an accuracy): the paper's columns in its order.
 COLUMNS: list[tuple[str, str, str, bool]] = [
@@ -92,6 +93,18 @@ def _data_files(tasks: list[str], recipe, work: Path, page_chars: int) -> dict[s
     return files
 
 
+def run_store(saved: str | None, current: str) -> str | None:
+    """The tracking URI to log into a run whose ``run.json`` recorded ``saved`` (None: not recorded), given the
+    ``current`` one (recipe-free: ``MLFLOW_TRACKING_URI`` or the default). ``run.json`` keeps URLs with their password
+    masked, so such a store is reached through ``current`` when it is the same URL with the password; None when it
+    is not."""
+    if not saved:
+        return current
+    if f":{MASK}@" not in saved:  # no password was masked: the recorded URI works as it is
+        return saved
+    return current if mask(current) == saved else None
+
+
 def log_eval_to_mlflow(
     checkpoint: Path, metrics: dict[str, float], step: int, artifact: Path | list[Path]
 ) -> str | None:
@@ -107,7 +120,14 @@ def log_eval_to_mlflow(
     from nlplatform.tracking import client as mlflow_client
     from nlplatform.tracking import tracking_uri
 
-    uri = meta.get("tracking_uri") or tracking_uri()
+    uri = run_store(meta.get("tracking_uri"), tracking_uri())
+    if uri is None:
+        print(
+            f"warning: not logged to MLflow run {run_id}: its store {meta['tracking_uri']} needs a password run.json "
+            "does not keep; export MLFLOW_TRACKING_URI with it (or keep it in PGPASSWORD / MLFLOW_TRACKING_PASSWORD)",
+            file=sys.stderr,
+        )
+        return None
     stamp = int(time.time() * 1000)
     try:
         client = mlflow_client(uri)
@@ -115,7 +135,7 @@ def log_eval_to_mlflow(
         for path in artifact if isinstance(artifact, list) else [artifact]:
             client.log_artifact(run_id, str(path), artifact_path="eval")
     except Exception as exc:  # the store moved or is unreachable: the results JSON is written either way
-        print(f"warning: could not log to MLflow run {run_id} in {uri}: {one_line(exc)}", file=sys.stderr)
+        print(mask(f"warning: could not log to MLflow run {run_id} in {uri}: {one_line(exc)}"), file=sys.stderr)
         return None
     return run_id
 
