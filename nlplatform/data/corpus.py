@@ -371,8 +371,7 @@ def split_stream(cfg: DataConfig, split: str, root: Path | None = None) -> Itera
     """The documents of one split (``train``, ``val`` or ``test``) of the corpus ``cfg`` names, streamed: what the
     held-out evaluations read, without the rest of the corpus in memory."""
     corpus = open_corpus(cfg, root)
-    rule = SplitRule(corpus.count, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    return (doc for i, doc in enumerate(corpus.documents()) if rule(i) == split)
+    return SplitRule(corpus.count, cfg.val_fraction, cfg.test_fraction, cfg.split_seed).pick(corpus, split)
 
 
 def load_documents(cfg: DataConfig, root: Path | None = None) -> list[str]:
@@ -485,14 +484,17 @@ class SplitRule:
     their corpus order."""
 
     def __init__(self, n: int, val_fraction: float, test_fraction: float, seed: int) -> None:
-        self.n, self.seed = n, seed
-        self.sizes = split_sizes(n, val_fraction, test_fraction)
-        n_val, n_test = self.sizes
+        self.seed = seed
+        n_val, n_test = split_sizes(n, val_fraction, test_fraction)
         self.last_val, self.last_test = _order_statistics(n, seed, [n_val - 1, n_val + n_test - 1])
 
     def __call__(self, index: int) -> str:
         key = _rank_key(self.seed, index)
         return "val" if key <= self.last_val else "test" if key <= self.last_test else "train"
+
+    def pick(self, corpus: Corpus, split: str) -> Iterator[str]:
+        """The documents of ``split``, streamed from ``corpus`` in their order."""
+        return (doc for i, doc in enumerate(corpus.documents()) if self(i) == split)
 
 
 def split_documents(docs: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:

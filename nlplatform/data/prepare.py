@@ -18,16 +18,19 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nlplatform.data.shards import SHARD_TOKENS, ShardWriter, token_dtype
 from nlplatform.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the workers import this module: they need neither the corpus readers nor the config
+    from nlplatform.data.corpus import Corpus, SplitRule
 
 SPLITS = ("train", "val", "test")
 _BATCH_CHARS = 1 << 18  # text per tokenisation task: small, so little is in flight
@@ -84,7 +87,7 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------- the pipeline
 
 
-def _tasks(corpus: Any, rule: Any) -> Iterator[tuple[list[str], list[str], int]]:
+def _tasks(corpus: Corpus, rule: SplitRule) -> Iterator[tuple[list[str], list[str], int]]:
     """(split of each document, the documents, their characters): batches of about ``_BATCH_CHARS`` in corpus
     order."""
     labels: list[str] = []
@@ -104,8 +107,8 @@ def _tasks(corpus: Any, rule: Any) -> Iterator[tuple[list[str], list[str], int]]
 
 
 def write_splits(
-    corpus: Any,
-    rule: Any,
+    corpus: Corpus,
+    rule: Callable[[int], str],
     tokenizer: Tokenizer,
     folder: Path,
     *,
@@ -190,8 +193,10 @@ def prepare_folder(cfg: Any, root: Path, staging: Path, *, shard_tokens: int | N
     corpus = open_corpus(cfg, root)
     rule = SplitRule(corpus.count, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
 
-    train_documents = (doc for i, doc in enumerate(corpus.documents()) if rule(i) == "train")  # read by bpe only
-    tokenizer = build_tokenizer(cfg.tokenizer, train_documents, root, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes)
+    # the train documents are a lazy stream: read only when a bpe tokenizer is trained
+    tokenizer = build_tokenizer(
+        cfg.tokenizer, rule.pick(corpus, "train"), root, cfg.bpe_vocab_size, cfg.tokenizer_sample_bytes
+    )
     num_proc = cfg.num_proc or available_cores()
     print(
         f"nlplatform: tokenizing {corpus.count:,} documents ({tokenizer.name}, up to {num_proc} processes)",
