@@ -17,6 +17,9 @@ COMPARE_STEPS ?= 150
 COMPARE_BATCH ?= 8
 COMPARE_SUITE ?= smoke
 MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
+TRACKING_BACKEND   ?= sqlite:///mlruns.db
+TRACKING_ARTIFACTS ?= mlartifacts
 
 # Every cache stays inside the workspace; MLflow does not phone home.
 export HF_HOME                 := $(CURDIR)/.cache/huggingface
@@ -27,7 +30,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui bench bench-kernels clean
+.PHONY: help setup postgres data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -42,6 +45,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install the project (editable) with all extras
+
+postgres: ## install PostgreSQL's server (Debian package) when missing: the test suite runs a real one of its own
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL is missing: install the postgresql package (apt-get install postgresql)" >&2; exit 2; fi
 
 data: $(STAMP) ## fetch the corpus of RECIPE (default: the embedded Shakespeare) and build its token cache; ARGS="data.paths=[...] ..."
 	$(PY) -m nlplatform data $(RECIPE) $(ARGS)
@@ -70,7 +79,7 @@ compare-optimizers: $(STAMP) data ## tiny Transformer++ and HOPE with AdamW, Muo
 	$(PY) -m nlplatform compare --families transformer,hope --optimizers adamw,muon,m3,dmgd --steps $(COMPARE_STEPS) \
 	  --batch-size $(COMPARE_BATCH) --seq-len 256 --no-eval $(ARGS)
 
-test: $(STAMP) data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
+test: $(STAMP) postgres data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-kernels: $(STAMP) ## kernel tests only: Triton vs reference (CPU interpreter; on a GPU add ARGS="-m gpu")
@@ -84,10 +93,13 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-ui: $(STAMP) ## serve the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5000 (MLFLOW_PORT=...)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
-	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db} \
-	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+tracking-server: $(STAMP) ## serve MLflow on $(MLFLOW_HOST):$(MLFLOW_PORT) over TRACKING_BACKEND (sqlite:///mlruns.db or postgresql://...), artifacts in TRACKING_ARTIFACTS
+	@# silent recipe: the backend URL may hold a password, and make would echo it
+	@echo "export MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)"
+	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(VENV)/bin/mlflow server --backend-store-uri "$(TRACKING_BACKEND)" \
+	  --artifacts-destination "$(TRACKING_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1 $(ARGS)
+
+ui: tracking-server ## the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5000 (the tracking server, on one machine)
 
 bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/results/)
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done

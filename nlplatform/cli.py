@@ -150,8 +150,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from nlplatform.sweep import load_sweep
+    from nlplatform.sweep import follow_trial, load_sweep
 
+    if follow_trial():  # a rank > 0 of a multi-device trial, started by Lightning's launcher: trained and done
+        return 0
     load_sweep(args.sweep)  # a bad sweep file fails before any store is opened or trial runs
     from nlplatform.sweep import run_sweep
 

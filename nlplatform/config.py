@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nlplatform.errors import ConfigError
+from nlplatform.secrets import mask
 
 # Field metadata of a key whose value may differ between a checkpoint's recipe and the recipe that resumes it (where
 # the run is written, how long it runs, on how many devices, what is logged); every other key must be equal, or the
@@ -230,13 +231,18 @@ class TrackingConfig:
     system_metrics_every_s: float = field(
         default=10.0, metadata=RESUMABLE
     )  # MLflow system metrics (CPU, memory, each GPU) sampling period; 0 = off
+    flush_timeout_s: float = field(
+        default=60.0, metadata=RESUMABLE
+    )  # at the end of a run, how long to wait for MLflow calls still queued (0 when the store stopped answering)
 
     def __post_init__(self) -> None:
         for name in ("experiment", "run_name"):
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
                 raise ConfigError(f"tracking.{name} must be a plain name (letters, digits, . _ -), got {value!r}")
-        _non_negative("tracking", system_metrics_every_s=self.system_metrics_every_s)
+        _non_negative(
+            "tracking", system_metrics_every_s=self.system_metrics_every_s, flush_timeout_s=self.flush_timeout_s
+        )
 
 
 @dataclass
@@ -454,17 +460,28 @@ def resume_differences(saved: dict[str, Any], cfg: RecipeConfig) -> list[str]:
     ]
 
 
-def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
-    """The recipe as plain containers, without the derived model fields (they are not recipe keys)."""
+def recipe_to_dict(cfg: RecipeConfig, *, masked: bool = False) -> dict[str, Any]:
+    """The recipe as plain containers, without the derived model fields (they are not recipe keys). ``masked``: with
+    the password of every URL in it masked (``nlplatform.secrets``), for everything written down (``recipe.yaml``,
+    checkpoint hyperparameters); only the live recipe keeps it, to connect."""
     out: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
     for f in fields(cfg.model):
         if DERIVED in f.metadata:
             del out["model"][f.name]
-    return out
+    return _masked(out) if masked else out
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return mask(value) if isinstance(value, str) else value
 
 
 def recipe_to_yaml(cfg: RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(cfg)))
+    """The recipe as written into a run folder (passwords masked)."""
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(cfg, masked=True)))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,6 +14,7 @@ objective and the search machinery::
     sampler: {name: tpe, seed: 0}
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 20}
     n_trials: 8
+    heartbeat: {interval_s: 60, grace_period_s: 180, retries: 2}   # a killed worker's trial is failed, then rerun
 
 Each trial becomes ``key=value`` overrides of the same strict recipe loader a manual run uses, so any trial is
 reproduced by the ``nlplatform train`` command the study prints. The study lives in persistent Optuna storage
@@ -24,6 +25,7 @@ trial (the trial's own training run). Pruning reports the validation loss at ``t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -77,6 +79,18 @@ class PrunerSpec:
 
 
 @dataclass
+class HeartbeatSpec:
+    """How a trial whose worker died (killed, node lost) is noticed and run again. A running trial writes a heartbeat
+    to the storage every ``interval_s``; one silent for ``grace_period_s`` is marked failed by the next worker that
+    starts a trial (on any machine) and queued again with the same parameters, up to ``retries`` times (Optuna's
+    ``RetryFailedTrialCallback``). A trial that fails by raising is not retried: it would fail again."""
+
+    interval_s: int = 60
+    grace_period_s: int = 180  # > interval_s: a slow heartbeat write must not fail a live trial
+    retries: int = 2
+
+
+@dataclass
 class SweepFile:
     recipe: str = ""  # the base recipe every trial starts from
     name: str | None = None  # the study name (default: the file's stem); fixed, so calls continue one study
@@ -89,6 +103,7 @@ class SweepFile:
     n_trials: int = 10  # the study's trial budget: a call runs the trials still missing (--n-trials N adds N)
     storage: str | None = None  # Optuna storage URL (default sqlite:///sweeps.db; --storage overrides)
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # trials to run first, e.g. the recipe's own values
+    heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
 
 
 @dataclass
@@ -269,6 +284,12 @@ def _check_sweep(sweep: Sweep) -> None:
             )
     if f.n_trials < 0:
         raise ConfigError(f"{sweep.path}: n_trials must be >= 0, got {f.n_trials}")
+    hb = f.heartbeat
+    if hb.interval_s < 1 or hb.grace_period_s <= hb.interval_s or hb.retries < 0:
+        raise ConfigError(
+            f"{sweep.path}: heartbeat needs interval_s >= 1, grace_period_s > interval_s and retries >= 0, got "
+            f"{hb.interval_s}, {hb.grace_period_s}, {hb.retries}"
+        )
     base = Path(f.recipe)
     load_recipe(base, f.overrides)  # the base recipe and the fixed overrides, values included
     keys = [p.key for p in sweep.params]
@@ -337,18 +358,22 @@ def build_pruner(spec: PrunerSpec):
 # ------------------------------------------------------------------------------------------------ storage
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat: HeartbeatSpec | None = None):
     """Optuna's RDB storage for ``url`` (schema created on first use). sqlite waits for locks instead of failing when
-    several workers write at once; a heartbeat lets a later call fail the trials of a killed worker."""
+    several workers write at once; the heartbeat lets any later worker fail, and queue again, the trials of a killed
+    one (``HeartbeatSpec``). ``postgresql://`` URLs reach PostgreSQL through psycopg 3 (SQLAlchemy >= 2.1's default
+    driver; both come with the ``sweep`` extra)."""
     import optuna
 
-    kwargs: dict[str, Any] = {"heartbeat_interval": 60, "grace_period": 180}
+    hb = heartbeat or HeartbeatSpec()
+    kwargs: dict[str, Any] = {"heartbeat_interval": hb.interval_s, "grace_period": hb.grace_period_s}
     if url.startswith("sqlite:"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, **kwargs)
+            warnings.simplefilter("ignore")  # Optuna marks the heartbeat and the retry callback experimental
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=hb.retries)
+            return optuna.storages.RDBStorage(url, failed_trial_callback=retry, **kwargs)
     except Exception as exc:  # sqlalchemy errors, a missing driver, a bad URL
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(mask(f"cannot open the Optuna storage {url!r}: {reason}")) from None
@@ -369,7 +394,10 @@ def _log_masked_copy(client, run_id: str, path: Path) -> None:
 
 def pruning_callback(trial, monitor: str):
     """A Lightning callback that reports ``monitor`` to the trial after every validation, by optimizer step, and asks
-    the run to stop when the pruner says so (the run then ends normally, with its summary and checkpoint)."""
+    the run to stop when the pruner says so (the run then ends normally, with its summary and checkpoint).
+
+    Under DDP only global rank 0 holds the trial (``trial`` is None on the other ranks): it reports and asks the
+    pruner, and broadcasts the answer, so every rank stops at the same step or none does."""
     import lightning as L
 
     class Pruning(L.Callback):
@@ -378,12 +406,16 @@ def pruning_callback(trial, monitor: str):
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking or self.pruned_at is not None:
                 return
-            value = trainer.callback_metrics.get(monitor)
-            if value is None:
-                return
-            trial.report(float(value), step=trainer.global_step)
-            finished = trainer.global_step >= trainer.max_steps  # a run that got to the end is complete, not pruned
-            if not finished and trial.should_prune():
+            prune = False
+            if trainer.is_global_zero and trial is not None:
+                value = trainer.callback_metrics.get(monitor)
+                if value is not None:
+                    trial.report(float(value), step=trainer.global_step)
+                    finished = trainer.global_step >= trainer.max_steps  # a run that got to the end is not pruned
+                    prune = not finished and trial.should_prune()
+            if trainer.world_size > 1:
+                prune = bool(trainer.strategy.broadcast(prune, src=0))
+            if prune:
                 self.pruned_at = trainer.global_step
                 trainer.should_stop = True
 
@@ -412,15 +444,22 @@ def _objective(ctx: _Context, sweep: Sweep):
     from nlplatform.train.run import train
 
     def objective(trial) -> float:
+        if ctx.budget is not None and _over_budget(trial, ctx.budget):
+            # Other workers started the budget's last trials while this one asked for its trial: it does not run.
+            trial.set_user_attr(SKIPPED, True)
+            trial.study.stop()
+            print(f"[{sweep.name}] trial {trial.number} not run: the study's {ctx.budget} trials are taken",
+                  file=sys.stderr)  # fmt: skip
+            raise optuna.TrialPruned("budget spent")
         if sweep.file.sampler.seed is not None:
             seed_for_trial(trial.study.sampler, sweep.file.sampler.seed, trial.number)
         values = {p.key: p.suggest(trial) for p in sweep.params}
         overrides = sweep.trial_overrides(values, trial.number)
         if not ctx.progress_bar:
             overrides.append("trainer.enable_progress_bar=false")
-        command = sweep.command(overrides)
+        command = mask(sweep.command(overrides))  # printed, stored in the study, tagged in MLflow: no password
         trial.set_user_attr("command", command)
-        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("overrides", [mask(o) for o in overrides])
         print(f"[{sweep.name}] trial {trial.number}: {command}", file=sys.stderr, flush=True)
         try:
             cfg = load_recipe(sweep.file.recipe, overrides)
@@ -429,9 +468,15 @@ def _objective(ctx: _Context, sweep: Sweep):
             tags = {"sweep.role": "trial", "sweep.study": sweep.name, "sweep.trial": str(trial.number)}
             if ctx.parent_run_id:
                 tags["mlflow.parentRunId"] = ctx.parent_run_id
-            result = train(cfg, callbacks=(pruning,), tags=tags)
+            # Ranks that Lightning's launcher starts for a multi-device trial rerun this command: this tells them
+            # to train the trial's recipe and follow rank 0's pruning decisions (follow_trial) instead of asking
+            # the study for trials of their own.
+            with _one_launch():
+                os.environ[_TRIAL_ENV] = json.dumps({"recipe": str(sweep.file.recipe), "overrides": overrides,
+                                                     "monitor": monitor})  # fmt: skip
+                result = train(cfg, callbacks=(pruning,), tags=tags)
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            trial.set_user_attr("error", mask(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
             print(f"[{sweep.name}] trial {trial.number} failed: {trial.user_attrs['error']}", file=sys.stderr)
             raise
         trial.set_user_attr("run_dir", str(result.run_dir))
@@ -464,7 +509,6 @@ def _worker(ctx: _Context, n_trials: int) -> None:
     ``ctx.budget`` set, stop once the study holds that many trials, finished or running, whoever ran them: machines
     sharing one storage then share the sweep file's budget instead of each running it."""
     import optuna
-    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     if ctx.threads:
@@ -475,16 +519,23 @@ def _worker(ctx: _Context, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
         study_name=sweep.name,
-        storage=open_storage(ctx.storage_url),
+        storage=open_storage(ctx.storage_url, sweep.file.heartbeat),
         sampler=build_sampler(sweep.file.sampler),
         pruner=build_pruner(sweep.file.pruner),
     )
+    optuna.storages.fail_stale_trials(study)  # trials of a killed worker: failed, and queued again (heartbeat)
     callbacks = []
     if ctx.budget is not None:
-        counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-        if len(study.get_trials(deepcopy=False, states=counted)) >= ctx.budget:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and len(_spending(trials, running=True)) >= ctx.budget:
             return
-        callbacks.append(MaxTrialsCallback(ctx.budget, states=counted))
+
+        def stop_when_spent(study, _trial) -> None:
+            if len(_spending(study.get_trials(deepcopy=False), running=True)) >= ctx.budget:
+                study.stop()
+
+        callbacks.append(stop_when_spent)
     study.optimize(
         _objective(ctx, sweep), n_trials=n_trials, catch=(Exception,), gc_after_trial=True, callbacks=callbacks
     )
@@ -504,10 +555,82 @@ class SweepResult:
     plots: list[Path]
 
 
-def _finished(study) -> int:
+SKIPPED = "skipped"  # user attribute of a trial asked for after other workers had taken the budget: it never ran
+
+
+def _spending(trials, *, running: bool) -> list:
+    """The trials that spend the study's budget: finished ones (failures too, except those queued again after their
+    worker died: the retry spends in their place), with ``running`` also those running now. Trials
+    that never ran (SKIPPED) spend nothing."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    states = {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+    if running:
+        states |= {TrialState.RUNNING}
+    return [t for t in trials if t.state in states and t.number not in retried and SKIPPED not in t.user_attrs]
+
+
+def _over_budget(trial, budget: int) -> bool:
+    """Whether ``budget`` trials numbered below this one already spend the budget. Trial numbers come from the
+    storage in one sequence, so of the workers that start trials at the same moment, on any machine, exactly those
+    within the budget run: no check-then-ask race can make the study overshoot."""
+    from optuna.trial import TrialState
+
+    trials = trial.study.get_trials(deepcopy=False)  # all of them: a later retry frees its failed trial's place
+    spent = [t for t in _spending(trials, running=True) if t.number < trial.number]
+    queued = [t for t in trials if t.number < trial.number and t.state == TrialState.WAITING]  # they run first
+    return len(spent) + len(queued) >= budget
+
+
+def _finished(study) -> int:
+    return len(_spending(study.get_trials(deepcopy=False), running=False))
+
+
+_TRIAL_ENV = "NLPLATFORM_SWEEP_TRIAL"
+# What Lightning's launcher sets in the process that starts a multi-device run's ranks, and what the run hands them.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "NLPLATFORM_RUN", _TRIAL_ENV)
+
+
+@contextlib.contextmanager
+def _one_launch():
+    """One trial's training, after which this process is as before it: Lightning's launcher leaves its ranks'
+    environment and the process group behind, and the next multi-device trial would take them for a launch already
+    made (its Trainer then waits for ranks that have exited)."""
+    saved = {key: os.environ.get(key) for key in _LAUNCH_ENV}
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def follow_trial() -> bool:
+    """In a process that Lightning's launcher started for rank > 0 of a multi-device trial: train that trial's recipe,
+    following rank 0's pruning decisions, and return True (the command is done). False anywhere else. A sweep
+    command started on several ranks by torchrun or srun is refused: each rank would ask the study for trials."""
+    spec = os.environ.get(_TRIAL_ENV)
+    if spec is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(
+                "start a sweep as one process per machine (not under torchrun or srun): a trial trains on several "
+                "devices with trainer.devices=N in its overrides, and Lightning starts those ranks itself"
+            )
+        return False
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        return False
+    from nlplatform.train.run import train
+
+    trial = json.loads(spec)
+    train(load_recipe(trial["recipe"], trial["overrides"]), callbacks=(pruning_callback(None, trial["monitor"]),))
+    return True
 
 
 def _parent_run(sweep: Sweep, study, tracking_uri: str) -> str:
@@ -550,7 +673,7 @@ def run_sweep(
     # Stores are created here, once, before any worker starts, so workers never race on schema creation.
     study = optuna.create_study(
         study_name=sweep.name,
-        storage=open_storage(url),
+        storage=open_storage(url, sweep.file.heartbeat),
         sampler=build_sampler(sweep.file.sampler),
         pruner=build_pruner(sweep.file.pruner),
         direction=sweep.file.objective.direction,
@@ -611,14 +734,22 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=sweep.name, storage=open_storage(url))
-    trials = study.get_trials(deepcopy=False)
+    study = optuna.load_study(study_name=sweep.name, storage=open_storage(url, sweep.file.heartbeat))
+    trials = [t for t in study.get_trials(deepcopy=False) if SKIPPED not in t.user_attrs]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     print(f"\nstudy {sweep.name}: {len(trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)})")
+    retried_as = {n: t.number for t in trials for n in t.system_attrs.get("retry_history", ())[-1:]}
     for t in trials:
         value = f"{t.value:.4f}" if t.value is not None else "-"
-        extra = t.user_attrs.get("error", "") if t.state == TrialState.FAIL else ""
+        notes = [t.user_attrs.get("error", "") if t.state == TrialState.FAIL else ""]
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+            notes.append("worker lost (no heartbeat)")
+        if t.number in retried_as:
+            notes.append(f"retried as #{retried_as[t.number]}")
+        if "failed_trial" in t.system_attrs:
+            notes.append(f"retry of #{t.system_attrs['retry_history'][-1]}")
+        extra = "; ".join(n for n in notes if n)
         print(
             f"  #{t.number:<4} {t.state.name.lower():<9} {sweep.file.objective.metric}={value:<10} {t.params} {extra}"
         )

@@ -9,16 +9,30 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from nlplatform.config import RecipeConfig, flatten, recipe_to_dict
+from nlplatform.errors import UserError
 from nlplatform.secrets import mask
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 
 # import mlflow writes telemetry into ~/.config unless told not to.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow prints "View run ... at: <tracking URI>" on stdout when a run on a server ends: the URI as given, password
+# included, and lines after the command's contract (the last stdout line). The run's id is in run.json instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's HTTP defaults (7 retries with doubling back-off, 120 s timeouts) stall a call to a lost tracking server for
+# minutes; bounded here (a call gives up within about 40 s against a server that hangs, a few seconds against one
+# that is gone), for this process and the ranks and workers it starts. An explicit setting wins.
+for _key, _value in (
+    ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"),
+    ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+    ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+):
+    os.environ.setdefault(_key, _value)
 
 
 def tracking_uri(cfg: RecipeConfig | None = None) -> str:
@@ -84,36 +98,196 @@ def git_commit() -> str:
         return "unknown"
 
 
+class Outbox:
+    """The MLflow calls of one run, made in order on a background thread, so that a slow or lost tracking server never
+    stalls or stops training. Each call is made once (MLflow's HTTP layer retries it a few times, bounded above); a
+    failure is counted, never raised, and ``problem`` reports it when the run ends. Metric batches queued together
+    go out as one request. At most ``capacity`` calls wait; beyond that new ones are dropped, and counted."""
+
+    def __init__(self, client, capacity: int = 10_000) -> None:
+        import collections
+        import threading
+
+        self._client = client
+        self._capacity = capacity
+        self._calls: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self.failed = self.dropped = self.lost = 0
+        self.first_error: str | None = None
+        self.down = False  # the last call failed: the store is not answering now
+
+    def call(self, method: str, *args, **kwargs) -> None:
+        """Queue ``client.<method>(*args, **kwargs)``."""
+        self._put((method, args, kwargs))
+
+    def metrics(self, run_id: str, metrics: list) -> None:
+        self._put(("metrics", run_id, metrics))
+
+    def _put(self, item) -> None:
+        import threading
+
+        with self._ready:
+            if len(self._calls) >= self._capacity:
+                self.dropped += 1
+                return
+            self._calls.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def _next(self):
+        """The next call; consecutive metric batches of one run merged (MLflow takes 1000 metrics a request)."""
+        with self._ready:
+            while not self._calls:
+                self._ready.wait()
+            item = self._calls.popleft()
+            if item[0] == "metrics":
+                merged = list(item[2])
+                while self._calls and self._calls[0][:2] == item[:2] and len(merged) + len(self._calls[0][2]) <= 1000:
+                    merged += self._calls.popleft()[2]
+                item = ("log_batch", (item[1],), {"metrics": merged})
+            self._busy = True
+            return item
+
+    def _run(self) -> None:
+        while True:
+            method, args, kwargs = self._next()
+            try:
+                getattr(self._client, method)(*args, **kwargs)
+                self.down = False
+            except Exception as exc:  # a lost server, a timeout, a refused request: never the run's end
+                self.failed += 1
+                self.down = True
+                if self.first_error is None:
+                    reason = str(exc).splitlines()[0] if str(exc) else ""
+                    text = f"{method}: {type(exc).__name__}: {reason}"
+                    self.first_error = mask(text if len(text) <= 240 else text[:240] + "...")
+            finally:
+                with self._ready:
+                    self._busy = False
+                    self._ready.notify_all()
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` (none once the store has stopped answering) for the queued calls to be made; those
+        still waiting then are counted as lost (they may still go out while the process lives)."""
+        import time
+
+        deadline = time.monotonic() + (0.0 if self.down else timeout_s)
+        with self._ready:
+            while (self._calls or self._busy) and not self.down:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ready.wait(min(left, 0.5))
+            self.lost = len(self._calls)
+
+    def problem(self, uri: str) -> str | None:
+        """One line saying what did not reach the store, or None when everything did."""
+        if not (self.failed or self.dropped or self.lost):
+            return None
+        parts = [f"{n} {what}" for n, what in ((self.failed, "failed"), (self.dropped, "dropped (queue full)"),
+                                               (self.lost, "not sent before the run ended")) if n]  # fmt: skip
+        first = f" (first failure: {self.first_error})" if self.first_error else ""
+        return f"MLflow calls to {mask(uri)}: {', '.join(parts)}{first}; the run folder holds the whole run"
+
+
 def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None):
-    """Lightning's MLFlowLogger for this run (continuing ``run_id`` on resume), or None when tracking is off. ``tags``
-    join the default ones on a new run."""
+    """The run's MLflow logger (continuing ``run_id`` on resume), or None when tracking is off. ``tags`` join the
+    default ones on a new run. The MLflow run is created (or found) here, on global rank 0, synchronously: a store
+    that cannot be reached is bad input (exit 2) before anything is written. After that every call goes through the
+    logger's ``Outbox``: nothing the store does can stall or stop training."""
     if not cfg.tracking.enabled:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
-    ensure_store(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+
+    class TrackingLogger(MLFlowLogger):
+        """Lightning's MLflow logger whose calls after the run's creation are queued on an ``Outbox``."""
+
+        outbox: Outbox | None = None
+
+        @property
+        def experiment(self):
+            client = super().experiment  # creates the experiment and run on first use (rank 0; gives the run id)
+            if self.outbox is None:
+                self.outbox = Outbox(client)
+            return _Queued(client, self.outbox)
+
+        def log_metrics(self, metrics, step=None) -> None:
+            from lightning.pytorch.utilities import rank_zero_only
+            from mlflow.entities import Metric
+
+            if rank_zero_only.rank != 0:
+                return
+            now = int(time.time() * 1000)  # stamped when logged, not when sent
+            batch = [Metric(key=k, value=float(v), timestamp=now, step=step or 0) for k, v in metrics.items()
+                     if not isinstance(v, str)]  # fmt: skip
+            self.experiment  # noqa: B018 - the run and the outbox exist first
+            self.outbox.metrics(self.run_id, batch)
+
+        def finalize(self, status: str = "success") -> None:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            if rank_zero_only.rank != 0 or not self._initialized:
+                return
+            status = {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(status, status.upper())
+            self.experiment.set_terminated(self.run_id, status)
+            self.outbox.drain(cfg.tracking.flush_timeout_s)
+
+        def problem(self) -> str | None:
+            return self.outbox.problem(uri) if self.outbox is not None else None
+
+    ensure_store(uri)
     tags = {
         "family": cfg.model.name,
         "preset": cfg.model.preset,
         "git_commit": git_commit(),
         **(tags or {}),
     }
-    return MLFlowLogger(
+    logger = TrackingLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=run_name,
-        tracking_uri=tracking_uri(cfg),
+        tracking_uri=uri,
         tags=tags if run_id is None else None,
         run_id=run_id,
         log_model=False,
     )
+    try:
+        _ = logger.run_id  # rank 0 creates or finds the run now
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            mask(
+                f"cannot reach the MLflow store {uri}: {reason}; start it (make tracking-server), point "
+                "MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false"
+            )  # fmt: skip
+        ) from None
+    return logger
+
+
+class _Queued:
+    """An ``MlflowClient`` whose writes go to an ``Outbox`` (returning None at once) and whose reads are made now."""
+
+    WRITES = ("log_batch", "log_metric", "log_param", "set_tag", "set_terminated", "log_artifact", "log_artifacts")
+
+    def __init__(self, client, outbox: Outbox) -> None:
+        self._client, self._outbox = client, outbox
+
+    def __getattr__(self, name: str):
+        if name in self.WRITES:
+            return lambda *args, **kwargs: self._outbox.call(name, *args, **kwargs)
+        return getattr(self._client, name)
 
 
 def recipe_params(cfg: RecipeConfig) -> dict[str, Any]:
     """The flattened recipe as MLflow params (lists as strings, None as 'null')."""
     out = {}
-    for key, value in flatten(recipe_to_dict(cfg)).items():
-        value = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
-        out[key] = mask(value) if isinstance(value, str) else value
+    for key, value in flatten(recipe_to_dict(cfg, masked=True)).items():
+        out[key] = "null" if value is None else (str(value) if isinstance(value, (list, tuple)) else value)
     return out
 
 

@@ -43,20 +43,48 @@ def _restore_torch_state():
     torch.set_default_dtype(dtype)
 
 
+# ------------------------------------------------------------------------------------------- real servers (shared)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster for the session (``tests/servers.py``): fails, never skips, when PostgreSQL is missing,
+    so that these tests run wherever the suite runs (`make test` installs it first)."""
+    from tests.servers import start_postgres
+
+    pg = start_postgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory):
+    """`make tracking-server` on a free port, its backend store a database of the session's PostgreSQL, its artifacts
+    in a temporary folder: the shared training run, the two-process run, evaluation, sweeps and the leaderboard log to
+    it over HTTP."""
+    from tests.servers import start_tracking_server
+
+    postgres.create_database("mlflow")
+    folder = tmp_path_factory.mktemp("tracking-server")
+    server = start_tracking_server(postgres.url("mlflow"), folder / "artifacts", folder / "server.log")
+    yield server
+    server.stop()
+
+
 # ------------------------------------------------------------------------------------ trained checkpoints (shared)
 # Real runs through the command line on the embedded corpus, trained once per session and reused by every folder.
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """A 30-step Transformer++ run (fast tiny overrides) through the real command line, tracked in its own sqlite
-    MLflow store. Returns (run_dir, tracking_uri, completed_process)."""
+def trained_run(tmp_path_factory, tracking_server):
+    """A 30-step Transformer++ run (fast tiny overrides) through the real command line, tracked over HTTP by the
+    session's tracking server (experiment "tests"). Returns (run_dir, tracking_uri, completed_process)."""
     from tests.train.conftest import FAST, TINY_RECIPE, corpus_ready, run_cli
 
     if not corpus_ready():
         pytest.skip("embedded corpus not fetched; run `make data` (make test does it first)")
     work = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{work / 'mlruns.db'}"
+    uri = tracking_server.uri
     proc = run_cli(
         "train",
         str(TINY_RECIPE),

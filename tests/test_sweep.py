@@ -4,8 +4,6 @@ runs, studies persist and continue, pruning works by optimizer step, failures ar
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -299,27 +297,3 @@ def test_two_workers_share_one_sqlite_study_without_losing_trials(tmp_path):
     trials = [r for r in mlflow_runs(tmp_path, "sweep-study") if r.data.tags.get("sweep.role") == "trial"]
     assert sorted(r.data.tags["sweep.trial"] for r in trials) == ["0", "1", "2", "3"]
     assert os.path.isdir(tmp_path / "runs" / "sweep-study" / "study-trial0003")
-
-
-@needs_corpus
-def test_two_machines_on_one_storage_share_the_budget_and_propose_different_points(tmp_path):
-    """The study is created once (``--n-trials 0``), then two sweep commands run at the same time against the same
-    storage, as two machines would: together they run the sweep file's budget of 3 (one more at most, when two
-    trials end at the same instant), not 3 each, and their seeded samplers do not propose the same points (each trial draws from its own seed)."""
-    quick = [*FAST, "trainer.max_steps=4", "trainer.val_check_interval=2", f"output_dir={tmp_path / 'runs'}",
-             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"]  # fmt: skip
-    path = write_sweep(tmp_path, n_trials=3, overrides=quick)
-    created = sweep_cli(path, "--n-trials", "0")
-    assert "0 trial(s) so far, running 0 more" in created.stderr
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    machines = [
-        subprocess.Popen([sys.executable, "-m", "nlplatform", "sweep", str(path)], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]  # fmt: skip
-    for proc in machines:
-        _, err = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, err[-3000:]
-    trials = study_of(tmp_path).trials
-    assert 3 <= len(trials) <= 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.params["optim.lr"] for t in trials}) == len(trials)

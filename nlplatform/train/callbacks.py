@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from nlplatform.files import replace_durably, temporary_tag
+from nlplatform.secrets import mask
 
 
 def _accumulating(trainer: L.Trainer) -> bool:
@@ -278,11 +279,8 @@ class RunTracking(L.Callback):
         if self.run_id is None:
             return
         if trainer.is_global_zero:
-            from nlplatform.tracking import client as mlflow_client
-
-            client = mlflow_client(self.tracking_uri)
-            for key, value in process_layout(trainer).items():
-                client.set_tag(self.run_id, key, str(value))
+            for key, value in process_layout(trainer).items():  # through the logger's outbox: never blocks
+                logger.experiment.set_tag(self.run_id, key, str(value))
         if self.every_s > 0 and trainer.local_rank == 0 and self._monitor is None:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -298,9 +296,13 @@ class RunTracking(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._monitor is not None:
             monitor, self._monitor = self._monitor, None
-            monitor.finish()
+            monitor.finish()  # MLflow's monitor stops by itself, with a warning, when the store stops answering
             # MLflow's monitor publishes only after a whole sampling interval and gives up when a status query fails
             # (a busy sqlite store): one last sample at the end, so every run records its system metrics
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # a lost tracking server costs the sample, never the run
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                print(mask(f"warning: the last system-metrics sample was not logged: {reason}"), file=sys.stderr)

@@ -461,7 +461,7 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
     trainer = build_trainer(cfg, run_dir, logger, extra)
     if state is not None:
         _check_layout(ckpt, state, cfg, trainer.world_size)
-    module = LMModule(recipe_to_dict(cfg))
+    module = LMModule(recipe_to_dict(cfg, masked=True))  # its hyperparameters travel in every checkpoint
     if ckpt is None and getattr(cfg.model, "stack_from", None):
         from nlplatform.checkpoint import load_checkpoint
 
@@ -516,8 +516,16 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
             logger.log_metrics(tracking.summary_metrics(summary), step=trainer.global_step)
             tracking.log_artifacts(logger, [run_dir / "recipe.yaml", run_dir / "summary.json", plot])
             logger.finalize("success")
+            _warn_tracking(logger)
         runs.mark_finished(run_dir)
     return RunResult(run_dir=run_dir, summary=summary)
+
+
+def _warn_tracking(logger) -> None:
+    """Say what of the run did not reach MLflow (a tracking server that went away): the run itself is complete."""
+    problem = logger.problem()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
 
 
 def _stopped(signal_name: str, step: int, last: Path, logger) -> RunStopped:
@@ -527,6 +535,7 @@ def _stopped(signal_name: str, step: int, last: Path, logger) -> RunStopped:
 
     if logger is not None:
         logger.finalize("killed")
+        _warn_tracking(logger)
     code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
     args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
     command = "nlplatform " + shlex.join([*args, f"trainer.resume={last}"]) if args[:1] == ["train"] else None

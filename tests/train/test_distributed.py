@@ -67,10 +67,11 @@ def _train_in_process(tmp_path: Path, recipe: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def hope_ddp(tmp_path_factory):
-    """Tiny HOPE, 2 processes x batch 2, 4 steps, tracked in its own store. Returns (run_dir, tracking_uri, work)."""
+def hope_ddp(tmp_path_factory, tracking_server):
+    """Tiny HOPE, 2 processes x batch 2, 4 steps, tracked over HTTP by the session's tracking server (experiment
+    "ddp"). Returns (run_dir, tracking_uri, work)."""
     work = tmp_path_factory.mktemp("hope-ddp")
-    uri = f"sqlite:///{work / 'mlruns.db'}"
+    uri = tracking_server.uri
     proc = run_cli(
         "train", str(HOPE_RECIPE), *HOPE, *DDP, "data.batch_size=2", f"output_dir={work / 'runs'}",
         f"tracking.tracking_uri={uri}", "tracking.experiment=ddp", "tracking.system_metrics_every_s=1", cwd=work,
@@ -105,7 +106,7 @@ def test_two_process_run_is_one_mlflow_run_recording_world_size_strategy_and_sys
 
     run_dir, uri, _ = hope_ddp
     client = MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1
     run = runs[0]
     summary = json.loads((run_dir / "summary.json").read_text())
