@@ -699,7 +699,7 @@ def run_sweep(
 
         _log_masked_copy(mlflow_client(uri), parent, sweep.path)
     print(
-        f"study {sweep.name!r} in {mask(url)}: {done} trial(s) so far, running {todo} more on {workers} worker(s)"
+        f"study {sweep.name!r} in {mask(url)}: {done} trial(s) so far, running up to {todo} more on {workers} worker(s)"
         + (f"; MLflow experiment {sweep.experiment!r}, parent run {parent}" if parent else ""),
         file=sys.stderr,
     )

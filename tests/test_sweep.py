@@ -231,7 +231,7 @@ def test_a_trial_is_reproduced_by_its_printed_command(three_trial_sweep):
 @needs_corpus
 def test_a_second_call_continues_the_study(three_trial_sweep):
     work, _, _, trials_done, again, _ = three_trial_sweep
-    assert "3 trial(s) so far, running 0 more" in again.stderr  # the budget (3) was met: nothing ran
+    assert "3 trial(s) so far, running up to 0 more" in again.stderr  # the budget (3) was met: nothing ran
     study = study_of(work)  # then --n-trials 1 added one trial to the same study, under the same parent run
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [t.datetime_start for t in study.trials[:3]] == [t.datetime_start for t in trials_done]
