@@ -67,7 +67,8 @@ def start_postgres() -> Postgres:
     bindir = postgres_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL is not installed: run `make postgres` (make test does it first)")
-    folder = Path(tempfile.mkdtemp(prefix="nlplatform-pg-"))
+    # as root, in /tmp: the postgres user must reach the folder, and TMPDIR may be one only root can enter
+    folder = Path(tempfile.mkdtemp(prefix="nlplatform-pg-", dir="/tmp" if os.geteuid() == 0 else None))
     as_user: list[str] = []
     if os.geteuid() == 0:
         import pwd
