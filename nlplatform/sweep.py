@@ -499,9 +499,22 @@ def _tag_run(ctx: _Context, run_id: str | None, tags: dict[str, str]) -> None:
         return
     from nlplatform.tracking import client as mlflow_client
 
-    client = mlflow_client(ctx.tracking_uri)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    def tag() -> None:
+        client = mlflow_client(ctx.tracking_uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+
+    _not_fatal(f"the tags of run {run_id}", tag)
+
+
+def _not_fatal(what: str, call) -> None:
+    """Make an MLflow call whose failure (a tracking server gone) costs a warning, never a finished trial or study:
+    the study in the Optuna storage and the runs' folders hold everything."""
+    try:
+        call()
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(mask(f"warning: {what} not logged to MLflow: {reason[:240]}"), file=sys.stderr)
 
 
 def _worker(ctx: _Context, n_trials: int) -> None:
@@ -693,11 +706,15 @@ def run_sweep(
 
     base = load_recipe(sweep.file.recipe, sweep.file.overrides)  # where the trials' runs are tracked, if at all
     uri = trk.absolute_uri(trk.tracking_uri(base)) if base.tracking.enabled else None
-    parent = _parent_run(sweep, study, uri) if uri else None
-    if parent:
+    parent = None
+    if uri:
         from nlplatform.tracking import client as mlflow_client
 
-        _log_masked_copy(mlflow_client(uri), parent, sweep.path)
+        try:
+            parent = _parent_run(sweep, study, uri)
+            _log_masked_copy(mlflow_client(uri), parent, sweep.path)
+        except Exception as exc:  # before any trial: a store that cannot be reached is bad input
+            raise trk.unreachable(uri, exc, "or set tracking.enabled=false in the sweep's overrides") from None
     print(
         f"study {sweep.name!r} in {mask(url)}: {done} trial(s) so far, running up to {todo} more on {workers} worker(s)"
         + (f"; MLflow experiment {sweep.experiment!r}, parent run {parent}" if parent else ""),
@@ -766,21 +783,27 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
             print(f"  {key:<40} {value:.3f}")
     plots = _plots(study, plots_dir)
     if parent and tracking_uri:
-        from nlplatform.tracking import client as mlflow_client
-
-        client = mlflow_client(tracking_uri)
-        for plot in plots:
-            client.log_artifact(parent, str(plot), artifact_path="plots")
-        client.log_metric(parent, "sweep/trials", len(trials))
-        client.log_metric(parent, "sweep/complete", len(complete))
-        client.log_metric(parent, "sweep/pruned", counts.get("pruned", 0))
-        client.log_metric(parent, "sweep/failed", counts.get("fail", 0))
-        if best is not None:
-            client.log_metric(parent, f"sweep/best_{sweep.file.objective.metric}", best["value"])
-            client.set_tag(parent, "sweep.best_trial", str(best["number"]))
-            client.set_tag(parent, "sweep.best_command", best["command"] or "")
-        client.set_terminated(parent, status="FINISHED")
+        _not_fatal(f"the study's summary (parent run {parent})",
+                   lambda: _log_summary(tracking_uri, parent, sweep, plots, trials, complete, counts, best))  # fmt: skip
     return SweepResult(sweep.name, mask(url), len(trials), best, importances, parent, plots)
+
+
+def _log_summary(tracking_uri, parent, sweep, plots, trials, complete, counts, best) -> None:
+    """The study's figures, plots and best trial on its MLflow parent run, which then ends."""
+    from nlplatform.tracking import client as mlflow_client
+
+    client = mlflow_client(tracking_uri)
+    for plot in plots:
+        client.log_artifact(parent, str(plot), artifact_path="plots")
+    client.log_metric(parent, "sweep/trials", len(trials))
+    client.log_metric(parent, "sweep/complete", len(complete))
+    client.log_metric(parent, "sweep/pruned", counts.get("pruned", 0))
+    client.log_metric(parent, "sweep/failed", counts.get("fail", 0))
+    if best is not None:
+        client.log_metric(parent, f"sweep/best_{sweep.file.objective.metric}", best["value"])
+        client.set_tag(parent, "sweep.best_trial", str(best["number"]))
+        client.set_tag(parent, "sweep.best_command", best["command"] or "")
+    client.set_terminated(parent, status="FINISHED")
 
 
 def _importances(study) -> dict[str, float]:

@@ -259,14 +259,16 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tag
     try:
         _ = logger.run_id  # rank 0 creates or finds the run now
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            mask(
-                f"cannot reach the MLflow store {uri}: {reason}; start it (make tracking-server), point "
-                "MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false"
-            )  # fmt: skip
-        ) from None
+        raise unreachable(uri, exc, "point MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false") from None
     return logger
+
+
+def unreachable(uri: str, exc: Exception, remedy: str) -> UserError:
+    """Bad input (exit 2) for a store that does not answer when a command starts, password masked."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(
+        mask(f"cannot reach the MLflow store {uri}: {reason[:240]}; start it (make tracking-server), {remedy}")
+    )
 
 
 class _Queued:

@@ -227,3 +227,42 @@ def test_training_survives_its_tracking_server_stopping_mid_run(tmp_path):
     # A hang detector, not a speed test: with MLflow's default retries each of the calls queued after the stop would
     # stall for minutes (16 s in all on an idle 2-core machine, training included).
     assert after < 300, f"the run took {after:.0f} s after its server stopped"
+
+
+def test_a_lost_tracking_server_costs_a_sweep_a_warning_not_its_trial(capsys):
+    """Tagging a finished trial's run on a tracking server that is gone prints one masked warning and returns: the
+    trial stays complete (the study and the run folder hold it)."""
+    from nlplatform.sweep import _Context, _tag_run
+    from tests.servers import free_port
+
+    gone = f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}"
+    _tag_run(
+        _Context("unused.yaml", "sqlite://", None, gone, progress_bar=False), "0123abc", {"sweep.state": "complete"}
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the tags of run 0123abc not logged to MLflow:") and err.count("\n") == 1
+    assert PG_PASSWORD not in err
+
+
+def test_a_sweep_whose_tracking_server_is_unreachable_exits_2_before_any_trial(postgres, tmp_path, capsys):
+    from nlplatform import cli
+    from tests.servers import free_port
+
+    postgres.create_database("unreachable_tracking")
+    path = write_sweep(tmp_path, f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}", "unreachable")
+    assert cli.main(["sweep", str(path), "--storage", postgres.url("unreachable_tracking")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the MLflow store http://alice:***@" in err and PG_PASSWORD not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_training_whose_tracking_server_is_unreachable_exits_2_with_nothing_written(tmp_path):
+    from tests.servers import free_port
+
+    gone = f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}"
+    proc = run_cli("train", str(TINY_RECIPE), *FAST, "trainer.max_steps=2", f"output_dir={tmp_path / 'runs'}",
+                   f"tracking.tracking_uri={gone}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if "cannot reach the MLflow store" in line]
+    assert "http://alice:***@" in line and "Traceback" not in proc.stderr and PG_PASSWORD not in proc.stderr
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
