@@ -30,7 +30,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup postgres data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
+.PHONY: help setup postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -46,11 +46,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project (editable) with all extras
 
+# Debian packages $(1) installed (as root, or through sudo), or one line saying what to install
+apt_install = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	else echo "missing: install the Debian packages $(1) (apt-get install $(1))" >&2; exit 2; fi
+
 postgres: ## install PostgreSQL's server (Debian package) when missing: the test suite runs a real one of its own
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	else echo "PostgreSQL is missing: install the postgresql package (apt-get install postgresql)" >&2; exit 2; fi
+	else $(call apt_install,postgresql); fi
+
+browser: ## install headless Chromium and its driver (Debian packages) when missing: the UI tests load MLflow's pages in it
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	else $(call apt_install,chromium chromium-driver); fi
 
 data: $(STAMP) ## fetch the corpus of RECIPE (default: the embedded Shakespeare) and build its token cache; ARGS="data.paths=[...] ..."
 	$(PY) -m nlplatform data $(RECIPE) $(ARGS)
@@ -79,8 +86,11 @@ compare-optimizers: $(STAMP) data ## tiny Transformer++ and HOPE with AdamW, Muo
 	$(PY) -m nlplatform compare --families transformer,hope --optimizers adamw,muon,m3,dmgd --steps $(COMPARE_STEPS) \
 	  --batch-size $(COMPARE_BATCH) --seq-len 256 --no-eval $(ARGS)
 
-test: $(STAMP) postgres data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
+test: $(STAMP) postgres browser data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+screenshots: $(STAMP) browser data ## render the MLflow UI's leaderboard page (two tiny runs) into docs/img/ for the README
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 NLPLATFORM_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_mlflow_ui.py
 
 test-kernels: $(STAMP) ## kernel tests only: Triton vs reference (CPU interpreter; on a GPU add ARGS="-m gpu")
 	$(PY) -m pytest -q tests/kernels $(ARGS)
@@ -96,6 +106,7 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 tracking-server: $(STAMP) ## serve MLflow on $(MLFLOW_HOST):$(MLFLOW_PORT) over TRACKING_BACKEND (sqlite:///mlruns.db or postgresql://...), artifacts in TRACKING_ARTIFACTS
 	@# silent recipe: the backend URL may hold a password, and make would echo it
 	@echo "export MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)"
+	@echo "the UI: http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning (an experiment's page opens on its leaderboard)"
 	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(VENV)/bin/mlflow server --backend-store-uri "$(TRACKING_BACKEND)" \
 	  --artifacts-destination "$(TRACKING_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1 $(ARGS)
 

@@ -205,12 +205,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_where_the_ui_shows(board, uri: str | None) -> None:
+    """On stderr: the page of each ranked experiment in the MLflow UI, which now opens on its leaderboard."""
+    from nlplatform.tracking import UI_QUERY, tracking_uri, ui_link
+
+    uri = uri or tracking_uri()
+    for name, experiment in (board.experiment_ids or {}).items():
+        link = ui_link(uri, experiment) or f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?{UI_QUERY} (make ui)"
+        print(f"leaderboard of {name!r} in the MLflow UI: {link}", file=sys.stderr)
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from nlplatform.leaderboard import LEADERBOARD_EXPERIMENT, build_leaderboard
 
     board = build_leaderboard(args.experiment, out=args.out, tracking_uri=args.tracking_uri)
     print(board.markdown.read_text(), end="")
     print(f"logged as MLflow run {board.run_id} in experiment {LEADERBOARD_EXPERIMENT!r}", file=sys.stderr)
+    _say_where_the_ui_shows(board, args.tracking_uri)
     print(board.folder.resolve())  # the contract: the output folder is the last line of stdout
     return 0
 
@@ -225,6 +236,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                      overrides=args.overrides, tracking_uri=args.tracking_uri)  # fmt: skip
     if result.leaderboard is not None:
         print(result.leaderboard.markdown.read_text(), end="")
+        _say_where_the_ui_shows(result.leaderboard, args.tracking_uri)
     for failure in result.failures:
         print(f"failed: {failure}", file=sys.stderr)
     if result.leaderboard is not None:

@@ -24,8 +24,12 @@ from typing import Any
 from nlplatform.errors import UserError
 
 LEADERBOARD_EXPERIMENT = "leaderboard"
+# the eval column the leaderboard shows beside val ppl: the mean of the paper's accuracy columns a run was scored on
+# (``nlplatform eval`` logs it with the scores, as a fraction like them)
+AVG_METRIC = "eval/avg"
 STUDY_TAG = ("sweep.role", "study")
 PAGE = 1000  # MLflow's largest page for search_runs
+STAMP = "%Y%m%d-%H%M%S"  # a leaderboard's time: its folder's and its run's name
 
 # (row key, markdown header) of the fixed columns; the eval columns go between val_ppl and tokens_per_sec.
 HEAD_COLUMNS = [
@@ -33,12 +37,12 @@ HEAD_COLUMNS = [
     ("family", "family"),
     ("preset", "preset"),
     ("params", "params"),
-    ("tokens_seen", "tokens seen"),
+    ("tokens_seen", "tokens"),
     ("val_ppl", "val ppl"),
 ]
 TAIL_COLUMNS = [
     ("tokens_per_sec", "tokens/s"),
-    ("wall_s", "wall (s)"),
+    ("wall_s", "wall (min)"),
     ("experiment", "experiment"),
     ("run_id", "run id"),
 ]
@@ -55,6 +59,7 @@ class Leaderboard:
     chart: Path
     run_id: str  # the run in the `leaderboard` experiment holding the files
     long_context_chart: Path | None = None  # accuracy by context length, when some run has long-context scores
+    experiment_ids: dict[str, str] | None = None  # name -> id of the ranked experiments (their pages show the board)
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -147,6 +152,7 @@ def _row(run, experiment: str) -> dict[str, Any]:
         "wall_s": number("summary/wall_s"),
         "experiment": experiment,
         "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,  # for links in the UI; not a CSV column
     }
     row.update({k: v for k, v in metrics.items() if k.startswith("eval/") and math.isfinite(v)})
     return row
@@ -181,29 +187,61 @@ def collect(experiments: list[str] | None = None, tracking_uri: str | None = Non
 
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The CSV columns: the fixed ones, with every eval metric any run has (sorted, so a task's metrics sit
-    together) between val ppl and tokens/s."""
-    evals = sorted({k for row in rows for k in row if k.startswith("eval/")})
+    """The CSV columns: the fixed ones, with every eval metric any run has between val ppl and tokens/s: the eval
+    average first, then the rest sorted (so a task's metrics sit together)."""
+    evals = sorted({k for row in rows for k in row if k.startswith("eval/")}, key=lambda k: (k != AVG_METRIC, k))
     return [k for k, _ in HEAD_COLUMNS] + evals + [k for k, _ in TAIL_COLUMNS]
 
 
 # -------------------------------------------------------------------------------------------------- write
 
 
+def compact(value: float) -> str:
+    """A count as people read it at a glance: 737, 3.9K, 307K, 4.2M, 1.3B (3 significant digits at most)."""
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= limit:
+            scaled = value / limit
+            return f"{scaled:.2g}{suffix}" if scaled < 10 else f"{scaled:.3g}{suffix}" if scaled < 1000 else \
+                f"{scaled:,.0f}{suffix}"  # fmt: skip
+    return f"{value:.3g}" if value != int(value) else f"{int(value)}"
+
+
 def _cell(key: str, value: Any) -> str:
-    """A value as the markdown table shows it: thousands separators for counts, 3 decimals for perplexity (as
-    `nlplatform train` prints it), 4 significant digits for eval scores."""
+    """A value as the markdown table shows it: counts and rates compact (4.2M, 307K), perplexity with 3 decimals (as
+    `nlplatform train` prints it), eval scores with 3 significant digits, wall time in minutes."""
     if value is None:
         return ""
-    if key in ("params", "tokens_seen"):
-        return f"{value:,}"
-    if key in ("tokens_per_sec", "wall_s"):
-        return f"{value:,.0f}"
+    if key in ("params", "tokens_seen", "tokens_per_sec"):
+        return compact(value)
+    if key == "wall_s":
+        return f"{value / 60:.1f}"
     if key == "val_ppl":
         return f"{value:.3f}"
     if key.startswith("eval/"):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value).replace("|", "\\|")  # a pipe in a run name would split the cell
+
+
+# Short headers of the eval columns, by metric name: the task is the rest of the column name
+METRIC_SHORT = {"acc": "", "acc_norm": " acc_n", "perplexity": " ppl", "word_perplexity": " ppl", "exact_match": " em"}
+
+
+def header(column: str) -> str:
+    """A column's markdown header: the fixed ones by name, eval scores by task (``eval/piqa/acc`` -> ``piqa``,
+    ``eval/hellaswag/acc_norm`` -> ``hellaswag acc_n``, ``eval/long_context/all/exact_within`` -> ``lc exact
+    within``)."""
+    fixed = dict(HEAD_COLUMNS + TAIL_COLUMNS)
+    if column in fixed:
+        return fixed[column]
+    if column == AVG_METRIC:
+        return "eval avg"
+    parts = column.split("/")[1:]
+    if parts[0] == "long_context":
+        return "lc " + parts[-1].replace("_", " ")
+    if parts[0] == "continual":
+        return "cl " + " ".join(parts[1:])
+    task, metric = "/".join(parts[:-1]), parts[-1]
+    return task.removesuffix("_openai") + METRIC_SHORT.get(metric, f" {metric}")
 
 
 def is_score(column: str) -> bool:
@@ -218,16 +256,28 @@ def is_score(column: str) -> bool:
     return not (column.startswith("eval/") and (metric.endswith("_stderr") or metric == "sample_len"))
 
 
-def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    """The ranked table for people: every column but the eval bookkeeping ones (see ``is_score``)."""
-    headers = dict(HEAD_COLUMNS + TAIL_COLUMNS)
-    cols = [c for c in cols if is_score(c)]
+def table_columns(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    """The columns people read: no ids (they are in the CSV), no eval bookkeeping (``is_score``), the experiment only
+    when the runs come from more than one."""
+    several = len({row["experiment"] for row in rows}) > 1
+    return [c for c in cols if is_score(c) and c != "run_id" and (c != "experiment" or several)]
+
+
+def markdown_table(rows: list[dict[str, Any]], cols: list[str], link=None, pad: str = "") -> str:
+    """The ranked table for people (``table_columns``), numbers right-aligned. ``link(row)``: a URL for the run's
+    name (the experiment page's copy links each run to its page in the UI); ``pad``: appended to every cell (the
+    UI draws description tables without cell padding)."""
+    cols = table_columns(rows, cols)
+    numeric = {c for c in cols if c not in ("run", "family", "preset", "experiment")}
     lines = [
-        "| # | " + " | ".join(headers.get(c, c) for c in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        f"| #{pad} | " + " | ".join(header(c) + pad for c in cols) + " |",
+        "|--:|" + "".join("--:|" if c in numeric else "---|" for c in cols),
     ]
     for rank, row in enumerate(rows, 1):
-        lines.append(f"| {rank} | " + " | ".join(_cell(c, row.get(c)) for c in cols) + " |")
+        cells = [_cell(c, row.get(c)) for c in cols]
+        if link is not None:
+            cells[cols.index("run")] = f"[{cells[cols.index('run')]}]({link(row)})"
+        lines.append(f"| {rank}{pad} | " + " | ".join(cell + pad for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,13 +366,75 @@ def plot_long_context(path: Path, rows: list[dict[str, Any]], title: str) -> boo
     return True
 
 
-def _log_run(uri: str, stamp: str, experiments: list[str], rows: list[dict], files: list[Path]) -> str:
-    """A run in the ``leaderboard`` experiment holding the three files, so the table is one click away in the UI."""
+# ------------------------------------------------------------------------------------------- the UI's copy
+
+NOTE_TAG = "mlflow.note.content"  # an experiment's description: the top of its page in the MLflow UI (markdown)
+# The leaderboard's section of a description, between these markers; anything else a user wrote there is kept
+NOTE_START, NOTE_END = "<!-- nlplatform:leaderboard -->", "<!-- /nlplatform:leaderboard -->"
+# The description's table: what a glance needs (every column stays in the leaderboard's files)
+NOTE_COLUMNS = ["run", "family", "params", "tokens_seen", "val_ppl", AVG_METRIC, "tokens_per_sec"]
+
+
+def experiment_note(rows: list[dict[str, Any]], stamp: str, files_link: str | None = None) -> str:
+    """The leaderboard section of one experiment's description (its own runs, best first): a headline the collapsed
+    description shows (the best run), the compact table with each run linked to its page, and where the full
+    files are."""
+    best = rows[0]
+    ppl = f", val ppl {best['val_ppl']:.3f}" if best["val_ppl"] is not None else ""
+    plural = "run" if len(rows) == 1 else "runs"
+    cols = [c for c in NOTE_COLUMNS if any(row.get(c) is not None for row in rows) or c in ("run", "val_ppl")]
+    table = markdown_table(rows, cols, link=lambda r: f"#/experiments/{r['experiment_id']}/runs/{r['run_id']}",
+                           pad="&emsp;")  # fmt: skip
+    more = f" Every column, the CSV and the charts: [{files_link[0]}]({files_link[1]})." if files_link else ""
+    return (
+        f"#### Leaderboard: {best['run']} first{ppl} ({len(rows)} {plural} ranked by val ppl)\n\n{table}\n"
+        f"Updated {stamp} by `nlplatform leaderboard`.{more}"
+    )
+
+
+def merge_note(existing: str | None, section: str) -> str:
+    """``existing`` description with its leaderboard section replaced by ``section`` (put first when it has none)."""
+    block = f"{NOTE_START}\n{section}\n{NOTE_END}"
+    if not existing:
+        return block
+    start, end = existing.find(NOTE_START), existing.find(NOTE_END)
+    if start >= 0 and end > start:
+        return existing[:start] + block + existing[end + len(NOTE_END) :]
+    return f"{block}\n\n{existing}"
+
+
+def publish(uri: str, rows: list[dict[str, Any]], stamp: str, board: tuple[str, str] | None = None) -> dict[str, str]:
+    """Write each ranked experiment's leaderboard into its description, so its page in the MLflow UI opens on it.
+    ``board``: (experiment id, run id) of the leaderboard run holding the files. Returns {name: id} of the
+    experiments written."""
+    client = _client(uri)
+    files_link = None if board is None else (
+        f"leaderboard-{stamp}", f"#/experiments/{board[0]}/runs/{board[1]}/artifacts")  # fmt: skip
+    by_experiment: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_experiment.setdefault(row["experiment_id"], []).append(row)
+    for experiment_id, own in by_experiment.items():
+        existing = client.get_experiment(experiment_id).tags.get(NOTE_TAG)
+        note = merge_note(existing, experiment_note(own, stamp, files_link))
+        client.set_experiment_tag(experiment_id, NOTE_TAG, note)
+    return {own[0]["experiment"]: experiment_id for experiment_id, own in by_experiment.items()}
+
+
+def publish_experiments(experiments: list[str], uri: str) -> dict[str, str]:
+    """Rank ``experiments`` and write their descriptions only (no files, no leaderboard run): what a sweep does when
+    it ends. Returns {name: id} of the experiments written."""
+    rows, _ = collect(experiments, uri)
+    return publish(uri, rows, datetime.now().strftime(STAMP))
+
+
+def _log_run(uri: str, stamp: str, experiments: list[str], rows: list[dict], files: list[Path]) -> tuple[str, str]:
+    """A run in the ``leaderboard`` experiment holding the files: (experiment id, run id)."""
     from mlflow.entities import RunStatus
 
+    from nlplatform.tracking import experiment_id as find_or_create
+
     client = _client(uri)
-    experiment = client.get_experiment_by_name(LEADERBOARD_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(LEADERBOARD_EXPERIMENT)
+    experiment_id = find_or_create(client, LEADERBOARD_EXPERIMENT)
     tags = {"leaderboard.experiments": ",".join(experiments)}
     run = client.create_run(experiment_id, run_name=f"leaderboard-{stamp}", tags=tags)
     run_id = run.info.run_id
@@ -334,7 +446,7 @@ def _log_run(uri: str, stamp: str, experiments: list[str], rows: list[dict], fil
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return run_id
+    return experiment_id, run_id
 
 
 def build_leaderboard(
@@ -349,7 +461,7 @@ def build_leaderboard(
     rows, covered = collect(experiments, uri)
     cols = columns(rows)
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now().strftime(STAMP)
     folder = Path(out) if out is not None else Path("runs") / "leaderboard" / stamp
     folder.mkdir(parents=True, exist_ok=True)
     md, table, chart = folder / "leaderboard.md", folder / "leaderboard.csv", folder / "leaderboard.png"
@@ -362,7 +474,8 @@ def build_leaderboard(
     long_context = folder / "leaderboard-long_context.png"
     if plot_long_context(long_context, rows, f"needle-in-a-haystack probes by length: {title}"):
         files.append(long_context)
-    run_id = _log_run(uri, stamp, covered, rows, files)
+    board = _log_run(uri, stamp, covered, rows, files)
+    ids = publish(uri, rows, stamp, board)
     return Leaderboard(
-        rows, cols, covered, folder, md, table, chart, run_id, long_context if long_context.exists() else None
+        rows, cols, covered, folder, md, table, chart, board[1], long_context if long_context.exists() else None, ids
     )

@@ -649,6 +649,7 @@ def follow_trial() -> bool:
 def _parent_run(sweep: Sweep, study, tracking_uri: str) -> str:
     """The study's MLflow parent run: created on the first call (the run id is kept in the study), reopened after."""
     from nlplatform.tracking import client as mlflow_client
+    from nlplatform.tracking import experiment_id
 
     client = mlflow_client(tracking_uri)
     run_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -659,8 +660,7 @@ def _parent_run(sweep: Sweep, study, tracking_uri: str) -> str:
             return run_id
         except Exception:  # deleted, or another tracking store: start a new parent run
             pass
-    exp = client.get_experiment_by_name(sweep.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(sweep.experiment)
+    exp_id = experiment_id(client, sweep.experiment)
     tags = {"sweep.role": "study", "sweep.study": sweep.name, "sweep.recipe": str(sweep.file.recipe)}
     run = client.create_run(exp_id, run_name=f"{sweep.name}-study", tags=tags)
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
@@ -785,6 +785,11 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
     if parent and tracking_uri:
         _not_fatal(f"the study's summary (parent run {parent})",
                    lambda: _log_summary(tracking_uri, parent, sweep, plots, trials, complete, counts, best))  # fmt: skip
+    if tracking_uri and complete:  # the experiment's page in the MLflow UI opens on its ranking, trials included
+        from nlplatform.leaderboard import publish_experiments
+
+        _not_fatal(f"the leaderboard of experiment {sweep.experiment!r}",
+                   lambda: publish_experiments([sweep.experiment], tracking_uri))  # fmt: skip
     return SweepResult(sweep.name, mask(url), len(trials), best, importances, parent, plots)
 
 

@@ -79,6 +79,44 @@ def client(uri: str):
     return MlflowClient(uri)
 
 
+# MLflow's UI opens an experiment in its GenAI layout (traces, judges, prompts) unless the experiment is marked as
+# model training: every experiment the platform creates carries this tag, so its page shows runs, metrics and charts.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    """The id of experiment ``name``, created (marked as model training) when it does not exist yet. Two processes
+    creating it at once both get the one that exists."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+    except MlflowException:  # created by another process in between
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def ui_link(uri: str, experiment: str | None = None) -> str | None:
+    """The address of an experiment's runs page in the MLflow UI serving ``uri`` (http stores only), in the
+    model-training layout and sorted by the leaderboard's metric; the UI's home without an experiment id. None for
+    stores that are not a server (the UI of a sqlite file is ``make ui``)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    base = mask(uri).rstrip("/")
+    if experiment is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment}/runs?{UI_QUERY}"
+
+
+# The runs page's query: model-training layout, best validation perplexity first (the leaderboard's order)
+UI_QUERY = "workflowType=machine_learning&orderByKey=metrics.%60summary%2Fval_ppl%60&orderByAsc=true"
+
+
 def git_commit() -> str:
     """The commit of the code that ran (with '-dirty' when the work tree has changes), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent
@@ -241,7 +279,13 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tag
         def problem(self) -> str | None:
             return self.outbox.problem(uri) if self.outbox is not None else None
 
-    ensure_store(uri)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        try:  # created here, marked as model training (Lightning's logger would create it unmarked)
+            experiment_id(client(uri), cfg.tracking.experiment)
+        except Exception as exc:
+            raise unreachable(uri, exc, "point MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false") from None
     tags = {
         "family": cfg.model.name,
         "preset": cfg.model.preset,

@@ -157,7 +157,64 @@ def test_eval_metrics_are_columns_blank_where_a_run_lacks_them(in_store_dir, tmp
     assert table["fast-bad"]["eval/piqa/acc"] == "" and table["trial-0"]["eval/piqa/acc_norm"] == ""
     assert float(table["slow-good"]["eval/piqa/acc_stderr"]) == 0.05  # the CSV keeps every eval metric
     header = board.markdown.read_text().splitlines()[0]  # the printed table only the scores
-    assert "| val ppl | eval/piqa/acc | eval/piqa/acc_norm | tokens/s |" in header
+    assert "| val ppl | piqa | piqa acc_n | tokens/s |" in header
+
+
+def test_the_markdown_table_is_compact_with_ids_in_the_csv_only(in_store_dir, tmp_path):
+    """The table fits a preview pane: counts as 4.2M / 307K, wall time in minutes, no run ids (the CSV has them), and
+    the experiment column only when the runs come from more than one experiment."""
+    from nlplatform.leaderboard import compact
+
+    assert [compact(v) for v in (737, 3929.4, 12_345, 307_200, 4_209_716, 1.3e9, 0.5)] == [
+        "737", "3.9K", "12.3K", "307K", "4.2M", "1.3B", "0.5"]  # fmt: skip
+    uri, _, ids = in_store_dir
+    board = build_leaderboard(["alpha"], out=tmp_path / "one", tracking_uri=uri)
+    text = board.markdown.read_text()
+    assert "| 1 | slow-good | hope | tiny | 1K | 4.1K | 3.000 |" in text and "| 0.2 |" in text  # 12 s
+    assert ids["slow-good"] not in text and "experiment" not in text.splitlines()[0]
+    with board.csv.open(newline="") as f:
+        assert {row["run_id"] for row in csv.DictReader(f)} == {ids["slow-good"], ids["fast-bad"]}
+    both = build_leaderboard(["alpha", "sweep"], out=tmp_path / "two", tracking_uri=uri)
+    assert "| experiment |" in both.markdown.read_text().splitlines()[0]
+
+
+def test_each_ranked_experiment_describes_its_own_ranking_and_keeps_what_a_user_wrote(in_store_dir, tmp_path):
+    """The experiment's description (the top of its page in the MLflow UI) shows its own runs best first, each linked
+    to its page, with the leaderboard run's files linked; rebuilding replaces that section only, so a user's own text
+    stays, once."""
+    from nlplatform.leaderboard import NOTE_END, NOTE_START, NOTE_TAG
+
+    uri, _, ids = in_store_dir
+    client = _client(uri)
+    alpha = client.get_experiment_by_name("alpha").experiment_id
+    client.set_experiment_tag(alpha, NOTE_TAG, "Hand-written: why these two runs.")
+    build_leaderboard(out=tmp_path / "one", tracking_uri=uri)
+    board = build_leaderboard(out=tmp_path / "two", tracking_uri=uri)
+    assert board.experiment_ids == {"alpha": alpha, "sweep": client.get_experiment_by_name("sweep").experiment_id}
+    note = client.get_experiment(alpha).tags[NOTE_TAG]
+    assert note.count(NOTE_START) == 1 and note.count("Hand-written: why these two runs.") == 1
+    assert note.startswith(NOTE_START) and note.index(NOTE_END) < note.index("Hand-written")
+    lines = note.splitlines()
+    assert lines[1] == "#### Leaderboard: slow-good first, val ppl 3.000 (2 runs ranked by val ppl)"
+    rows = [[cell.strip().removesuffix("&emsp;") for cell in line.strip("|").split("|")] for line in lines
+            if line.startswith(("| 1", "| 2"))]  # fmt: skip
+    assert rows[0][:4] == ["1", f"[slow-good](#/experiments/{alpha}/runs/{ids['slow-good']})", "hope", "1K"]
+    assert rows[1][:3] == ["2", f"[fast-bad](#/experiments/{alpha}/runs/{ids['fast-bad']})", "transformer"]
+    board_experiment = client.get_run(board.run_id).info.experiment_id
+    assert f"(#/experiments/{board_experiment}/runs/{board.run_id}/artifacts)" in note
+    sweep_note = client.get_experiment(board.experiment_ids["sweep"]).tags[NOTE_TAG]
+    assert "trial-0 first" in sweep_note and "| study" not in sweep_note  # the study's parent run is not ranked
+
+
+def test_experiments_the_platform_creates_open_in_the_model_training_layout(tmp_path):
+    """The leaderboard's own experiment (like training's and sweeps', through ``tracking.experiment_id``) carries
+    MLflow's model-training kind; an existing experiment is found, not recreated."""
+    from nlplatform.tracking import EXPERIMENT_KIND, experiment_id
+
+    client = _client(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    first = experiment_id(client, "fresh")
+    assert experiment_id(client, "fresh") == first
+    assert client.get_experiment(first).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1] == "custom_model_development"
 
 
 def test_leaderboard_runs_are_logged_with_the_files_and_never_ranked(in_store_dir, tmp_path):

@@ -108,6 +108,10 @@ def test_two_machines_share_one_postgresql_study_and_its_budget_exactly(postgres
     assert sorted(int(r.data.tags["sweep.trial"]) for r in nested) == sorted(t.number for t in ran)
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parent.info.run_id}
     assert all(r.info.status == "FINISHED" and "summary/val_loss" in r.data.metrics for r in nested)
+    # the sweep ends by writing its experiment's leaderboard into the experiment's page (the last to end: all 4)
+    experiment = client.get_experiment_by_name("sweep-shared")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "(4 runs ranked by val ppl)" in experiment.tags["mlflow.note.content"]
 
     # secrets: outputs, every file of every run (recipes, run.json, checkpoints), MLflow params and tags, artifacts
     everything = [created.stdout, created.stderr, *(out + err for out, err in outputs)]

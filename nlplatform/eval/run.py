@@ -21,6 +21,7 @@ from nlplatform.data import atomic_write_text, cache_root
 from nlplatform.data.fetch import one_line
 from nlplatform.errors import UserError
 from nlplatform.eval.tasks import Suite, check_tasks, load_suite, render_tasks, write_heldout_pages
+from nlplatform.leaderboard import AVG_METRIC
 from nlplatform.secrets import MASK, mask
 
 # (column, task, metric, is an accuracy): the paper's columns in its order.
@@ -192,6 +193,8 @@ def evaluate(
 
     metrics = flat_metrics(out["results"])
     row = paper_row(metrics)
+    if row["Avg"] is not None:  # the paper's Avg (as a fraction, like the scores), the leaderboard's eval column
+        metrics[AVG_METRIC] = row["Avg"] / 100
     path = checkpoint.parent / f"eval-{suite.name}-{checkpoint.stem}.json"
     report = {
         "checkpoint": str(checkpoint.resolve()),

@@ -27,7 +27,7 @@ def checkpoint_of(family: str, trained_run, family_run) -> tuple[Path, str]:
 def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(family, trained_run, family_run,
                                                                                tmp_path):  # fmt: skip
     """The smoke suite scores all nine tasks offline, writes the JSON beside the checkpoint (its path printed last)
-    and logs eval/<task>/<metric> into the run that trained the checkpoint."""
+    and logs eval/<task>/<metric> (and the paper's Avg as eval/avg) into the run that trained the checkpoint."""
     from mlflow.tracking import MlflowClient
 
     ckpt, uri = checkpoint_of(family, trained_run, family_run)
@@ -47,6 +47,7 @@ def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(
                 "eval/heldout_corpus/word_perplexity", "eval/boolq/acc"):  # fmt: skip
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/piqa/acc"] == pytest.approx(report["metrics"]["eval/piqa/acc"])
+    assert run.data.metrics["eval/avg"] == pytest.approx(report["row"]["Avg"] / 100)  # the leaderboard's eval column
 
 
 @needs_corpus
