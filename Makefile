@@ -106,7 +106,7 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 tracking-server: $(STAMP) ## serve MLflow on $(MLFLOW_HOST):$(MLFLOW_PORT) over TRACKING_BACKEND (sqlite:///mlruns.db or postgresql://...), artifacts in TRACKING_ARTIFACTS
 	@# silent recipe: the backend URL may hold a password, and make would echo it
 	@echo "export MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)"
-	@echo "the UI: http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning (an experiment's page opens on its leaderboard)"
+	@echo "the UI: http://$(if $(filter 0.0.0.0,$(MLFLOW_HOST)),$$(hostname -f),$(MLFLOW_HOST)):$(MLFLOW_PORT)/ (once per browser, pick 'Model training' at the top left; an experiment's page opens on its leaderboard)"
 	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(VENV)/bin/mlflow server --backend-store-uri "$(TRACKING_BACKEND)" \
 	  --artifacts-destination "$(TRACKING_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1 $(ARGS)
 

@@ -306,20 +306,23 @@ def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     colours = [colour[r["family"]] for r in rows]
     nan = float("nan")  # a missing figure draws no bar
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 1.5 + 0.35 * len(rows)), dpi=120, sharey=True)
-    for ax, key, label in ((axes[0], "val_ppl", "validation perplexity (lower is better)"),
-                           (axes[1], "tokens_per_sec", "training tokens/s (higher is better)")):  # fmt: skip
+    # Sized for MLflow's artifact preview pane (about 800 px wide): drawn at 800 px, so text stays at its point size
+    fig, axes = plt.subplots(1, 2, figsize=(8, 1.3 + 0.3 * len(rows)), dpi=100, sharey=True)
+    for ax, key, label, fmt in ((axes[0], "val_ppl", "val perplexity (lower is better)", lambda v: f"{v:.3f}"),
+                                (axes[1], "tokens_per_sec", "tokens/s (higher is better)", compact)):  # fmt: skip
         values = [r[key] if r[key] is not None else nan for r in rows]
         bars = ax.barh(range(len(rows)), values, color=colours)
-        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:,.4g}" for v in values], padding=2, fontsize=7)
-        ax.margins(x=0.15)  # room for the labels
-        ax.set_xlabel(label)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else fmt(v) for v in values], padding=2, fontsize=8)
+        ax.margins(x=0.2)  # room for the labels
+        ax.set_xlabel(label, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()  # shared y: the best run on top in both panels
-    fig.legend(handles=[Patch(color=colour[f], label=f or "?") for f in families], loc="upper right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")
+    fig.legend(handles=[Patch(color=colour[f], label=f or "?") for f in families], loc="upper right", fontsize=7,
+               ncol=len(families), frameon=False)  # on the title's line, clear of the bars  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path)
     plt.close(fig)
 

@@ -79,8 +79,10 @@ def client(uri: str):
     return MlflowClient(uri)
 
 
-# MLflow's UI opens an experiment in its GenAI layout (traces, judges, prompts) unless the experiment is marked as
-# model training: every experiment the platform creates carries this tag, so its page shows runs, metrics and charts.
+# MLflow's kind of experiment: every experiment the platform creates is marked as model training (runs, metrics,
+# charts), not GenAI (traces, judges, prompts). MLflow 3.17's UI picks its layout from the browser's last choice (the
+# switch at the top left, GenAI at first) or the address's ``workflowType``, and reads this tag where that switch is
+# turned off.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -101,19 +103,17 @@ def experiment_id(mlflow_client, name: str) -> str:
         return found.experiment_id
 
 
-def ui_link(uri: str, experiment: str | None = None) -> str | None:
-    """The address of an experiment's runs page in the MLflow UI serving ``uri`` (http stores only), in the
-    model-training layout and sorted by the leaderboard's metric; the UI's home without an experiment id. None for
-    stores that are not a server (the UI of a sqlite file is ``make ui``)."""
+def ui_link(uri: str, experiment: str) -> str | None:
+    """The address of an experiment's runs page in the MLflow UI serving ``uri`` (http stores only): in the
+    model-training layout and sorted by the leaderboard's metric. None for stores that are not a server (the UI of a
+    sqlite file is ``make ui``)."""
     if not uri.startswith(("http://", "https://")):
         return None
-    base = mask(uri).rstrip("/")
-    if experiment is None:
-        return f"{base}/#/experiments?workflowType=machine_learning"
-    return f"{base}/#/experiments/{experiment}/runs?{UI_QUERY}"
+    return f"{mask(uri).rstrip('/')}/#/experiments/{experiment}/runs?{UI_QUERY}"
 
 
-# The runs page's query: model-training layout, best validation perplexity first (the leaderboard's order)
+# The runs page's query: the model-training layout (MLflow 3's UI otherwise opens pages in the layout the browser last
+# chose, GenAI at first, whatever the experiment's kind), best validation perplexity first (the leaderboard's order)
 UI_QUERY = "workflowType=machine_learning&orderByKey=metrics.%60summary%2Fval_ppl%60&orderByAsc=true"
 
 

@@ -162,7 +162,7 @@ def test_eval_metrics_are_columns_blank_where_a_run_lacks_them(in_store_dir, tmp
 
 def test_the_markdown_table_is_compact_with_ids_in_the_csv_only(in_store_dir, tmp_path):
     """The table fits a preview pane: counts as 4.2M / 307K, wall time in minutes, no run ids (the CSV has them), and
-    the experiment column only when the runs come from more than one experiment."""
+    the experiment column only when the runs come from more than one experiment; the chart is drawn 800 px wide."""
     from nlplatform.leaderboard import compact
 
     assert [compact(v) for v in (737, 3929.4, 12_345, 307_200, 4_209_716, 1.3e9, 0.5)] == [
@@ -176,6 +176,8 @@ def test_the_markdown_table_is_compact_with_ids_in_the_csv_only(in_store_dir, tm
         assert {row["run_id"] for row in csv.DictReader(f)} == {ids["slow-good"], ids["fast-bad"]}
     both = build_leaderboard(["alpha", "sweep"], out=tmp_path / "two", tracking_uri=uri)
     assert "| experiment |" in both.markdown.read_text().splitlines()[0]
+    png = board.chart.read_bytes()  # drawn at the preview pane's width, so its text is not scaled down there
+    assert png.startswith(PNG_MAGIC) and int.from_bytes(png[16:20], "big") == 800
 
 
 def test_each_ranked_experiment_describes_its_own_ranking_and_keeps_what_a_user_wrote(in_store_dir, tmp_path):

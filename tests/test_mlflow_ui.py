@@ -25,9 +25,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    """(page link printed by `nlplatform leaderboard`, tracking URI, runs best first): two tiny Transformer++ runs
-    at two learning rates in one experiment of a fresh sqlite store served by `make tracking-server` (what `make ui`
-    is), then the leaderboard of that experiment through the command line."""
+    """(page link printed by `nlplatform leaderboard`, UI address printed by `make tracking-server`, tracking URI,
+    runs best first): two tiny Transformer++ runs at two learning rates in one experiment of a fresh sqlite store
+    served by `make tracking-server` (what `make ui` is), then the leaderboard of that experiment through the command
+    line."""
     from tests.servers import start_tracking_server
 
     work = tmp_path_factory.mktemp("ui")
@@ -45,7 +46,8 @@ def ui(tmp_path_factory):
         client = MlflowClient(server.uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([experiment.experiment_id], order_by=["metrics.`summary/val_ppl` ASC"])
-        yield links[0], server.uri, [r.info.run_name for r in runs]
+        (home,) = re.findall(r"^the UI: (\S+)", (work / "server.log").read_text(), flags=re.MULTILINE)
+        yield links[0], home, server.uri, [r.info.run_name for r in runs]
     finally:
         server.stop()
 
@@ -64,12 +66,12 @@ def _open(driver, link: str):
 
 
 def _expand(driver) -> None:
-    """Open the experiment's description (the UI shows its first line until then)."""
+    """Open the experiment's description (the UI shows its first line until then), once the button takes clicks (a
+    page still settling can cover it for a moment)."""
     from selenium.webdriver.common.by import By
 
-    driver.find_element(
-        By.CSS_SELECTOR, "[data-component-id='mlflow.experiment.metadata_editor.expand_button']"
-    ).click()
+    button = "[data-component-id='mlflow.experiment.metadata_editor.expand_button']"
+    wait_for(lambda: driver.find_element(By.CSS_SELECTOR, button).click() or True, what="the description's arrow")
 
 
 def _leaderboard_rows(driver) -> list[list[str]]:
@@ -86,7 +88,7 @@ def test_the_experiment_page_shows_the_leaderboard_rows_in_rank_order(ui):
     linked to its page), and the runs table below is sorted the same way, with no marker text showing."""
     from selenium.webdriver.common.by import By
 
-    link, uri, ranked = ui
+    link, _, uri, ranked = ui
     assert "workflowType=machine_learning" in link
     experiment = MlflowClient(uri).get_experiment_by_name(EXPERIMENT)  # created by training, marked as model training
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -109,17 +111,33 @@ def test_the_experiment_page_shows_the_leaderboard_rows_in_rank_order(ui):
         assert "nlplatform:leaderboard" not in body and "<!--" not in body
 
 
-def test_the_experiment_page_renders_to_the_readmes_screenshot(ui, tmp_path):
-    """The same page, leaderboard expanded, rendered to a PNG of the viewport's size (the README shows it; set
-    NLPLATFORM_UPDATE_SCREENSHOTS=1 to write it there)."""
+def test_two_clicks_from_make_ui_show_the_ranking_as_the_readmes_screenshot(ui, tmp_path):
+    """From the address `make ui` prints: the first time, the layout switch ("Model training", which the browser
+    keeps), the experiment and the description's arrow; on every later visit two clicks, experiment then arrow, show
+    the ranked table on the experiment's runs page. That page is rendered to a PNG of the viewport's size (the README
+    shows it; NLPLATFORM_UPDATE_SCREENSHOTS=1 writes it there)."""
     from selenium.webdriver.common.by import By
 
-    link, _, ranked = ui
-    with chromium() as driver:
-        _open(driver, link)
-        wait_for(lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"), what="the headline")
+    _, home, _, ranked = ui
+
+    def to_the_ranking(driver) -> list[list[str]]:
+        wait_for(lambda: driver.find_element(By.LINK_TEXT, EXPERIMENT), what="the experiment list").click()
+        headline = wait_for(lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"),
+                            what="the leaderboard's headline")  # fmt: skip
+        assert f"{ranked[0]} first" in headline.text
         _expand(driver)
-        wait_for(lambda: len(_leaderboard_rows(driver)) == len(ranked), what="the expanded leaderboard table")
+        return wait_for(lambda: _leaderboard_rows(driver), what="the expanded leaderboard table")
+
+    with chromium() as driver:
+        _open(driver, home)
+        wait_for(lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='Model training']"),
+                 what="the layout switch").click()  # fmt: skip
+        assert [row[1] for row in to_the_ranking(driver)] == ranked
+        driver.get(home)  # a later visit: the browser kept the layout
+        driver.refresh()
+        assert [row[1] for row in to_the_ranking(driver)] == ranked
+        assert "workflowType=genai" not in driver.current_url
+        assert driver.find_element(By.XPATH, "//h2[normalize-space(.)='Runs'] | //*[normalize-space(text())='Runs']")
         png = driver.get_screenshot_as_png()
     assert png.startswith(PNG_MAGIC)
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
