@@ -16,6 +16,7 @@ import csv
 import difflib
 import math
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -376,22 +377,27 @@ NOTE_TAG = "mlflow.note.content"  # an experiment's description: the top of its 
 NOTE_START, NOTE_END = "<!-- nlplatform:leaderboard -->", "<!-- /nlplatform:leaderboard -->"
 # The description's table: what a glance needs (every column stays in the leaderboard's files)
 NOTE_COLUMNS = ["run", "family", "params", "tokens_seen", "val_ppl", AVG_METRIC, "tokens_per_sec"]
+NOTE_ROWS = 20  # the best runs the description lists (a sweep's experiment holds hundreds; the files hold them all)
+NOTE_LIMIT = 20_000  # characters MLflow stores in an experiment tag
 
 
-def experiment_note(rows: list[dict[str, Any]], stamp: str, files_link: str | None = None) -> str:
+def experiment_note(rows: list[dict[str, Any]], stamp: str, files_link: tuple[str, str] | None = None,
+                    top: int = NOTE_ROWS) -> str:  # fmt: skip
     """The leaderboard section of one experiment's description (its own runs, best first): a headline the collapsed
-    description shows (the best run), the compact table with each run linked to its page, and where the full
-    files are."""
+    description shows (the best run), the compact table of the ``top`` best with each run linked to its page, and
+    where the full files are."""
     best = rows[0]
     ppl = f", val ppl {best['val_ppl']:.3f}" if best["val_ppl"] is not None else ""
     plural = "run" if len(rows) == 1 else "runs"
-    cols = [c for c in NOTE_COLUMNS if any(row.get(c) is not None for row in rows) or c in ("run", "val_ppl")]
-    table = markdown_table(rows, cols, link=lambda r: f"#/experiments/{r['experiment_id']}/runs/{r['run_id']}",
+    shown = rows[:top]
+    cols = [c for c in NOTE_COLUMNS if any(row.get(c) is not None for row in shown) or c in ("run", "val_ppl")]
+    table = markdown_table(shown, cols, link=lambda r: f"#/experiments/{r['experiment_id']}/runs/{r['run_id']}",
                            pad="&emsp;")  # fmt: skip
-    more = f" Every column, the CSV and the charts: [{files_link[0]}]({files_link[1]})." if files_link else ""
+    rest = f"The best {len(shown)} of {len(rows)}. " if len(shown) < len(rows) else ""
+    more = f" Every run and column, the CSV and the charts: [{files_link[0]}]({files_link[1]})." if files_link else ""
     return (
         f"#### Leaderboard: {best['run']} first{ppl} ({len(rows)} {plural} ranked by val ppl)\n\n{table}\n"
-        f"Updated {stamp} by `nlplatform leaderboard`.{more}"
+        f"{rest}Updated {stamp} by `nlplatform leaderboard`.{more}"
     )
 
 
@@ -416,11 +422,19 @@ def publish(uri: str, rows: list[dict[str, Any]], stamp: str, board: tuple[str, 
     by_experiment: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_experiment.setdefault(row["experiment_id"], []).append(row)
+    written = {}
     for experiment_id, own in by_experiment.items():
         existing = client.get_experiment(experiment_id).tags.get(NOTE_TAG)
-        note = merge_note(existing, experiment_note(own, stamp, files_link))
+        # fewer rows when the user's own text leaves too little room in the tag
+        notes = (merge_note(existing, experiment_note(own, stamp, files_link, top)) for top in (NOTE_ROWS, 5, 1))
+        note = next((n for n in notes if len(n) <= NOTE_LIMIT), None)
+        if note is None:
+            print(f"warning: experiment {own[0]['experiment']!r}: its description leaves no room for the leaderboard "
+                  f"(MLflow keeps {NOTE_LIMIT:,} characters); shorten it", file=sys.stderr)  # fmt: skip
+            continue
         client.set_experiment_tag(experiment_id, NOTE_TAG, note)
-    return {own[0]["experiment"]: experiment_id for experiment_id, own in by_experiment.items()}
+        written[own[0]["experiment"]] = experiment_id
+    return written
 
 
 def publish_experiments(experiments: list[str], uri: str) -> dict[str, str]:

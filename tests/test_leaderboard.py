@@ -444,3 +444,31 @@ def test_runs_with_long_context_scores_get_an_accuracy_by_length_chart(tmp_path,
     assert board.long_context_chart.read_bytes().startswith(PNG_MAGIC)
     names = {Path(a.path).name for a in client.list_artifacts(board.run_id)}
     assert "leaderboard-long_context.png" in names
+
+
+def test_a_large_experiments_description_lists_its_best_runs_within_mlflows_limit(tmp_path, monkeypatch):
+    """A sweep's experiment holds many runs: the description lists the best ``NOTE_ROWS`` and says how many there are
+    (the files keep them all), and fewer when the user's own text leaves too little of the tag's 20,000 characters;
+    with no room at all the description is left as it was, with a warning."""
+    from nlplatform.leaderboard import NOTE_LIMIT, NOTE_ROWS, NOTE_TAG
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = _client(uri)
+    for i in range(NOTE_ROWS + 5):
+        _add_run(client, "many", f"trial-{i:02d}", _summary(10.0 + i, 100.0))
+    experiment = client.get_experiment_by_name("many").experiment_id
+    board = build_leaderboard(["many"], out=tmp_path / "one", tracking_uri=uri)
+    assert len(board.rows) == NOTE_ROWS + 5
+    note = client.get_experiment(experiment).tags[NOTE_TAG]
+    assert f"The best {NOTE_ROWS} of {NOTE_ROWS + 5}." in note
+    assert "[trial-19]" in note and "[trial-20]" not in note  # val ppl 10 + i: the first twenty
+
+    client.set_experiment_tag(experiment, NOTE_TAG, "x" * (NOTE_LIMIT - 2500))
+    build_leaderboard(["many"], out=tmp_path / "two", tracking_uri=uri)
+    note = client.get_experiment(experiment).tags[NOTE_TAG]
+    assert len(note) <= NOTE_LIMIT and "The best 5 of 25." in note and note.endswith("x" * 100)
+
+    client.set_experiment_tag(experiment, NOTE_TAG, "y" * NOTE_LIMIT)
+    board = build_leaderboard(["many"], out=tmp_path / "three", tracking_uri=uri)
+    assert client.get_experiment(experiment).tags[NOTE_TAG] == "y" * NOTE_LIMIT and board.experiment_ids == {}
