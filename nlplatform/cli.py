@@ -206,13 +206,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _say_where_the_ui_shows(board, uri: str | None) -> None:
-    """On stderr: the page of each ranked experiment in the MLflow UI, which now opens on its leaderboard."""
-    from nlplatform.tracking import UI_QUERY, tracking_uri, ui_link
+    from nlplatform.leaderboard import announce
+    from nlplatform.tracking import tracking_uri
 
-    uri = uri or tracking_uri()
-    for name, experiment in (board.experiment_ids or {}).items():
-        link = ui_link(uri, experiment) or f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?{UI_QUERY} (make ui)"
-        print(f"leaderboard of {name!r} in the MLflow UI: {link}", file=sys.stderr)
+    announce(board.experiment_ids, uri or tracking_uri())
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -437,6 +437,16 @@ def publish(uri: str, rows: list[dict[str, Any]], stamp: str, board: tuple[str, 
     return written
 
 
+def announce(experiment_ids: dict[str, str] | None, uri: str) -> None:
+    """On stderr: the page of each experiment whose description now holds its leaderboard, in the MLflow UI serving
+    ``uri`` (for a sqlite store, the one ``make ui`` serves)."""
+    from nlplatform.tracking import UI_QUERY, ui_link
+
+    for name, experiment in (experiment_ids or {}).items():
+        link = ui_link(uri, experiment) or f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?{UI_QUERY} (make ui)"
+        print(f"leaderboard of {name!r} in the MLflow UI: {link}", file=sys.stderr)
+
+
 def publish_experiments(experiments: list[str], uri: str) -> dict[str, str]:
     """Rank ``experiments`` and write their descriptions only (no files, no leaderboard run): what a sweep does when
     it ends. Returns {name: id} of the experiments written."""

@@ -786,11 +786,15 @@ def _summarise(sweep: Sweep, url: str, tracking_uri: str | None, parent: str | N
         _not_fatal(f"the study's summary (parent run {parent})",
                    lambda: _log_summary(tracking_uri, parent, sweep, plots, trials, complete, counts, best))  # fmt: skip
     if tracking_uri and complete:  # the experiment's page in the MLflow UI opens on its ranking, trials included
-        from nlplatform.leaderboard import publish_experiments
-
-        _not_fatal(f"the leaderboard of experiment {sweep.experiment!r}",
-                   lambda: publish_experiments([sweep.experiment], tracking_uri))  # fmt: skip
+        _not_fatal(f"the leaderboard of experiment {sweep.experiment!r}", lambda: _publish(sweep, tracking_uri))
     return SweepResult(sweep.name, mask(url), len(trials), best, importances, parent, plots)
+
+
+def _publish(sweep: Sweep, tracking_uri: str) -> None:
+    """The sweep experiment's leaderboard into its description, and its page's address on stderr."""
+    from nlplatform.leaderboard import announce, publish_experiments
+
+    announce(publish_experiments([sweep.experiment], tracking_uri), tracking_uri)
 
 
 def _log_summary(tracking_uri, parent, sweep, plots, trials, complete, counts, best) -> None:

@@ -112,6 +112,8 @@ def test_two_machines_share_one_postgresql_study_and_its_budget_exactly(postgres
     experiment = client.get_experiment_by_name("sweep-shared")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "(4 runs ranked by val ppl)" in experiment.tags["mlflow.note.content"]
+    page = "leaderboard of 'sweep-shared' in the MLflow UI: http://alice:***@127.0.0.1:"
+    assert all(page in err for _, err in outputs)  # each machine's sweep says where its ranking is
 
     # secrets: outputs, every file of every run (recipes, run.json, checkpoints), MLflow params and tags, artifacts
     everything = [created.stdout, created.stderr, *(out + err for out, err in outputs)]
