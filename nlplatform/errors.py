@@ -1,6 +1,12 @@
 """The exceptions the command line turns into a clear message and an exit code (2 for bad input)."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for a message: its first line (at most 300 characters), or its type's name."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 class UserError(Exception):
     """Bad input from the person running a command: a recipe, a path, a corpus, a checkpoint.
 

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nlplatform.config import ConfigError, _check_keys, check_recipe_keys, load_recipe
-from nlplatform.errors import UserError
+from nlplatform.errors import UserError, one_line
 from nlplatform.secrets import mask
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
@@ -513,8 +513,7 @@ def _not_fatal(what: str, call) -> None:
     try:
         call()
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(mask(f"warning: {what} not logged to MLflow: {reason[:240]}"), file=sys.stderr)
+        print(mask(f"warning: {what} not logged to MLflow: {one_line(exc)}"), file=sys.stderr)
 
 
 def _worker(ctx: _Context, n_trials: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nlplatform.config import RecipeConfig, flatten, recipe_to_dict
-from nlplatform.errors import UserError
+from nlplatform.errors import UserError, one_line
 from nlplatform.secrets import mask
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -309,9 +309,8 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tag
 
 def unreachable(uri: str, exc: Exception, remedy: str) -> UserError:
     """Bad input (exit 2) for a store that does not answer when a command starts, password masked."""
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(
-        mask(f"cannot reach the MLflow store {uri}: {reason[:240]}; start it (make tracking-server), {remedy}")
+        mask(f"cannot reach the MLflow store {uri}: {one_line(exc)}; start it (make tracking-server), {remedy}")
     )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from nlplatform.errors import one_line
 from nlplatform.files import clean_stale_temporaries, fsync_dir, make_staging_dir, temporary_tag
 
 T = TypeVar("T")
@@ -18,11 +19,6 @@ T = TypeVar("T")
 
 class FetchError(Exception):
     """A step of a download failed; the message is one line. Callers turn it into a UserError naming their command."""
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def pip_download(cmd: Sequence[str], shown: str, timeout: int = 900) -> None:
