@@ -30,7 +30,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
+.PHONY: help setup export postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first and pinned: torch==2.13.0 is a CPU wheel here; any looser spec pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[kernels,eval,sweep,dev]"
+	$(PY) -m pip install -q -e ".[kernels,eval,sweep,hf,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install the project (editable) with all extras
@@ -71,6 +71,10 @@ train: $(STAMP) ## train RECIPE (default: the tiny default recipe) with ARGS="ke
 eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt with lm-eval on SUITE (default commonsense) with ARGS="--limit N"
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<experiment>/<run>/checkpoints/last.ckpt [SUITE=smoke] [ARGS=...]" >&2; exit 2; }
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m nlplatform eval $(CKPT) --suite $(SUITE) $(ARGS)
+
+export: $(STAMP) ## write CKPT=path/to.ckpt as a Hugging Face transformers folder OUT=dir (default: <run>/hf)
+	@test -n "$(CKPT)" || { echo "usage: make export CKPT=runs/<experiment>/<run>/checkpoints/last.ckpt [OUT=dir]" >&2; exit 2; }
+	$(PY) -m nlplatform export $(CKPT) $(or $(OUT),$(abspath $(dir $(CKPT))../hf))
 
 sweep: $(STAMP) data ## run or continue the Optuna study of SWEEP (default: tiny HOPE levels); ARGS="--n-trials N --workers K --storage URL"
 	$(PY) -m nlplatform sweep $(SWEEP) $(ARGS)

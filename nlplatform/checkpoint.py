@@ -1,7 +1,9 @@
-"""Load a trained model from a training checkpoint without Lightning (generation, evaluation, scripts)."""
+"""Load a trained model from a training checkpoint, or from a folder ``nlplatform export`` wrote, without Lightning
+or ``transformers`` (generation, evaluation, scripts)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +58,14 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a training checkpoint in eval mode, with its recipe and tokenizer."""
+    """The model of a training checkpoint (or of an exported folder) in eval mode, with its recipe and tokenizer."""
     from nlplatform.models.base import flush_denormals
     from nlplatform.registry import build_model, check_model_format
 
     flush_denormals()
     path = Path(path)
+    if path.is_dir():
+        return load_export(path, device)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     state = read_checkpoint(path)
@@ -71,9 +75,49 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = build_model(recipe.model)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
+    _place(model, device)
+    tokenizer = _tokenizer_for(hparams.get("tokenizer", "bytes"), path)
+    return LoadedModel(model=model, recipe=recipe, tokenizer=tokenizer, step=int(state.get("global_step", 0)))
+
+
+def _place(model: nn.Module, device: str | torch.device) -> None:
     try:
         model.to(device).eval()
     except (RuntimeError, AssertionError, ValueError) as exc:  # unknown device string, CUDA not available, ...
         raise UserError(f"cannot place the model on device {device!r}: {str(exc).splitlines()[0]}") from None
-    tokenizer = _tokenizer_for(hparams.get("tokenizer", "bytes"), path)
-    return LoadedModel(model=model, recipe=recipe, tokenizer=tokenizer, step=int(state.get("global_step", 0)))
+
+
+def load_export(folder: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a folder written by ``nlplatform export``: its ``config.json`` (the family's config, the masked
+    recipe, the tokenizer kind, the model format), ``model.safetensors`` (read as data) and, for BPE, its
+    ``tokenizer.json``. A folder that is not such an export, or whose weights are missing, truncated or of other
+    shapes, is refused in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from nlplatform.data.tokenizer import Tokenizer, load_tokenizer
+    from nlplatform.registry import build_model, check_model_format, config_from_fields
+
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    try:
+        config = json.loads(config_path.read_text())
+        family = config["model_type"].removeprefix("nlplatform-")
+        model_fields, recipe_dict = {**config["model"], "name": family}, config["recipe"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{folder} is not a model folder written by `nlplatform export` (no readable config.json "
+                        "with an nlplatform model)") from None  # fmt: skip
+    if not weights_path.is_file():
+        raise UserError(f"{folder}: model.safetensors is missing")
+    check_model_format(family, config.get("model_format"), f"model folder {folder}")
+    recipe = recipe_from_dict(recipe_dict, saved=True)
+    model = build_model(config_from_fields(model_fields))
+    try:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in load_file(weights_path).items()})
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise UserError(f"{weights_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from None
+    if hasattr(model, "set_test_time_learning"):
+        model.set_test_time_learning(bool(config.get("test_time_learning", True)))
+    _place(model, device)
+    tokenizer = Tokenizer() if config.get("tokenizer", "bytes") == "bytes" else load_tokenizer(f"file:{folder}")
+    step = int((config.get("training") or {}).get("step", 0))
+    return LoadedModel(model=model, recipe=recipe, tokenizer=tokenizer, step=step)

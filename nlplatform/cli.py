@@ -190,6 +190,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nlplatform.export import export
+
+    print(export(args.checkpoint, args.out_dir).resolve())  # the contract: the folder is the last line of stdout
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -265,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval_data)
 
     p = sub.add_parser("eval", help="score a checkpoint with lm-eval on a suite (offline), results beside it")
-    p.add_argument("checkpoint", help="a training checkpoint (.ckpt)")
+    p.add_argument("checkpoint", help="a training checkpoint (.ckpt), or a folder of `nlplatform export`")
     p.add_argument("--suite", default="commonsense",
                    help="evals/suites/<name>.yaml (commonsense, the default; smoke; extended), long_context or continual")  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
@@ -353,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("generate", help="sample text from a trained checkpoint")
-    p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`")
+    p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`, or a folder of `nlplatform export`")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -361,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder")
+    p.add_argument("checkpoint", help="a .ckpt written by `nlplatform train`")
+    p.add_argument("out_dir", help="a new (or empty) folder")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -48,6 +48,13 @@ def model_config(name: str, preset: str, **overrides: Any) -> ModelConfig:
     return spec.config_cls(**{**spec.presets[preset], **overrides, "name": name, "preset": preset})
 
 
+def config_from_fields(fields: dict[str, Any]) -> ModelConfig:
+    """A family's config from all of its fields as ``dataclasses.asdict`` wrote them (``name`` and ``preset``
+    included): how an exported model folder keeps it."""
+    rest = {k: v for k, v in fields.items() if k not in ("name", "preset")}
+    return model_config(fields["name"], fields["preset"], **rest)
+
+
 def check_model_format(name: str, saved: int | None, source: str) -> None:
     """Refuse a checkpoint whose weights were trained for another version of the family's math (``saved``: its
     ``model_format``; None for checkpoints from before the field, which are format 1)."""

@@ -101,6 +101,12 @@ class Tokenizer:
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
 
+    def backend_json(self) -> str:
+        """This tokenizer as a Hugging Face ``tokenizers`` JSON, bytes included: ``transformers.AutoTokenizer`` (as
+        ``PreTrainedTokenizerFast``) loads it with the same ids. Bytes become a byte-level BPE without merges whose
+        vocabulary maps each byte's ByteLevel symbol to the byte's value, and ``<|endoftext|>`` to 256."""
+        return (self.backend or _bytes_backend()).to_str(pretty=True)
+
     def save(self, folder: str | Path) -> str:
         """Write what reloading needs into ``folder``; return the spec for ``load_tokenizer``.
 
@@ -220,6 +226,27 @@ def _bpe(train_docs: Sequence[str], root: Path, vocab_size: int) -> Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, backend.to_str(pretty=True))
     return Tokenizer(backend, name=f"bpe-{vocab_size}", eot_id=backend.token_to_id(EOT_TOKEN))
+
+
+def _byte_symbols() -> dict[int, str]:
+    """The ByteLevel pre-tokenizer's symbol for each byte: printable Latin-1 bytes stand for themselves, the other
+    bytes take the code points from 256 on, in byte order (the GPT-2 byte-to-unicode table)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _bytes_backend() -> Any:
+    """The bytes tokenizer as a ``tokenizers.Tokenizer``: ids 0-255 the UTF-8 bytes, 256 end-of-text."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {symbol: b for b, symbol in _byte_symbols().items()}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(EOT_TOKEN, special=True)])
+    return backend
 
 
 def train_bpe(docs: Sequence[str], vocab_size: int) -> Any:
