@@ -25,6 +25,7 @@ from nlplatform.checkpoint import load_checkpoint
 from nlplatform.cli import main
 from nlplatform.config import recipe_from_dict, recipe_to_dict
 from nlplatform.export import export
+from tests.eval.test_data import needs_eval_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4}
@@ -245,3 +246,20 @@ def test_transformers_never_takes_our_kernels_package_for_its_own():
 def test_importing_nlplatform_does_not_import_transformers():
     code = "import sys, nlplatform, nlplatform.cli, nlplatform.checkpoint; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_eval_data
+def test_nlplatform_eval_scores_an_exported_folder_as_its_checkpoint(exported, tmp_path, capsys):
+    """The smoke suite on the folder and on its checkpoint: the same scores; the folder's JSON beside it."""
+    ckpt, folder = exported("trained-transformer")
+    (tmp_path / "ckpt").mkdir()
+    local_ckpt, local = tmp_path / "ckpt" / "last.ckpt", tmp_path / "hf"
+    shutil.copy(ckpt, local_ckpt)
+    shutil.copytree(folder, local)
+    scores = []
+    for source in (local_ckpt, local):
+        assert main(["eval", str(source), "--suite", "smoke", "--limit", "2", "--no-track"]) == 0
+        path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        scores.append(json.loads(path.read_text())["metrics"])
+    assert path == tmp_path / "eval-smoke-hf.json"
+    assert scores[0] == scores[1] and scores[0]
