@@ -8,7 +8,10 @@ unchanged, so all of its options work. For example::
     python -m nlplatform.lm_eval --model nlplatform --model_args pretrained=runs/tiny/RUN/checkpoints/last.ckpt \\
         --tasks piqa,arc_easy --limit 20 --batch_size 16
 
-The held-out corpus task is available when ``pretrained=`` names a checkpoint (its recipe says which corpus).
+The held-out corpus task is available when ``pretrained=`` names a checkpoint or an exported folder (its recipe
+says which corpus). lm-eval's own backends stay available: ``--model hf --model_args
+pretrained=FOLDER,trust_remote_code=True`` scores a folder of ``nlplatform export`` through ``transformers``, the
+standard cross-check of our adapter.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def prepare_tasks(argv: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lm-eval registers its own backends (hf, vllm, ...) only when it finds its registry empty: load them first, or
+    # registering ours would hide them
+    import lm_eval.models  # noqa: F401
+
     import nlplatform.eval.harness  # noqa: F401  (registers the "nlplatform" model with lm-eval)
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -263,3 +263,26 @@ def test_nlplatform_eval_scores_an_exported_folder_as_its_checkpoint(exported, t
         scores.append(json.loads(path.read_text())["metrics"])
     assert path == tmp_path / "eval-smoke-hf.json"
     assert scores[0] == scores[1] and scores[0]
+
+
+@needs_eval_data
+def test_lm_eval_command_line_scores_a_folder_with_its_hf_backend_as_with_ours(exported, tmp_path):
+    """``python -m nlplatform.lm_eval`` keeps lm-eval's own backends: ``--model hf`` on the exported folder and
+    ``--model nlplatform`` on it give the same scores on our offline tasks (a loglikelihood task and the held-out
+    corpus's rolling perplexity)."""
+    _, folder = exported("trained-transformer")
+    results = {}
+    for model, extra in (("hf", ",trust_remote_code=True"), ("nlplatform", "")):
+        out = tmp_path / model
+        proc = subprocess.run(
+            [sys.executable, "-m", "nlplatform.lm_eval", "--model", model, "--model_args", f"pretrained={folder}{extra}",
+             "--tasks", "arc_easy,heldout_corpus", "--limit", "3", "--batch_size", "1", "--device", "cpu",
+             "--output_path", str(out)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (path,) = out.rglob("results_*.json")
+        results[model] = json.loads(path.read_text())["results"]
+    for task in ("arc_easy", "heldout_corpus"):
+        ours = {k: v for k, v in results["nlplatform"][task].items() if isinstance(v, float)}
+        assert ours and all(abs(results["hf"][task][k] - v) <= TOL * max(1.0, abs(v)) for k, v in ours.items())
