@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nlplatform import registry
@@ -79,10 +80,11 @@ class StateCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def _refuse(self, *_: Any, **__: Any):
+    @staticmethod
+    def _refuse(*_: Any, **__: Any):
         raise NotImplementedError(
             "nlplatform models keep one state per sequence and cannot reorder, crop or split it: use greedy or "
-            "sampled decoding (no beam search or assisted generation)"
+            "sampled decoding (no beam search, assisted or contrastive generation)"
         )
 
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
@@ -116,6 +118,8 @@ class NLPlatformForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length) -> None:  # fmt: skip
         """A fresh ``StateCache`` for ``batch_size`` sequences of up to ``max_cache_length`` tokens."""
+        if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            StateCache._refuse()
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
             return
         param = next(self.parameters())

@@ -286,3 +286,22 @@ def test_lm_eval_command_line_scores_a_folder_with_its_hf_backend_as_with_ours(e
     for task in ("arc_easy", "heldout_corpus"):
         ours = {k: v for k, v in results["nlplatform"][task].items() if isinstance(v, float)}
         assert ours and all(abs(results["hf"][task][k] - v) <= TOL * max(1.0, abs(v)) for k, v in ours.items())
+
+
+def test_generation_a_state_cannot_follow_is_refused_with_what_works(exported):
+    """Beam search would reorder the state and a padded batch would feed it padding: both are refused by name, while
+    an unpadded batch samples."""
+    from transformers import AutoModelForCausalLM
+
+    import nlplatform.hf  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(exported("hope")[1])
+    ids = IDS[:, :8].repeat(2, 1)
+    with pytest.raises(NotImplementedError, match="no beam search"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, num_beams=2)
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="padded batch"):
+        model.generate(ids, attention_mask=padded, max_new_tokens=2)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True, top_k=5)
+    assert out.shape == (2, 11)
