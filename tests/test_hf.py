@@ -36,9 +36,9 @@ IDS = torch.randint(0, 257, (1, 90), generator=torch.Generator().manual_seed(0))
 REQUESTS = [("To be, or not", " to be"), ("The king", " is dead."), ("", "Once upon a time"), ("A\nB", "\nC")]
 
 
-def _checkpoint(folder: Path, family: str, tokenizer: str = "bytes") -> Path:
+def _checkpoint(folder: Path, family: str, tokenizer: str = "bytes", **model: object) -> Path:
     """A random-initialised checkpoint as training writes it (recipe, model weights, format), with a bytes or a
-    freshly trained BPE tokenizer beside it."""
+    freshly trained BPE tokenizer beside it; ``model``: more model fields."""
     from nlplatform.data.tokenizer import Tokenizer, train_bpe
 
     folder.mkdir(parents=True)
@@ -48,7 +48,7 @@ def _checkpoint(folder: Path, family: str, tokenizer: str = "bytes") -> Path:
         backend = train_bpe(texts, 300)
         tok = Tokenizer(backend, name="bpe", eot_id=backend.token_to_id("<|endoftext|>"))
         spec, vocab = tok.save(folder), tok.vocab_size
-    recipe = recipe_from_dict({"model": {"name": family, "preset": "tiny", "vocab_size": vocab, **SMALL},
+    recipe = recipe_from_dict({"model": {"name": family, "preset": "tiny", "vocab_size": vocab, **SMALL, **model},
                                "data": {"seq_len": 128, "tokenizer": "bpe" if tokenizer == "bpe" else "bytes"}})  # fmt: skip
     torch.manual_seed(0)
     model = registry.build_model(recipe.model)
@@ -62,7 +62,9 @@ def _checkpoint(folder: Path, family: str, tokenizer: str = "bytes") -> Path:
     return folder / "last.ckpt"
 
 
-CASES = [*registry.FAMILIES, "deltanet-bpe", "trained-transformer", "trained-hope"]
+# random-init cases beyond one per family: (family, tokenizer, model fields)
+EXTRA = {"deltanet-bpe": ("deltanet", "bpe", {}), "hope-attention": ("hope", "bytes", {"variant": "attention"})}
+CASES = [*registry.FAMILIES, *EXTRA, "trained-transformer", "trained-hope"]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def exported(tmp_path_factory, trained_run, family_run):
             elif case == "trained-hope":
                 ckpt = family_run("hope")[0] / "checkpoints" / "last.ckpt"
             else:
-                family, _, tok = case.partition("-")
-                ckpt = _checkpoint(root / case, family, tok or "bytes")
+                family, tok, fields = EXTRA.get(case, (case, "bytes", {}))
+                ckpt = _checkpoint(root / case, family, tok, **fields)
             made[case] = ckpt, export(ckpt, root / f"{case}-hf")
         return made[case]
 
