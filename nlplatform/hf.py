@@ -95,8 +95,6 @@ class NLPlatformForCausalLM(PreTrainedModel, GenerationMixin):
 
     config_class = NLPlatformConfig
     base_model_prefix = "model"
-    main_input_name = "input_ids"
-    _supports_cache_class = True
 
     def __init__(self, config: NLPlatformConfig) -> None:
         super().__init__(config)
