@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
 from nlplatform.checkpoint import LoadedModel, load_checkpoint
 from nlplatform.config import recipe_to_dict, recipe_to_yaml
 from nlplatform.errors import UserError
-from nlplatform.files import _umask, fsync_dir, make_staging_dir
+from nlplatform.files import file_mode, fsync_dir, fsync_file, make_staging_dir
 
 SHIM = "hf_nlplatform.py"
 SHIM_TEXT = '''"""The model classes of this folder: ``trust_remote_code=True`` imports them from the installed nlplatform."""
@@ -49,8 +48,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     try:
         _write(loaded, Path(checkpoint), staging, hf)
         for path in staging.iterdir():  # files as any other the user writes (the umask's mode), on disk
-            path.chmod(0o666 & ~_umask())
-            _fsync(path)
+            path.chmod(file_mode())
+            fsync_file(path)
         if out.exists():
             out.rmdir()  # empty (checked above)
         staging.rename(out)
@@ -59,11 +58,6 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _write(loaded: LoadedModel, checkpoint: Path, folder: Path, hf) -> None:
@@ -93,14 +87,11 @@ def _write(loaded: LoadedModel, checkpoint: Path, folder: Path, hf) -> None:
     wrapped.model.load_state_dict(model.state_dict())
     wrapped.generation_config = GenerationConfig(eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
     wrapped.save_pretrained(folder)
+    backend = HFTokenizer.from_str(tok.backend_json())
+    eot = backend.id_to_token(tok.eot_id)
     # bytes: literal "<|endoftext|>" in a text stays bytes, as the platform's own byte tokenizer encodes it
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=HFTokenizer.from_str(tok.backend_json()),
-        eos_token=tok.backend.id_to_token(tok.eot_id) if tok.backend is not None else "<|endoftext|>",
-        pad_token=tok.backend.id_to_token(tok.eot_id) if tok.backend is not None else "<|endoftext|>",
-        model_max_length=recipe.data.seq_len,
-        split_special_tokens=tok.backend is None,
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, pad_token=eot,
+                                   model_max_length=recipe.data.seq_len, split_special_tokens=tok.backend is None)  # fmt: skip
     fast.save_pretrained(folder)
     (folder / SHIM).write_text(SHIM_TEXT)
     (folder / "README.md").write_text(model_card(loaded, config.training))
@@ -173,7 +164,8 @@ def model_card(loaded: LoadedModel, training: dict) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tok = AutoTokenizer.from_pretrained("PATH")',
+        "",
+        'tok = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
         'ids = tok("To be, or not", return_tensors="pt").input_ids',
         "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))",

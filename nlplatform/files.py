@@ -50,6 +50,17 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def fsync_file(path: Path) -> None:
+    """Sync a file's contents to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(folder: Path) -> None:
     """Sync a folder's entries (a rename or a new file in it) to disk; a no-op where folders cannot be opened."""
     try:
@@ -67,8 +78,7 @@ def fsync_dir(folder: Path) -> None:
 def replace_durably(tmp: Path, path: Path) -> None:
     """Sync ``tmp``'s contents, rename it over ``path`` and sync the folder: ``path`` is the old file or the new one,
     whole, even after a power loss."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
 
@@ -83,7 +93,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

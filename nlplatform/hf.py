@@ -33,7 +33,7 @@ __all__ = ["CONFIGS", "MODELS", "NLPlatformConfig", "NLPlatformForCausalLM", "St
 
 class NLPlatformConfig(PreTrainedConfig):
     """A family's model config as ``transformers`` keeps it: ``model`` holds the fields of the family's own config
-    dataclass (``registry.model_config(name, preset, **model)`` rebuilds it), ``recipe`` the training recipe with its
+    dataclass (``registry.config_from_fields`` rebuilds it), ``recipe`` the training recipe with its
     secrets masked (what ``nlplatform eval`` needs of the data), ``tokenizer`` how to reload the tokenizer
     (``bytes`` or ``file``: the folder's ``tokenizer.json``)."""
 
