@@ -15,8 +15,8 @@ import torch
 
 from kernels._checks import check_one_device
 from kernels._dispatch import resolve_backend, takes_inputs
+from kernels.memory_math import ACTIVATIONS
 from kernels.self_modifying.reference import (
-    ACTIVATIONS,
     SelfModState,
     check_chunk_sizes,
     chunk_self_modifying_titans,

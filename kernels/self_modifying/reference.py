@@ -14,17 +14,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.titans_memory.reference import (
-    ACTIVATIONS,
-    _clip_factor,
-    _grad_factors,
-    _phi,
-    _segment_products,
-    memory_read,
-)
+from kernels.memory_math import clip_factor, grad_factors, phi, segment_products
+from kernels.titans_memory.reference import memory_read
 
 __all__ = [
-    "ACTIVATIONS",
     "SelfModState",
     "chunk_self_modifying_titans",
     "initial_self_mod_state",
@@ -101,7 +94,7 @@ def _update_factors(k, v, anchor, momentum, before, activation, max_grad_norm, d
     (I + Gamma_before * (A_hat A_hat^T)) R = |A| * Delta + keep_before * (A_hat W_0) + d_before * (A_hat S_0)."""
     vhat = _residual_read(v[:, None], anchor, activation)
     keys = k[:, None].expand_as(vhat)
-    lefts, deltas = _grad_factors(keys, vhat - keys, anchor, activation, max_grad_norm)
+    lefts, deltas = grad_factors(keys, vhat - keys, anchor, activation, max_grad_norm)
     if not dgd:
         return lefts, deltas
     keep, d, gamma = (t[:, None] for t in before)  # broadcast over the group's memories
@@ -134,7 +127,7 @@ class _Coefficients(NamedTuple):
 def _coefficients(eta: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> _Coefficients:
     """The coefficients of a chunk, gates [B, H, n] (or of several chunks at once, [B, H, NC, n]; beta [H])."""
     decay = beta.reshape(-1, *([1] * (eta.dim() - 2))).expand_as(eta)
-    d_keep, d_mom = _segment_products(alpha), _segment_products(decay)  # P_i / P_r and E_r / E_s, [.., n, n]
+    d_keep, d_mom = segment_products(alpha), segment_products(decay)  # P_i / P_r and E_r / E_s, [.., n, n]
     keep, mom = alpha.cumprod(-1), decay.cumprod(-1)
     d = d_keep @ mom[..., None]
     gamma = (d_keep @ d_mom) * eta[..., None, :]
@@ -187,7 +180,7 @@ def _read_before_write(q, weights, momentum, lefts, rights, before, activation: 
     for i in range(len(weights)):
         z = keep * (h @ weights[i][:, 0]) + d * (h @ momentum[i][:, 0])
         z = z - (gamma * (h @ lefts[i][:, 0].transpose(-1, -2))) @ rights[i][:, 0]
-        h = _phi(z, activation) if i < len(weights) - 1 else z
+        h = phi(z, activation) if i < len(weights) - 1 else z
     return q + h
 
 
@@ -344,7 +337,7 @@ def recurrent_self_modifying_titans(
             target = _residual_read(v, anchor[m], activation)  # the memory's own value for this token
             grads = _inner_grads(k, target, anchor[m], activation, outer)
             if max_grad_norm is not None:
-                factor = _clip_factor(sum(g.pow(2).sum((-1, -2)) for g in grads), max_grad_norm)[..., None, None]
+                factor = clip_factor(sum(g.pow(2).sum((-1, -2)) for g in grads), max_grad_norm)[..., None, None]
                 grads = [g * factor for g in grads]
             updates = list(grads)
             if dgd:
@@ -352,7 +345,7 @@ def recurrent_self_modifying_titans(
                 for i, w in enumerate(anchor[m]):
                     u = F.normalize(a, dim=-1, eps=NORM_EPS)  # the layer's input at the anchor: a key of Eq. 88
                     updates[i] = updates[i] + (u.transpose(-1, -2) @ u) @ W[m][i]  # times the running weights
-                    a = _phi(a @ w, activation)
+                    a = phi(a @ w, activation)
             S[m] = [beta * s - eta * u for s, u in zip(S[m], updates)]
             W[m] = [alpha * w + s for w, s in zip(W[m], S[m])]
     o = torch.stack(outs, dim=1).to(out_dtype)

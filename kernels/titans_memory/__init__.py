@@ -13,8 +13,8 @@ import torch
 
 from kernels._checks import check_chunk_size, check_one_device, check_per_token, check_qkv
 from kernels._dispatch import resolve_backend, takes_inputs
+from kernels.memory_math import ACTIVATIONS
 from kernels.titans_memory.reference import (
-    ACTIVATIONS,
     MemoryState,
     chunk_titans_memory,
     initial_memory_state,

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from kernels.memory_math import segment_products
 from kernels.titans_memory.chunk_kernels import titans_memory_bwd_kernel, titans_memory_fwd_kernel
-from kernels.titans_memory.reference import MemoryState, _segment_products
+from kernels.titans_memory.reference import MemoryState
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHUNK = 64  # the [C, C] score and coefficient tiles live in registers
@@ -93,7 +94,7 @@ def chunk_coefficients(theta, eta, keep, chunk_size: int, block: int, read_befor
         return F.pad(x.reshape(B, H, NC, chunk_size), (0, block - chunk_size), value=pad)
 
     keep, e, th = chunked(keep, 1.0), chunked(eta, 1.0), chunked(theta, 0.0)
-    d_beta, d_eta = _segment_products(keep), _segment_products(e)
+    d_beta, d_eta = segment_products(keep), segment_products(e)
     c, big_e = keep.cumprod(-1), e.cumprod(-1)
     d = (d_beta @ big_e[..., None]).squeeze(-1)
     gamma = (d_beta @ d_eta) * th[..., None, :]

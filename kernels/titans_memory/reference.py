@@ -9,10 +9,11 @@ dtype and float32 and return y in v's dtype.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
+
+from kernels.memory_math import clip_factor, grad_factors, phi, segment_products
 
 
 class MemoryState(NamedTuple):
@@ -22,27 +23,12 @@ class MemoryState(NamedTuple):
     momentum: tuple[torch.Tensor, ...]
 
 
-ACTIVATIONS = ("gelu", "silu")
-
-
-def _phi(z: torch.Tensor, activation: str) -> torch.Tensor:
-    return torch.nn.functional.gelu(z) if activation == "gelu" else torch.nn.functional.silu(z)
-
-
-def _phi_prime(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """phi'(z) in closed form (differentiable, so outer gradients flow through the inner gradients)."""
-    if activation == "gelu":  # d/dz z Phi(z) = Phi(z) + z N(z)
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    s = torch.sigmoid(z)  # d/dz z s(z) = s(z) (1 + z (1 - s(z)))
-    return s * (1 + z * (1 - s))
-
-
 def memory_read(x: torch.Tensor, weights: tuple[torch.Tensor, ...], activation: str = "gelu") -> torch.Tensor:
     """M(x) for x [B, H, N, K] and per-(batch, head) weights [B, H, d_in, d_out]: a retrieval without update."""
     for i, w in enumerate(weights):
         x = x @ w
         if i < len(weights) - 1:
-            x = _phi(x, activation)
+            x = phi(x, activation)
     return x
 
 
@@ -50,53 +36,6 @@ def initial_memory_state(init_weights: tuple[torch.Tensor, ...], batch_size: int
     """The state before the first token: the learned initial weights [H, d_in, d_out] for every sequence, no momentum."""
     weights = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in init_weights)
     return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
-
-
-def _clip_factor(norm_sq: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """min(1, G / ||grad||) for a squared norm; exactly 1 (with zero gradient) below the threshold."""
-    norm = norm_sq.clamp_min(torch.finfo(norm_sq.dtype).tiny).sqrt()
-    return max_grad_norm / torch.maximum(norm, norm.new_tensor(max_grad_norm))
-
-
-def _grad_factors(k, v, weights, activation, max_grad_norm=None):
-    """Per-token gradients of ||M(k_s) - v_s||^2 at ``weights``, as factors: for layer l, the gradient of token s is
-    the outer product inputs[l][s]^T deltas[l][s] (inputs [B, H, C, d_{l-1}], deltas [B, H, C, d_l]). With
-    ``max_grad_norm`` each token's whole gradient (all layers) is scaled to at most that Frobenius norm; the norm of an
-    outer product is the product of the factors' norms, so this needs no per-token gradient tensor either."""
-    inputs, pre = [], []
-    x = k
-    for i, w in enumerate(weights):
-        inputs.append(x)
-        z = x @ w
-        if i < len(weights) - 1:
-            pre.append(z)
-            x = _phi(z, activation)
-        else:
-            x = z
-    delta = 2 * (x - v)  # d/dy ||y - v||^2
-    deltas = [delta]
-    for i in range(len(weights) - 2, -1, -1):
-        delta = (delta @ weights[i + 1].transpose(-1, -2)) * _phi_prime(pre[i], activation)
-        deltas.append(delta)
-    deltas = deltas[::-1]
-    if max_grad_norm is not None:
-        norm_sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(inputs, deltas))  # [B, H, C]
-        factor = _clip_factor(norm_sq, max_grad_norm)[..., None]
-        deltas = [d * factor for d in deltas]
-    return inputs, deltas
-
-
-def _segment_products(x: torch.Tensor) -> torch.Tensor:
-    """P[..., i, r] = prod_{r < j <= i} x_j for r <= i (1 on the diagonal), 0 above it; x [..., C] -> [..., C, C].
-
-    Built with one cumprod per column, so zeros in x are exact (their gradients too), unlike ratios of cumprods or
-    differences of log-cumsums."""
-    C = x.shape[-1]
-    idx = torch.arange(C, device=x.device)
-    later = idx[None, :] > idx[:, None]  # [r, j]: j > r
-    cp = torch.where(later, x[..., None, :], torch.ones_like(x)[..., None, :]).cumprod(-1)  # [..., r, i]
-    causal = idx[:, None] >= idx[None, :]  # [i, r]: r <= i
-    return cp.transpose(-1, -2).masked_fill(~causal, 0)
 
 
 def chunk_titans_memory(
@@ -129,18 +68,18 @@ def chunk_titans_memory(
         # chunk-local products: beta_i = prod_{j<=i} (1 - alpha_j) and E_i = prod_{j<=i} eta_j, and their ratios
         # as segment products (no logs: eta = 0 and alpha = 1 are exact, gradients included)
         keep, e = 1 - alpha[:, :, sl], eta[:, :, sl]
-        d_beta, d_eta = _segment_products(keep), _segment_products(e)  # beta_i / beta_r and E_r / E_s, [B, H, C, C]
+        d_beta, d_eta = segment_products(keep), segment_products(e)  # beta_i / beta_r and E_r / E_s, [B, H, C, C]
         c = keep.cumprod(-1)  # weight of M_0 in M_i, [B, H, C]
         big_e = e.cumprod(-1)
         d = d_beta @ big_e[..., None]  # weight of S_0 in M_i: sum_{r<=i} (beta_i / beta_r) E_r, [B, H, C, 1]
         gamma = (d_beta @ d_eta) * theta[:, :, None, sl]  # weight of -u_s in M_i, [B, H, C, C]
-        inputs, deltas = _grad_factors(k[:, :, sl], v[:, :, sl], weights, activation, max_grad_norm)
+        inputs, deltas = grad_factors(k[:, :, sl], v[:, :, sl], weights, activation, max_grad_norm)
         # retrieval from M_i: x W_i = c_i x W_0 + d_i x S_0 - sum_s gamma_is (x . a_s) delta_s, layer after layer
         x = q[:, :, sl]
         for i in range(L):
             z = c[..., None] * (x @ weights[i]) + d * (x @ momentum[i])
             z = z - (gamma * (x @ inputs[i].transpose(-1, -2))) @ deltas[i]
-            x = _phi(z, activation) if i < L - 1 else z
+            x = phi(z, activation) if i < L - 1 else z
         outs.append(x)
         # the state after the chunk's last token
         e_last = big_e[..., -1, None, None]
@@ -191,7 +130,7 @@ def recurrent_titans_memory(
             loss = (pred.squeeze(2) - v[:, t]).pow(2).sum()
             grads = torch.autograd.grad(loss, anchor, create_graph=outer)
             if max_grad_norm is not None:  # clip the token's whole gradient (all layers) to max_grad_norm
-                factor = _clip_factor(sum(g.pow(2).sum((-1, -2)) for g in grads), max_grad_norm)[..., None, None]
+                factor = clip_factor(sum(g.pow(2).sum((-1, -2)) for g in grads), max_grad_norm)[..., None, None]
                 grads = [g * factor for g in grads]
             th, et, al = (x[:, t, :, None, None] for x in (theta, eta, alpha))
             momentum = [et * s - th * g for s, g in zip(momentum, grads)]
