@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nlplatform.config import RecipeConfig, recipe_from_dict
+from nlplatform.config import RecipeConfig
 from nlplatform.errors import UserError
+from nlplatform.recipe import recipe_from_dict
 
 
 @dataclass

@@ -16,7 +16,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nlplatform.config import load_recipe
+    from nlplatform.recipe import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)  # bad recipes fail before the heavy imports below
     from nlplatform.train.run import is_rank_zero, train
@@ -34,8 +34,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from nlplatform.config import RecipeConfig, load_recipe
-    from nlplatform.data import TextDataModule
+    from nlplatform.config import RecipeConfig
+    from nlplatform.data.datamodule import TextDataModule
+    from nlplatform.recipe import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides) if args.recipe else RecipeConfig()
     data = TextDataModule(cfg.data, seed=cfg.seed)

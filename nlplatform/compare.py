@@ -12,7 +12,6 @@ Failures are collected and reported at the end.
 
 from __future__ import annotations
 
-import difflib
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from nlplatform.errors import UserError
 from nlplatform.leaderboard import Leaderboard, build_leaderboard
+from nlplatform.validate import check_name
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -61,10 +61,7 @@ def select_families(names: list[str] | None) -> list[tuple[str, str]]:
         return list(FAMILIES)
     labels = [label for label, _ in FAMILIES]
     for name in names:
-        if name not in labels:
-            close = difflib.get_close_matches(name, labels, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown family {name!r}.{hint} Families: {', '.join(labels)}")
+        check_name(name, labels, "family", "Families")
     return [(label, recipe) for label, recipe in FAMILIES if label in names]
 
 
@@ -73,18 +70,14 @@ def select_optimizers(names: list[str] | None) -> list[str]:
     from nlplatform.optim import OPTIMIZERS
 
     for name in names or []:
-        if name not in OPTIMIZERS:
-            close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown optimizer {name!r}.{hint} Optimizers: {', '.join(OPTIMIZERS)}")
+        check_name(name, OPTIMIZERS, "optimizer", "Optimizers")
     return list(names or [])
 
 
 def optimizer_overrides(name: str) -> list[str]:
-    """``optim.name`` and its tiny-scale learning rate; AdamW keeps each recipe's own tuned settings."""
-    from nlplatform.optim import TINY_LR
-
-    return [] if name == "adamw" else [f"optim.name={name}", f"optim.lr={TINY_LR[name]}"]
+    """``optim.name``: the optimizer then trains at its default rate (``optim.DEFAULT_LR``); AdamW keeps each recipe's
+    own tuned settings."""
+    return [] if name == "adamw" else [f"optim.name={name}"]
 
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str | None]:
@@ -142,7 +135,7 @@ def compare(
     going when a family fails; the failures are in the result.
 
     With ``optimizers``, every chosen family is trained once per optimizer (``<family>+<optimizer>`` runs, each
-    optimizer at its ``TINY_LR``, AdamW with the recipe's own settings).
+    optimizer at its default rate, ``optim.DEFAULT_LR``, AdamW with the recipe's own settings).
 
     The default experiment is named after the budget (``compare-<steps>x<batch>x<seq_len>``, with ``-optimizers``
     when comparing optimizers): repeated comparisons on one budget rank together, and runs on another budget never

@@ -23,9 +23,9 @@ import shutil
 from pathlib import Path
 
 from nlplatform.checkpoint import LoadedModel, load_checkpoint
-from nlplatform.config import recipe_to_dict, recipe_to_yaml
 from nlplatform.errors import UserError
 from nlplatform.files import file_mode, fsync_dir, fsync_file, make_staging_dir
+from nlplatform.recipe import recipe_to_dict, recipe_to_yaml
 
 SHIM = "hf_nlplatform.py"
 SHIM_TEXT = '''"""The model classes of this folder: ``trust_remote_code=True`` imports them from the installed nlplatform."""

@@ -13,7 +13,6 @@ runs and are ranked like any other.
 from __future__ import annotations
 
 import csv
-import difflib
 import math
 import re
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nlplatform.errors import UserError
+from nlplatform.validate import suggest
 
 LEADERBOARD_EXPERIMENT = "leaderboard"
 # the eval column the leaderboard shows beside val ppl: the mean of the paper's accuracy columns a run was scored on
@@ -104,10 +104,8 @@ def _select_experiments(client, names: list[str] | None) -> list:
         if name == LEADERBOARD_EXPERIMENT:
             raise UserError(f"experiment {name!r} holds leaderboards, not trained models; name a training experiment")
         if name not in existing:
-            close = difflib.get_close_matches(name, list(existing), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             known = ", ".join(sorted(existing)) or "none"
-            raise UserError(f"experiment {name!r} not found.{hint} Experiments: {known}")
+            raise UserError(f"experiment {name!r} not found.{suggest(name, existing)} Experiments: {known}")
         chosen.append(existing[name])
     return chosen
 

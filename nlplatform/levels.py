@@ -43,7 +43,6 @@ class Level:
     params: list[nn.Parameter] = field(default_factory=list, repr=False)  # parameters this level owns (may be empty)
     update: str = "outer optimizer"  # update rule, for display ("adamw", "delta rule", "DGD + decay")
     objective: str = "next-token loss"  # what the level minimises, for display
-    lr: float | None = None  # the level's own outer learning rate; None = optim.lr
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size <= 0:

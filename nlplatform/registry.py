@@ -13,9 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from nlplatform.config import ModelConfig, _suggest
+from nlplatform.config import ModelConfig
 from nlplatform.errors import ConfigError, UserError
 from nlplatform.models.base import ModelSpec
+from nlplatform.validate import check_name, suggest
 
 FAMILIES: dict[str, str] = {
     "transformer": "nlplatform.models.transformer",
@@ -27,8 +28,7 @@ FAMILIES: dict[str, str] = {
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in FAMILIES:
-        raise ConfigError(f"unknown model.name {name!r}.{_suggest(name, FAMILIES)} Known: {', '.join(FAMILIES)}")
+    check_name(name, FAMILIES, "model.name")
     module = importlib.import_module(FAMILIES[name])
     return next(spec for spec in module.SPECS if spec.name == name)
 
@@ -38,13 +38,13 @@ def model_config(name: str, preset: str, **overrides: Any) -> ModelConfig:
     spec = get_spec(name)
     if preset not in spec.presets:
         raise ConfigError(
-            f"unknown model.preset {preset!r} for {name}.{_suggest(preset, spec.presets)} "
+            f"unknown model.preset {preset!r} for {name}.{suggest(preset, spec.presets)} "
             f"Presets: {', '.join(spec.presets)}"
         )
     known = {f.name for f in fields(spec.config_cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ConfigError(f"unknown key model.{unknown[0]} for {name}.{_suggest(unknown[0], known)}")
+        raise ConfigError(f"unknown key model.{unknown[0]} for {name}.{suggest(unknown[0], known)}")
     return spec.config_cls(**{**spec.presets[preset], **overrides, "name": name, "preset": preset})
 
 

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlplatform.config import RecipeConfig, flatten, recipe_to_dict
+from nlplatform.config import RecipeConfig
 from nlplatform.errors import UserError, one_line
+from nlplatform.recipe import flatten, recipe_to_dict
 from nlplatform.secrets import mask
 
 DEFAULT_URI = "sqlite:///mlruns.db"

@@ -4,15 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from nlplatform.config import (
-    RecipeConfig,
-    load_recipe,
-    recipe_from_dict,
-    recipe_to_dict,
-    recipe_to_yaml,
-    resumable_keys,
-)
+from nlplatform.config import RecipeConfig
 from nlplatform.errors import ConfigError
+from nlplatform.recipe import load_recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml, resumable_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
@@ -166,3 +160,26 @@ def test_the_keys_that_may_change_on_resume_are_declared_in_the_schema():
             "tracking.experiment", "output_dir"} <= set(keys)  # fmt: skip
     assert keys["data.batch_size"] == keys["trainer.accumulate_grad_batches"] == "tokens per step"
     assert not {"optim.lr", "data.seq_len", "seed", "model.d_model", "trainer.precision"} & set(keys)
+
+
+def test_an_optimizer_chosen_by_name_takes_its_default_rate_unless_one_is_given_for_it(tmp_path, capsys):
+    """A recipe's optim.lr belongs to the optimizer it names (AdamW when none): switching optim.name on the command
+    line gives the new optimizer its own default rate and says so on stderr; optim.lr given with it wins, and a
+    recipe without optim.lr takes its optimizer's default."""
+    from nlplatform.optim import DEFAULT_LR
+
+    tiny = ROOT / "recipes/hope/tiny.yaml"
+    assert load_recipe(tiny).optim.lr == 3e-3 and DEFAULT_LR["dmgd"] == 0.3  # the recipe's AdamW rate
+    switched = load_recipe(tiny, ["optim.name=dmgd"]).optim
+    assert (switched.name, switched.lr) == ("dmgd", DEFAULT_LR["dmgd"])
+    assert "optim.lr=0.3: dmgd's default rate (the recipe's optim.lr=0.003 is for adamw" in capsys.readouterr().err
+    assert load_recipe(tiny, ["optim.name=delta_momentum", "optim.lr=0.05"]).optim.lr == 0.05
+    assert load_recipe(tiny, ["optim.lr=0.05", "optim.name=muon"]).optim.lr == 0.05
+    assert capsys.readouterr().err == ""
+    own = write(tmp_path, "optim: {name: momentum, lr: 0.02}\n")
+    assert load_recipe(own).optim.lr == 0.02 and load_recipe(own, ["optim.name=momentum"]).optim.lr == 0.02
+    assert load_recipe(own, ["optim.name=m3"]).optim.lr == DEFAULT_LR["m3"]
+    for name, rate in DEFAULT_LR.items():
+        assert load_recipe(write(tmp_path, f"optim: {{name: {name}}}\n")).optim.lr == rate
+    saved = load_recipe(tiny, ["optim.name=dmgd"])
+    assert recipe_from_dict(recipe_to_dict(saved)) == saved  # a saved recipe keeps the rate it trained with

@@ -23,7 +23,7 @@ from lm_eval.api.instance import Instance
 from nlplatform import registry
 from nlplatform.checkpoint import load_checkpoint
 from nlplatform.cli import main
-from nlplatform.config import recipe_from_dict, recipe_to_dict
+from nlplatform.recipe import recipe_from_dict, recipe_to_dict
 from nlplatform.export import export
 from tests.eval.test_data import needs_eval_data
 

@@ -104,8 +104,8 @@ def record_clipping(monkeypatch) -> list[tuple[float | None, float]]:
 def test_the_continual_suites_fine_tuning_clips_through_the_level_scheduler(monkeypatch):
     """The continual suite's fine-tuning clips with the same function as training: every optimizer step goes through
     ``before_optimizer_step`` with the recipe's clip value, and the gradients the optimizer gets are within it."""
-    from nlplatform.config import load_recipe
     from nlplatform.eval.continual_suite import ContinualSettings, finetune
+    from nlplatform.recipe import load_recipe
     from nlplatform.registry import build_model
     from tests.train.conftest import FAST, TINY_RECIPE
 
@@ -121,22 +121,27 @@ def test_the_continual_suites_fine_tuning_clips_through_the_level_scheduler(monk
     assert all(norm <= 0.01 * (1 + 1e-5) for _, norm in calls)
 
 
-def test_a_persistent_level_trains_at_its_own_learning_rate_else_the_recipes():
-    """The optimizer gets one parameter group per persistent level (two with weight decay split off): a level with its
-    own ``lr`` steps at it, the others at optim.lr; the schedule then scales every group alike."""
+def test_each_persistent_level_gets_its_own_parameter_groups_with_decay_on_matrices_only():
+    """The optimizer gets one parameter group per persistent level and weight-decay setting, named after the level
+    (the level monitor and the schedule read them): matrices decay, vectors do not, in-context levels are absent."""
     from nlplatform.config import OptimConfig
     from nlplatform.optim import level_param_groups
 
     class TwoLevels(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2, 2))
+            self.a, self.b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
+            self.fast = nn.Parameter(torch.zeros(2))
 
         def levels(self):
-            return [Level("a", None, "persistent", [self.a], lr=0.5), Level("b", 4 * T_STEP, "persistent", [self.b])]
+            return [
+                Level("a", None, "persistent", [self.a]),
+                Level("b", 4 * T_STEP, "persistent", [self.b]),
+                Level("fast", 8, "in_context", [self.fast]),
+            ]
 
-    groups, _ = level_param_groups(TwoLevels(), OptimConfig(lr=1e-3))
-    assert {g["level"]: g["lr"] for g in groups} == {"a": 0.5, "b": 1e-3}
+    groups, _ = level_param_groups(TwoLevels(), OptimConfig(lr=1e-3, weight_decay=0.1))
+    assert [(g["level"], g["weight_decay"], g["lr"]) for g in groups] == [("a", 0.1, 1e-3), ("b", 0.0, 1e-3)]
 
 
 def test_state_dict_resumes_mid_chunk_exactly():

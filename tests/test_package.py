@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,3 +41,73 @@ def test_models_command_lists_every_preset_with_its_parameter_count():
         for preset in registry.get_spec(name).presets:
             assert int(rows[(name, preset)].replace(",", "")) > 0
     assert rows[("transformer", "340m")] == "343,847,936"
+
+
+def _project_modules() -> dict[str, Path]:
+    """Every module of the two packages by dotted name (a package by its ``__init__.py``)."""
+    out = {}
+    for package in ("nlplatform", "kernels"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules that ``name`` imports anywhere in its file: at the top, inside functions, under
+    ``TYPE_CHECKING``. ``from a.b import c`` counts as an import of ``a.b.c`` when that is a module, else of ``a.b``
+    (a package importing its own submodules while they load is how packages work, so parents are not added)."""
+    import ast
+
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, one level up per extra dot
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    return {m for m in found if m in modules and m != name}
+
+
+def test_the_import_graph_of_the_packages_has_no_cycle():
+    """No module reaches itself through imports, counting those inside functions and under TYPE_CHECKING: each
+    module builds only on modules below it, so any of them imports alone, in any order."""
+    modules = _project_modules()
+    graph = {name: _imports_of(name, path, modules) for name, path in modules.items()}
+    assert graph["nlplatform.recipe"] >= {"nlplatform.config", "nlplatform.registry", "nlplatform.optim"}  # seen
+    cycles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(
+                    " -> ".join(trail[trail.index(nxt) :] + [node, nxt]) if nxt in trail else f"{node} -> {nxt}"
+                )
+            elif nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+@pytest.mark.slow
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """Each module of the two packages imports by itself in a new Python process (no module depends on another
+    having been imported first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(name: str) -> tuple[str, str]:
+        proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=ROOT)
+        return name, proc.stderr.strip().splitlines()[-1] if proc.returncode else ""
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f"{name}: {err}" for name, err in pool.map(load, sorted(_project_modules())) if err]
+    assert not failures, "\n".join(failures)

@@ -238,7 +238,7 @@ def test_training_survives_its_tracking_server_stopping_mid_run(tmp_path):
 def test_a_lost_tracking_server_costs_a_sweep_a_warning_not_its_trial(capsys):
     """Tagging a finished trial's run on a tracking server that is gone prints one masked warning and returns: the
     trial stays complete (the study and the run folder hold it)."""
-    from nlplatform.sweep import _Context, _tag_run
+    from nlplatform.sweep.study import _Context, _tag_run
     from tests.servers import free_port
 
     gone = f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}"

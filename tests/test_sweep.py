@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from nlplatform import cli
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.sweep import format_value, load_sweep
 from tests.train.conftest import FAST, TINY_RECIPE, needs_corpus, run_cli
 
@@ -62,7 +62,7 @@ def test_seeded_sampler_in_a_new_process_does_not_replay_earlier_trials():
     """Each call (or worker, or machine) builds its sampler from the same seed; reseeding by trial number keeps a
     continued study from proposing the first call's random start-up points again, and the same trial number always
     gets the same point."""
-    from nlplatform.sweep import SamplerSpec, build_sampler, seed_for_trial
+    from nlplatform.sweep.spec import SamplerSpec, build_sampler, seed_for_trial
 
     def run(study, n):
         def objective(trial):

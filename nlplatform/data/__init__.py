@@ -1,21 +1,17 @@
 """Data: corpora, tokenizers, token packing and the Lightning data module.
 
 Importing this package does no work: the submodules (and their heavy imports, ``datasets``, ``tokenizers``,
-``lightning``) load only when used. ``TextDataModule`` is resolved lazily on first access.
+``lightning``) load only when used; the Lightning data module is ``nlplatform.data.datamodule.TextDataModule``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from nlplatform.files import atomic_write_text, make_staging_dir
 
-if TYPE_CHECKING:
-    from nlplatform.data.datamodule import TextDataModule
-
-__all__ = ["TextDataModule", "atomic_write_text", "cache_root", "make_staging_dir"]
+__all__ = ["atomic_write_text", "cache_root", "make_staging_dir"]
 
 
 def cache_root() -> Path:
@@ -26,12 +22,3 @@ def cache_root() -> Path:
     """
     env = os.environ.get("NLPLATFORM_CACHE")
     return Path(env).expanduser() if env else Path(".cache/nlplatform")
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy export: ``from nlplatform.data import TextDataModule`` imports Lightning only at that moment.
-    if name == "TextDataModule":
-        from nlplatform.data.datamodule import TextDataModule
-
-        return TextDataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,9 +121,9 @@ def dataset_file(task: str, root: Path | None = None) -> Path:
     Only the path is computed; nothing is fetched (see ``require_eval_data``).
     """
     if task not in DATASETS:
-        from nlplatform.config import _suggest
+        from nlplatform.validate import suggest
 
-        raise UserError(f"unknown eval task {task!r}.{_suggest(task, DATASETS)} Eval tasks: {', '.join(DATASETS)}")
+        raise UserError(f"unknown eval task {task!r}.{suggest(task, DATASETS)} Eval tasks: {', '.join(DATASETS)}")
     return _data_file(eval_data_root(root), DATASETS[task][0]).resolve()
 
 

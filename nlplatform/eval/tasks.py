@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from nlplatform.config import DataConfig, _suggest
+from nlplatform.config import DataConfig
 from nlplatform.data import atomic_write_text, cache_root
 from nlplatform.errors import UserError
+from nlplatform.validate import suggest
 
 EVALS = Path(__file__).resolve().parents[2] / "evals"
 TASKS_DIR = EVALS / "tasks"
@@ -49,7 +50,7 @@ def load_suite(name: str) -> Suite:
     path = SUITES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = suite_names()
-        raise UserError(f"unknown suite {name!r}.{_suggest(name, known)} Suites: {', '.join(known)}")
+        raise UserError(f"unknown suite {name!r}.{suggest(name, known)} Suites: {', '.join(known)}")
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(spec) - {"tasks", "num_fewshot", "limit", "page_chars"})
     if unknown:
@@ -71,7 +72,7 @@ def check_tasks(tasks: list[str]) -> None:
         raise UserError("no tasks to evaluate")
     for task in tasks:
         if task not in known:
-            raise UserError(f"unknown task {task!r}.{_suggest(task, known)} Tasks: {', '.join(known)}")
+            raise UserError(f"unknown task {task!r}.{suggest(task, known)} Tasks: {', '.join(known)}")
 
 
 def lm_eval_tasks_dir() -> Path:

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlplatform.config import ModelConfig, _positive
+from nlplatform.config import ModelConfig
 from nlplatform.errors import ConfigError
 from nlplatform.layers import RMSNorm, SwiGLU
 from nlplatform.levels import Level
+from nlplatform.validate import positive
 
 
 def flush_denormals() -> None:
@@ -67,7 +68,7 @@ class DecoderConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("model", d_model=self.d_model, n_layers=self.n_layers, ffn_hidden=self.ffn_hidden,
+        positive("model", d_model=self.d_model, n_layers=self.n_layers, ffn_hidden=self.ffn_hidden,
                   multiple_of=self.multiple_of)  # fmt: skip
         for key in ("norm_eps", "init_std"):
             if not getattr(self, key) > 0:

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta_rule import AVAILABLE_BACKENDS, gated_delta_rule
-from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import GatedRMSNorm, RMSNorm, ShortConv
 from nlplatform.levels import Level
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
+from nlplatform.validate import positive
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DeltaNetConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("model", n_heads=self.n_heads, head_dim=self.head_dim)
+        positive("model", n_heads=self.n_heads, head_dim=self.head_dim)
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "

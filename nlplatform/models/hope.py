@@ -40,12 +40,12 @@ from kernels.self_modifying import (
     self_modifying_titans,
 )
 from kernels.titans_memory import ACTIVATIONS
-from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, GatedRMSNorm, GrowingKVCache, RMSNorm, ShortConv
 from nlplatform.layers.cms import CMS, CMS_VARIANTS, FastState
 from nlplatform.levels import Level
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
+from nlplatform.validate import positive
 
 VARIANTS = ("hope", "attention")
 
@@ -90,7 +90,7 @@ class HopeConfig(DecoderConfig):
     cms_second_order: bool = False  # backpropagate through the inner updates (true) or first-order (false)
     test_time_learning: bool = True  # in-context CMS levels learn inside forward; false freezes them (f = 0)
     # the training window (decides in-context vs persistent levels): derived from data.seq_len when a recipe is loaded,
-    # never a recipe key (nlplatform.config.DERIVED); set it directly only when building a model by hand
+    # never a recipe key (nlplatform.validate.DERIVED); set it directly only when building a model by hand
     context_len: int = field(default=256, metadata={"derived": "data.seq_len"})
     # ad-hoc level stacking (§7.3): a trained checkpoint whose layer-i MLP initialises every CMS level of layer i
     # (its other weights of the same name and shape are copied too); applied when a run starts
@@ -100,7 +100,7 @@ class HopeConfig(DecoderConfig):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        _positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
+        positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
                   memory_expansion=self.memory_expansion, memory_chunk_size=self.memory_chunk_size,
                   projection_chunk_size=self.projection_chunk_size, eta_max=self.eta_max,
                   memory_max_grad_norm=self.memory_max_grad_norm, cms_hidden=self.cms_hidden,

@@ -44,11 +44,11 @@ from kernels.titans_memory import (
     memory_read,
     titans_memory,
 )
-from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, GatedRMSNorm, KVCache, RMSNorm, ShortConv
 from nlplatform.levels import Level
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
+from nlplatform.validate import positive
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -78,7 +78,7 @@ class TitansConfig(DecoderConfig):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        _positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
+        positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
                   memory_expansion=self.memory_expansion, memory_chunk_size=self.memory_chunk_size,
                   attn_heads=self.attn_heads, window=self.window)  # fmt: skip
         if self.head_dim is None and self.d_model % self.n_heads:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from nlplatform.config import _positive
 from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, KVCache
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec
+from nlplatform.validate import positive
 
 
 @dataclass
@@ -27,7 +27,7 @@ class TransformerConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("model", n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
+        positive("model", n_heads=self.n_heads, n_kv_heads=self.n_kv_heads)
         if not self.rope_theta > 0:
             raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         if self.d_model % self.n_heads:

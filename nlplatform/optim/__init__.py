@@ -18,24 +18,34 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from nlplatform.config import OptimConfig, _suggest
+from nlplatform.config import OptimConfig
 from nlplatform.errors import ConfigError
 from nlplatform.optim._common import closure_loss
+from nlplatform.validate import check_name as _check_known
 
-OPTIMIZERS = ("adamw", "momentum", "delta_momentum", "dmgd", "muon", "m3")
+# Every optimizer by name, with its default peak learning rate: the rate a recipe gets when it names the optimizer
+# without an ``optim.lr`` of its own, or when the command line switches to it (``recipe.py``). Measured on the tiny
+# recipes (tests/optim: each trains a tiny LM with it). Updates of the plain-gradient family (momentum, delta
+# momentum, DMGD) scale with the gradient, so they need about 30x AdamW's rate; muon and m3 take normalised steps.
+DEFAULT_LR = {"adamw": 3e-3, "momentum": 0.1, "delta_momentum": 0.1, "dmgd": 0.3, "muon": 3e-3, "m3": 1e-2}
+OPTIMIZERS = tuple(DEFAULT_LR)
 ORTHOGONALISING = ("muon", "m3")
-# Peak learning rates that train the tiny recipes well with each optimizer (the tiny recipes' own optim.lr, 3e-3, is
-# AdamW's). Updates of the plain-gradient family (momentum, delta momentum, DMGD) scale with the gradient, so they
-# need about 30x more; muon and m3 take normalised steps. Used by `nlplatform compare --optimizers` and the tests.
-TINY_LR = {"adamw": 3e-3, "momentum": 0.1, "delta_momentum": 0.1, "dmgd": 0.3, "muon": 3e-3, "m3": 1e-2}
 
 
 def check_name(name: str) -> None:
     """Raise a ConfigError with a suggestion unless ``name`` is an available optimizer."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown optim.name {name!r}.{_suggest(name, OPTIMIZERS)} Available: {', '.join(OPTIMIZERS)}"
-        )
+    _check_known(name, OPTIMIZERS, "optim.name")
+
+
+def default_lr(name: str) -> float:
+    """The peak learning rate ``name`` trains with when the recipe gives none for it."""
+    check_name(name)
+    return DEFAULT_LR[name]
+
+
+def peak_lr(cfg: OptimConfig) -> float:
+    """``optim.lr``, or the optimizer's default when unset (a loaded recipe always has it set: ``recipe.py``)."""
+    return default_lr(cfg.name) if cfg.lr is None else cfg.lr
 
 
 class ParamSplit(Optimizer):
@@ -73,7 +83,7 @@ class ParamSplit(Optimizer):
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimizer:
@@ -84,19 +94,19 @@ def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimiz
     if name == "adamw":
         return _adamw(groups, cfg)
     if name == "momentum":
-        return GeneralizedMomentum(groups, lr=cfg.lr, momentum=cfg.momentum, precondition=cfg.precondition,
+        return GeneralizedMomentum(groups, lr=peak_lr(cfg), momentum=cfg.momentum, precondition=cfg.precondition,
                                    beta2=cfg.beta2, eps=cfg.eps)  # fmt: skip
     if name == "delta_momentum":
-        return DeltaMomentum(groups, lr=cfg.lr, momentum=cfg.momentum, decay_lr=cfg.decay_lr,
+        return DeltaMomentum(groups, lr=peak_lr(cfg), momentum=cfg.momentum, decay_lr=cfg.decay_lr,
                              normalize=cfg.normalize_decay, precondition=cfg.precondition, beta2=cfg.beta2,
                              eps=cfg.eps)  # fmt: skip
     if name == "dmgd":
-        return DeepMomentumGD(groups, lr=cfg.lr, hidden=cfg.dmgd_hidden, inner_lr=cfg.dmgd_inner_lr,
+        return DeepMomentumGD(groups, lr=peak_lr(cfg), hidden=cfg.dmgd_hidden, inner_lr=cfg.dmgd_inner_lr,
                               retention=cfg.dmgd_retention)  # fmt: skip
     if name == "muon":
-        return muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0, ns_steps=cfg.ns_steps)
+        return muon(groups, lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=0.0, ns_steps=cfg.ns_steps)
     if name == "m3":
-        return M3(groups, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, beta3=cfg.beta3, slow_weight=cfg.slow_weight,
+        return M3(groups, lr=peak_lr(cfg), beta1=cfg.beta1, beta2=cfg.beta2, beta3=cfg.beta3, slow_weight=cfg.slow_weight,
                   slow_every=cfg.slow_every, eps=cfg.eps, ns_steps=cfg.ns_steps, accumulate=cfg.m3_accumulate,
                   normalize=cfg.m3_normalize)  # fmt: skip
     check_name(name)
@@ -104,15 +114,15 @@ def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimiz
 
 
 def level_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> tuple[list[dict[str, Any]], set[int]]:
-    """The optimizer's parameter groups, two per persistent level (its own learning rate; weight decay on matrices
-    only, never on embeddings, norms or biases), and the ids of the parameters that orthogonalising optimizers leave
+    """The optimizer's parameter groups, two per persistent level (named after it; weight decay on matrices only,
+    never on embeddings, norms or biases), and the ids of the parameters that orthogonalising optimizers leave
     to AdamW (embeddings and the output head). In-context levels are learned inside the forward pass, not here."""
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     groups = []
     for level in model.levels():
         if level.scope != "persistent" or not level.params:
             continue
-        lr = level.lr if level.lr is not None else cfg.lr
+        lr = peak_lr(cfg)
         decay = [p for p in level.params if p.ndim >= 2 and id(p) not in embedding_ids]
         no_decay = [p for p in level.params if p.ndim < 2 or id(p) in embedding_ids]
         for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):

@@ -306,3 +306,33 @@ class RunTracking(L.Callback):
             except Exception as exc:  # a lost tracking server costs the sample, never the run
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 print(mask(f"warning: the last system-metrics sample was not logged: {reason}"), file=sys.stderr)
+
+
+class TrialPruning(L.Callback):
+    """A sweep trial's pruning: reports ``monitor`` to the Optuna ``trial`` after every validation, by optimizer step,
+    and asks the run to stop when the study's pruner says so (the run then ends normally, with its summary and
+    checkpoint; ``pruned_at`` holds the step).
+
+    Under DDP only global rank 0 holds the trial (``trial`` is None on the other ranks): it reports and asks the
+    pruner, and broadcasts the answer, so every rank stops at the same step or none does."""
+
+    def __init__(self, trial, monitor: str) -> None:
+        self.trial = trial
+        self.monitor = monitor
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.pruned_at is not None:
+            return
+        prune = False
+        if trainer.is_global_zero and self.trial is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None:
+                self.trial.report(float(value), step=trainer.global_step)
+                finished = trainer.global_step >= trainer.max_steps  # a run that got to the end is not pruned
+                prune = not finished and self.trial.should_prune()
+        if trainer.world_size > 1:
+            prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
+            self.pruned_at = trainer.global_step
+            trainer.should_stop = True

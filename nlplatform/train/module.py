@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from nlplatform.config import RecipeConfig, recipe_from_dict
+from nlplatform.config import RecipeConfig
 from nlplatform.errors import ConfigError, TrainingDiverged
 from nlplatform.levels import LevelScheduler, check_levels
 from nlplatform.optim import build_optimizer, level_param_groups
+from nlplatform.recipe import recipe_from_dict
 from nlplatform.registry import build_model, get_spec
 
 
@@ -51,11 +52,13 @@ def checkpoint_blocks(model: nn.Module) -> None:
 class LMModule(L.LightningModule):
     """Next-token language modelling for any registered family, with nested levels."""
 
-    def __init__(self, recipe: dict[str, Any], tokenizer: str = "bytes") -> None:
+    def __init__(self, recipe: dict[str, Any]) -> None:
         super().__init__()
-        # The resolved recipe (vocab size filled in) and the tokenizer spec travel inside every checkpoint, so a
-        # checkpoint alone rebuilds its model (generate, eval) and a resume can refuse a checkpoint of another model.
-        self.save_hyperparameters({"recipe": recipe, "tokenizer": tokenizer}, logger=False)
+        # The resolved recipe (vocab size filled in) travels inside every checkpoint, so a checkpoint alone rebuilds
+        # its model (generate, eval) and a resume can refuse a checkpoint of another model. The run adds
+        # hparams["tokenizer"] (the tokenizer's spec) once the tokenizer is saved in the run folder; a checkpoint
+        # without it uses the byte tokenizer.
+        self.save_hyperparameters({"recipe": recipe}, logger=False)
         self.cfg: RecipeConfig = recipe_from_dict(recipe, saved=True)
         self.model: nn.Module = build_model(self.cfg.model)
         if self.cfg.trainer.activation_checkpointing:

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from nlplatform.config import RecipeConfig, recipe_from_dict, recipe_to_dict, recipe_to_yaml, resume_differences
+from nlplatform.config import RecipeConfig
 from nlplatform.data import atomic_write_text
 from nlplatform.errors import ConfigError, RunStopped, UserError
 from nlplatform.models.base import flush_denormals
+from nlplatform.recipe import recipe_from_dict, recipe_to_dict, recipe_to_yaml, resume_differences
 from nlplatform.registry import check_model_format
 from nlplatform.secrets import mask
 from nlplatform.train import rendezvous, runs
@@ -407,7 +408,7 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
     import lightning as L
 
     from nlplatform import tracking
-    from nlplatform.data import TextDataModule
+    from nlplatform.data.datamodule import TextDataModule
     from nlplatform.train.callbacks import (
         FinalValidation,
         History,
@@ -490,6 +491,7 @@ def _train(cfg: RecipeConfig, resolved: Resolved, callbacks: tuple, tags: dict[s
             if not continuing:
                 logger.log_hyperparams(tracking.recipe_params(cfg))
         runs.write_meta(run_dir, run_meta)
+        print(f"optimizer {cfg.optim.name}, peak learning rate {cfg.optim.lr:g}", file=sys.stderr)
         if ckpt is not None:
             what = "forking a new run" if resolved.forked_from is not None else "resuming"
             print(f"{what} from {ckpt.resolve()} at step {resume_step}", file=sys.stderr)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nlplatform.config import DataConfig
-from nlplatform.data import TextDataModule, cache_root
+from nlplatform.data import cache_root
+from nlplatform.data.datamodule import TextDataModule
 from nlplatform.errors import UserError
 
 # The real cache, resolved before the autouse fixture redirects NLPLATFORM_CACHE.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nlplatform.config import DataConfig
-from nlplatform.data import TextDataModule
+from nlplatform.data.datamodule import TextDataModule
 
 # Prepares data.paths=[argv[1]] under root argv[2] after a warm-up preparation (imports, the worker pool, the
 # allocator), then prints the peak resident memory above the resident memory before it (Linux: VmHWM reset through

@@ -110,7 +110,7 @@ def test_accuracy_picks_the_most_likely_label_among_those_allowed_and_counts_tie
 
 def test_label_scores_of_a_random_model_are_near_chance():
     """An untrained model has no idea: class-IL accuracy over the 9 labels of three tasks stays near 1/9."""
-    from nlplatform.config import load_recipe
+    from nlplatform.recipe import load_recipe
     from nlplatform.registry import build_model
     from tests.eval.test_continual_suite import ROOT
 

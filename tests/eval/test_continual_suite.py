@@ -66,7 +66,7 @@ def test_continual_suite_writes_the_forgetting_matrices_and_their_scores(family,
 def test_reading_one_window_as_a_stream_is_reading_it_frozen(family):
     """Test-time learning differs from frozen reading only across windows: on a single window the decoding state
     gives the loss of the plain forward pass."""
-    from nlplatform.config import load_recipe
+    from nlplatform.recipe import load_recipe
     from nlplatform.eval.continual_suite import held_out_loss
     from nlplatform.registry import build_model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.data.tokenizer import Tokenizer
 from nlplatform.eval.long_context import (
     PromptReader,

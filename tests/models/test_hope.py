@@ -169,7 +169,7 @@ def test_the_nested_recipe_has_two_in_context_levels_and_differs_from_sequential
     is cms.1, whose inner rate starts at half of cms.0's; on the recipe's model (narrowed to 64 wide for speed) the
     logits equal the sequential variant's for the first 128 tokens and differ from there (cms.0 restarts from what
     cms.1 learnt)."""
-    from nlplatform.config import load_recipe
+    from nlplatform.recipe import load_recipe
     from tests.train.conftest import ROOT
 
     cfg = load_recipe(ROOT / "recipes" / "hope" / "tiny_nested.yaml", ["model.vocab_size=23"]).model

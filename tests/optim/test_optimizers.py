@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlplatform.config import OptimConfig, load_recipe, recipe_to_dict
+from nlplatform.config import OptimConfig
 from nlplatform.errors import ConfigError
-from nlplatform.optim import OPTIMIZERS, TINY_LR, ParamSplit, build_optimizer
+from nlplatform.optim import DEFAULT_LR, OPTIMIZERS, ParamSplit, build_optimizer
 from nlplatform.optim.dmgd import DeepMomentumGD
 from nlplatform.optim.momentum import DeltaMomentum, GeneralizedMomentum
 from nlplatform.optim.muon import M3, newton_schulz
+from nlplatform.recipe import load_recipe, recipe_to_dict
 from tests.train.conftest import needs_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,7 +244,7 @@ def test_every_optimizer_decreases_the_papers_toy_objective(name):
     assert end < 0.1 * start, (name, end, x.detach().tolist())
 
 
-LM_LR = TINY_LR  # the learning rates `nlplatform compare --optimizers` uses
+LM_LR = DEFAULT_LR  # the learning rates `nlplatform compare --optimizers` uses
 
 
 def tiny_module(name: str, steps: int = 30, lr: float | None = None):
@@ -297,8 +298,8 @@ def corpus_bytes(play: str) -> torch.Tensor:
 
 
 # The plain-gradient family's best learning rates on this 2-layer, 64-wide model over 80 steps of real text (tried:
-# momentum 0.01-0.3, dmgd 0.03-0.3); the 4-layer tiny preset prefers TINY_LR's larger ones.
-REAL_TEXT_LR = {**TINY_LR, "momentum": 0.03, "delta_momentum": 0.03, "dmgd": 0.1}
+# momentum 0.01-0.3, dmgd 0.03-0.3); the 4-layer tiny preset prefers DEFAULT_LR's larger ones.
+REAL_TEXT_LR = {**DEFAULT_LR, "momentum": 0.03, "delta_momentum": 0.03, "dmgd": 0.1}
 
 
 @needs_corpus

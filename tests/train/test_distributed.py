@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.train.run import train
 from tests.train.conftest import FAST, ROOT, TINY_RECIPE, needs_corpus, run_cli
 
@@ -206,7 +206,7 @@ def test_fsdp_hope_matches_a_single_device_run(tmp_path):
 KILL_SCRIPT = '''
 import os, signal, sys
 import lightning as L
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.train.run import train
 
 

@@ -62,7 +62,7 @@ def test_levels_are_logged_with_their_chunks_scopes_and_update_counts(family_run
 
 def test_make_train_trains_tiny_hope_by_default_at_its_documented_settings():
     """The Makefile's default RECIPE is the tiny HOPE recipe: lr 3e-3, 150 steps of 8 x 256 tokens."""
-    from nlplatform.config import load_recipe
+    from nlplatform.recipe import load_recipe
 
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^RECIPE \?= recipes/hope/tiny\.yaml$", makefile, re.M)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlplatform.config import load_recipe, recipe_to_dict
+from nlplatform.recipe import load_recipe, recipe_to_dict
 from nlplatform.train.module import LMModule, tokens_per_step, warmup_cosine
 from tests.train.conftest import FAST, TINY_RECIPE
 

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.errors import TrainingDiverged
 from nlplatform.levels import Level
 from nlplatform.models.transformer import Transformer

@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 
-from nlplatform.config import load_recipe
+from nlplatform.recipe import load_recipe
 from nlplatform.errors import RunStopped, UserError
 from nlplatform.train import runs
 from nlplatform.train.run import _resolve_run, train
