@@ -30,7 +30,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup export postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-kernels lint format ui tracking-server bench bench-kernels clean
+.PHONY: help setup export postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-fast test-kernels lint format ui tracking-server bench bench-kernels clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -68,7 +68,7 @@ eval-data: $(STAMP) ## fetch the commonsense eval data (once) into the cache
 train: $(STAMP) ## train RECIPE (default: the tiny default recipe) with ARGS="key=value ..." overrides
 	$(PY) -m nlplatform train $(RECIPE) $(ARGS)
 
-eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt with lm-eval on SUITE (default commonsense) with ARGS="--limit N"
+eval: $(STAMP) eval-data ## score CKPT=path/to.ckpt on SUITE (default commonsense; also long_context, continual) with that suite's flags in ARGS="--limit N"
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<experiment>/<run>/checkpoints/last.ckpt [SUITE=smoke] [ARGS=...]" >&2; exit 2; }
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m nlplatform eval $(CKPT) --suite $(SUITE) $(ARGS)
 
@@ -90,8 +90,11 @@ compare-optimizers: $(STAMP) data ## tiny Transformer++ and HOPE with AdamW, Muo
 	$(PY) -m nlplatform compare --families transformer,hope --optimizers adamw,muon,m3,dmgd --steps $(COMPARE_STEPS) \
 	  --batch-size $(COMPARE_BATCH) --seq-len 256 --no-eval $(ARGS)
 
-test: $(STAMP) postgres browser data eval-data ## run the test suite (CPU, offline), slowest tests listed at the end
+test: $(STAMP) postgres browser data eval-data ## run the whole test suite (CPU, offline), slowest tests listed at the end
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP) data eval-data ## the edit-test loop: every test not marked slow (no training, server or interpreter; under 3 minutes)
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 screenshots: $(STAMP) browser data ## render the MLflow UI's leaderboard page (two tiny runs) into docs/img/ for the README
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 NLPLATFORM_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_mlflow_ui.py

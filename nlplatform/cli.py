@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from nlplatform.errors import RunStopped, TrainingDiverged, UserError
 from nlplatform.secrets import mask
@@ -60,7 +59,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_data(args: argparse.Namespace) -> int:
-    from nlplatform.eval.data import DATASETS, SOURCE, eval_data_present, eval_data_root, fetch_eval_data
+    from nlplatform.eval.harness.data import DATASETS, SOURCE, eval_data_present, eval_data_root, fetch_eval_data
 
     root = eval_data_root()
     if eval_data_present(root) and not args.force:
@@ -71,82 +70,6 @@ def _cmd_eval_data(args: argparse.Namespace) -> int:
     for task, (path, rows) in DATASETS.items():
         print(f"  {task:<15} {rows:>7,} rows  {path}")
     print(root.resolve())  # the contract: the eval-data root is the last line of stdout
-    return 0
-
-
-def _cmd_eval_long_context(args: argparse.Namespace) -> int:
-    from nlplatform.eval.long_context_suite import evaluate_long_context, format_summary
-
-    def numbers(text: str | None, kind):
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()] if text else None
-        except ValueError:
-            raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    result = evaluate_long_context(args.checkpoint, tasks=tasks, lengths=numbers(args.lengths, int),
-                                   depths=numbers(args.depths, float), limit=args.limit, seed=args.seed,
-                                   device=args.device, track=not args.no_track)  # fmt: skip
-    print(format_summary(result.metrics))
-    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
-    print(f"metrics logged as eval/long_context/...: {where}; plots: {', '.join(p.name for p in result.plots)}",
-          file=sys.stderr)  # fmt: skip
-    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
-    return 0
-
-
-def _cmd_eval_continual(args: argparse.Namespace) -> int:
-    from nlplatform.eval.continual_suite import (
-        MODES,
-        PROTOCOLS,
-        ContinualSettings,
-        evaluate_continual,
-        format_summary,
-    )
-
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(d.strip() for d in text.split(",") if d.strip())
-
-    settings = ContinualSettings()
-    if args.domains:
-        settings = replace(settings, domains=names(args.domains))
-    if args.class_tasks:
-        settings = replace(settings, class_tasks=names(args.class_tasks))
-    modes = MODES if args.mode == "both" else (args.mode,)
-    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    settings = replace(settings, modes=modes, protocols=protocols, seed=args.seed)
-    if args.stage_steps is not None:
-        settings = replace(settings, stage_steps=args.stage_steps)
-    if args.limit is not None:
-        settings = replace(settings, eval_windows=args.limit, test_per_label=args.limit)
-    result = evaluate_continual(args.checkpoint, settings, device=args.device, track=not args.no_track)
-    print(format_summary(result.metrics))
-    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
-    print(f"metrics logged as eval/continual/...: {where}; plots: {', '.join(p.name for p in result.plots)}",
-          file=sys.stderr)  # fmt: skip
-    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.suite == "long_context":
-        return _cmd_eval_long_context(args)
-    if args.suite == "continual":
-        return _cmd_eval_continual(args)
-    from nlplatform.eval.tasks import check_tasks, load_suite
-
-    suite = load_suite(args.suite)  # unknown suites and tasks fail before the heavy imports below
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    if tasks:
-        check_tasks(tasks)
-    from nlplatform.eval.run import evaluate, format_row
-
-    result = evaluate(args.checkpoint, suite, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
-                      device=args.device, dtype=args.dtype, track=not args.no_track)  # fmt: skip
-    print(format_row(result.row))
-    where = f"MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "not tracked (no MLflow run)"
-    print(f"metrics logged as eval/<task>/<metric>: {where}", file=sys.stderr)
-    print(result.path.resolve())  # the contract: the results JSON is the last line of stdout
     return 0
 
 
@@ -272,52 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download and verify again even if the data is present")
     p.set_defaults(func=_cmd_eval_data)
 
-    p = sub.add_parser("eval", help="score a checkpoint with lm-eval on a suite (offline), results beside it")
-    p.add_argument("checkpoint", help="a training checkpoint (.ckpt), or a folder of `nlplatform export`")
-    p.add_argument("--suite", default="commonsense",
-                   help="evals/suites/<name>.yaml (commonsense, the default; smoke; extended), long_context or continual")  # fmt: skip
-    p.add_argument("--tasks", default=None, help="comma-separated tasks instead of the suite's (its settings stay)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="items per task (default: the suite's; all for commonsense); long_context: probes per task, "
-                   "length and depth (default 3); continual: held-out windows per domain and test utterances per intent "
-                   "(default 16 each)")  # fmt: skip
-    p.add_argument(
-        "--lengths",
-        default=None,
-        help="long_context: comma-separated context lengths (default: 1, 2, 4, 8, 16 x the trained one)",
-    )
-    p.add_argument("--depths", default=None, help="long_context: comma-separated needle depths in [0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="long_context, continual: the probes' or the stages' seed")
-    p.add_argument(
-        "--domains",
-        default=None,
-        help="continual: comma-separated domains in training order (default encyclopedia,howto,fiction)",
-    )
-    p.add_argument(
-        "--class-tasks",
-        default=None,
-        help="continual: comma-separated intent tasks in training order (default banking,travel,home; also food, work)",
-    )
-    p.add_argument(
-        "--protocol",
-        default="both",
-        choices=["both", "domains", "classes"],
-        help="continual: text domains one after the other, class-incremental intents, or both",
-    )
-    p.add_argument(
-        "--stage-steps", type=int, default=None, help="continual: fine-tuning steps per domain or task (default 50)"
-    )
-    p.add_argument(
-        "--mode",
-        default="both",
-        choices=["both", "frozen", "ttl"],
-        help="continual: held-out text read window by window (frozen), as one stream (ttl), or both",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    p.add_argument("--no-track", action="store_true", help="do not log into the checkpoint's MLflow run")
-    p.set_defaults(func=_cmd_eval)
+    from nlplatform.eval.command import add_command as add_eval_command
+
+    add_eval_command(sub)  # `eval CHECKPOINT --suite NAME`, then the flags of that suite (its own parser)
 
     p = sub.add_parser("models", help="list every family and preset with its parameter count")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary used to size the embeddings")

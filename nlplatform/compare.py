@@ -94,7 +94,7 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, s
 
 
 def _eval_data_ready() -> bool:
-    from nlplatform.eval.data import eval_data_present
+    from nlplatform.eval.harness.data import eval_data_present
 
     return eval_data_present()
 
@@ -150,7 +150,7 @@ def compare(
     else:
         chosen = [(label, recipe, []) for label, recipe in chosen]
     if suite is not None:
-        from nlplatform.eval.tasks import load_suite
+        from nlplatform.eval.harness.tasks import load_suite
 
         load_suite(suite)  # an unknown suite fails now, not after an hour of training
     evaluate = suite is not None and _eval_data_ready()

@@ -23,9 +23,9 @@ from lm_eval.api.instance import Instance
 from nlplatform import registry
 from nlplatform.checkpoint import load_checkpoint
 from nlplatform.cli import main
-from nlplatform.recipe import recipe_from_dict, recipe_to_dict
 from nlplatform.export import export
-from tests.eval.test_data import needs_eval_data
+from nlplatform.recipe import recipe_from_dict, recipe_to_dict
+from tests.eval.conftest import needs_eval_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4}
@@ -94,6 +94,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return getattr(out, "logits", out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_an_exported_folder_loads_through_the_auto_classes_with_our_logits(exported, case):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -115,6 +116,7 @@ def test_an_exported_folder_loads_through_the_auto_classes_with_our_logits(expor
         assert not torch.allclose(_logits(frozen, ids), _logits(theirs, ids), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generate_equals_nlplatform_generate(exported, case, capsys):
     """transformers' generate() (the family's state in a StateCache) against ``nlplatform generate --temperature 0``
@@ -135,13 +137,14 @@ def test_greedy_generate_equals_nlplatform_generate(exported, case, capsys):
         assert capsys.readouterr().out.rstrip("\n") == theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_lm_eval_hf_backend_scores_like_our_adapter(exported, case):
     """lm-eval's own ``hf`` backend on the exported folder (trust_remote_code, batch size 1) and our adapter on the
     checkpoint: the same loglikelihoods and greedy flags."""
     from lm_eval.models.huggingface import HFLM
 
-    from nlplatform.eval.harness import NLPlatformLM
+    from nlplatform.eval.harness.adapter import NLPlatformLM
 
     ckpt, folder = exported(case)
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(REQUESTS)]
@@ -151,6 +154,7 @@ def test_lm_eval_hf_backend_scores_like_our_adapter(exported, case):
         assert abs(a - b) <= TOL * max(1.0, abs(b)) and greedy_a == greedy_b
 
 
+@pytest.mark.slow
 def test_a_fresh_process_loads_every_family_with_trust_remote_code_alone(exported, tmp_path):
     """A script that imports only transformers (nlplatform installed, not imported) loads each folder with
     trust_remote_code=True and gets our logits."""
@@ -245,11 +249,13 @@ def test_transformers_never_takes_our_kernels_package_for_its_own():
     assert not import_utils.is_kernels_available(), version
 
 
+@pytest.mark.slow
 def test_importing_nlplatform_does_not_import_transformers():
     code = "import sys, nlplatform, nlplatform.cli, nlplatform.checkpoint; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow
 @needs_eval_data
 def test_nlplatform_eval_scores_an_exported_folder_as_its_checkpoint(exported, tmp_path, capsys):
     """The smoke suite on the folder and on its checkpoint: the same scores; the folder's JSON beside it."""
@@ -267,9 +273,10 @@ def test_nlplatform_eval_scores_an_exported_folder_as_its_checkpoint(exported, t
     assert scores[0] == scores[1] and scores[0]
 
 
+@pytest.mark.slow
 @needs_eval_data
 def test_lm_eval_command_line_scores_a_folder_with_its_hf_backend_as_with_ours(exported, tmp_path):
-    """``python -m nlplatform.lm_eval`` keeps lm-eval's own backends: ``--model hf`` on the exported folder and
+    """``python -m nlplatform.eval.harness`` keeps lm-eval's own backends: ``--model hf`` on the exported folder and
     ``--model nlplatform`` on it give the same scores on our offline tasks (a loglikelihood task and the held-out
     corpus's rolling perplexity)."""
     _, folder = exported("trained-transformer")
@@ -277,7 +284,7 @@ def test_lm_eval_command_line_scores_a_folder_with_its_hf_backend_as_with_ours(e
     for model, extra in (("hf", ",trust_remote_code=True"), ("nlplatform", "")):
         out = tmp_path / model
         proc = subprocess.run(
-            [sys.executable, "-m", "nlplatform.lm_eval", "--model", model, "--model_args", f"pretrained={folder}{extra}",
+            [sys.executable, "-m", "nlplatform.eval.harness", "--model", model, "--model_args", f"pretrained={folder}{extra}",
              "--tasks", "arc_easy,heldout_corpus", "--limit", "3", "--batch_size", "1", "--device", "cpu",
              "--output_path", str(out)],
             cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},

@@ -104,7 +104,7 @@ def record_clipping(monkeypatch) -> list[tuple[float | None, float]]:
 def test_the_continual_suites_fine_tuning_clips_through_the_level_scheduler(monkeypatch):
     """The continual suite's fine-tuning clips with the same function as training: every optimizer step goes through
     ``before_optimizer_step`` with the recipe's clip value, and the gradients the optimizer gets are within it."""
-    from nlplatform.eval.continual_suite import ContinualSettings, finetune
+    from nlplatform.eval.continual.suite import ContinualSettings, finetune
     from nlplatform.recipe import load_recipe
     from nlplatform.registry import build_model
     from tests.train.conftest import FAST, TINY_RECIPE

@@ -39,7 +39,7 @@ def test_the_tracking_uri_becomes_an_mlflow_param_without_its_password():
 def test_eval_reaches_a_runs_password_store_through_the_environment_not_run_json():
     """run.json keeps the tracking URI masked; eval then logs through the current URI (MLFLOW_TRACKING_URI) when it
     is the same store with its password, uses an unmasked recorded URI as it is, and gives up (None) otherwise."""
-    from nlplatform.eval.run import run_store
+    from nlplatform.eval.report import run_store
 
     saved = "http://alice:***@mlflow.example:5000"
     assert run_store(saved, "http://alice:S3cretPW@mlflow.example:5000") == "http://alice:S3cretPW@mlflow.example:5000"

@@ -60,6 +60,7 @@ def crafted(tmp_path):
     ],
     ids=["generate", "eval", "long_context", "continual", "resume", "stack_from"],
 )
+@pytest.mark.slow
 def test_a_crafted_checkpoint_is_refused_before_it_runs_anything(argv, crafted, tmp_path, capsys):
     """In process for the quick commands; training in its own process (its logging handlers outlive a call)."""
     ckpt, marker = crafted
@@ -77,7 +78,7 @@ def test_a_crafted_checkpoint_is_refused_before_it_runs_anything(argv, crafted, 
 
 
 def test_the_lm_eval_adapter_refuses_a_crafted_checkpoint(crafted):
-    from nlplatform.eval.harness import NLPlatformLM
+    from nlplatform.eval.harness.adapter import NLPlatformLM
 
     ckpt, marker = crafted
     with pytest.raises(UserError, match="refusing it"):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.eval.test_data import needs_eval_data
+from tests.eval.conftest import needs_eval_data
 from tests.train.conftest import needs_corpus
 
 SMALL = {
-    "long_context": ["--lengths", "128,192", "--depths", "0.5", "--limit", "1", "--tasks", "passkey,niah_single_passkey"],
+    "long_context": ["--lengths", "128,192", "--depths", "0.5", "--limit", "1", "--probes", "passkey,niah_single_passkey"],
     "continual": ["--domains", "encyclopedia,howto", "--class-tasks", "banking,travel", "--stage-steps", "1",
                   "--limit", "1", "--mode", "ttl"],
 }  # fmt: skip

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.eval.test_data import needs_eval_data
-from tests.eval.test_eval_cli import checkpoint_of
+from tests.eval.conftest import ROOT, checkpoint_of, needs_eval_data
 from tests.train.conftest import needs_corpus, run_cli
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @needs_corpus
@@ -25,7 +22,7 @@ def test_continual_suite_writes_the_forgetting_matrices_and_their_scores(family,
     and task-IL, the task not learned yet blank. The scores computed from them, both heatmaps, all in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from nlplatform.eval.continual import continual_scores
+    from nlplatform.eval.continual.scores import continual_scores
 
     ckpt, uri = checkpoint_of(family, trained_run, family_run)
     proc = run_cli("eval", str(ckpt), "--suite", "continual", "--domains", "encyclopedia,howto", "--class-tasks",
@@ -66,8 +63,8 @@ def test_continual_suite_writes_the_forgetting_matrices_and_their_scores(family,
 def test_reading_one_window_as_a_stream_is_reading_it_frozen(family):
     """Test-time learning differs from frozen reading only across windows: on a single window the decoding state
     gives the loss of the plain forward pass."""
+    from nlplatform.eval.continual.domains import held_out_loss
     from nlplatform.recipe import load_recipe
-    from nlplatform.eval.continual_suite import held_out_loss
     from nlplatform.registry import build_model
 
     recipe = load_recipe(ROOT / "recipes" / family / "tiny.yaml", ["model.vocab_size=257", "model.d_model=64",

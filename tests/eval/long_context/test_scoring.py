@@ -10,19 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from nlplatform.recipe import load_recipe
 from nlplatform.data.tokenizer import Tokenizer
-from nlplatform.eval.long_context import (
-    PromptReader,
-    accuracy_grid,
-    loss_by_position,
-    position_bins,
-    score_probe,
-    summarize,
-)
-from nlplatform.eval.probes import TASKS, ProbeBuilder, build_probes
+from nlplatform.eval.long_context.probes import TASKS, ProbeBuilder, build_probes
+from nlplatform.eval.long_context.scoring import accuracy_grid, loss_by_position, position_bins, score_probe, summarize
+from nlplatform.eval.reader import PromptReader
+from nlplatform.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOK = Tokenizer()
 FILLER = TOK.encode("It was a bright cold day in April, and the clocks were striking thirteen. " * 200)
 BUILDER = ProbeBuilder(TOK.encode, FILLER)

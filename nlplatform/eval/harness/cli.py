@@ -1,11 +1,11 @@
-"""``python -m nlplatform.lm_eval ARGS``: lm-eval's own command line, with our model and our offline tasks.
+"""``python -m nlplatform.eval.harness ARGS``: lm-eval's own command line, with our model and our offline tasks.
 
 lm-eval discovers no model plugins by itself, so this entry point registers the ``nlplatform`` model (the adapter in
-``nlplatform/eval/harness.py``), writes the task YAMLs of ``evals/tasks`` for this machine (fetching the eval data
+``adapter.py``), writes the task YAMLs of ``evals/tasks`` for this machine (fetching the eval data
 on first use) and adds them with ``--include_path`` unless one is given; every other argument goes to lm-eval
 unchanged, so all of its options work. For example::
 
-    python -m nlplatform.lm_eval --model nlplatform --model_args pretrained=runs/tiny/RUN/checkpoints/last.ckpt \\
+    python -m nlplatform.eval.harness --model nlplatform --model_args pretrained=runs/tiny/RUN/checkpoints/last.ckpt \\
         --tasks piqa,arc_easy --limit 20 --batch_size 16
 
 The held-out corpus task is available when ``pretrained=`` names a checkpoint or an exported folder (its recipe
@@ -31,23 +31,20 @@ def _arg(argv: list[str], name: str) -> str | None:
     return None
 
 
-def prepare_tasks(argv: list[str]) -> Path:
-    """Render the task YAMLs (with data paths for this machine) and return their folder."""
+def _include_path(argv: list[str]) -> Path:
+    """Render every task YAML (with data paths for this machine) and return their folder; the held-out corpus task
+    too when ``pretrained=`` names a checkpoint or an exported folder (its recipe says which corpus)."""
     from nlplatform.data import cache_root
-    from nlplatform.eval.data import DATASETS, dataset_file, require_eval_data
-    from nlplatform.eval.tasks import render_tasks, write_heldout_pages
+    from nlplatform.eval.harness.tasks import prepare_tasks
 
-    out = cache_root() / "eval" / "lm_eval_cli"
-    root = require_eval_data()
-    files = {name: dataset_file(name, root) for name in DATASETS}
     model_args = _arg(argv, "--model_args") or ""
     pretrained = dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv).get("pretrained")
+    data = None
     if pretrained:
         from nlplatform.checkpoint import load_checkpoint
 
-        recipe = load_checkpoint(pretrained).recipe
-        files["heldout_corpus"] = write_heldout_pages(recipe.data, out / "heldout_corpus.jsonl")
-    return render_tasks(out, files)
+        data = load_checkpoint(pretrained).recipe.data
+    return prepare_tasks(cache_root() / "eval" / "lm_eval_cli", data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     # registering ours would hide them
     import lm_eval.models  # noqa: F401
 
-    import nlplatform.eval.harness  # noqa: F401  (registers the "nlplatform" model with lm-eval)
+    import nlplatform.eval.harness.adapter  # noqa: F401  (registers the "nlplatform" model with lm-eval)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     from lm_eval.__main__ import cli_evaluate
 
     try:
         if _arg(argv, "--include_path") is None and argv and argv[0] not in ("-h", "--help"):
-            argv += ["--include_path", str(prepare_tasks(argv))]
+            argv += ["--include_path", str(_include_path(argv))]
         sys.argv = ["lm_eval", *argv]
         cli_evaluate()
     except UserError as exc:  # a bad checkpoint, missing eval data: one line, exit 2

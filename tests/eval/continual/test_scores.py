@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nlplatform.eval.continual import continual_scores
+from nlplatform.eval.continual.scores import continual_scores
 
 ACC = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.5, 0.7, 0.9]]  # R[stage][domain]
 PPL = [[10.0, 50.0, 80.0], [14.0, 12.0, 60.0], [20.0, 15.0, 11.0]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nlplatform.data.tokenizer import Tokenizer
-from nlplatform.eval.probes import TASKS, ProbeBuilder, ProbeSettings, build_probes
+from nlplatform.eval.long_context.probes import TASKS, ProbeBuilder, ProbeSettings, build_probes
 
 TOK = Tokenizer()
 FILLER = TOK.encode("It was a bright cold day in April, and the clocks were striking thirteen. " * 200)

@@ -1,4 +1,5 @@
-"""`nlplatform eval` end to end on tiny checkpoints of every family: the paper row, the JSON, MLflow, bad input."""
+"""`nlplatform eval CHECKPOINT --suite smoke|extended` end to end on tiny checkpoints of every family: the paper row,
+the JSON, MLflow, bad input; and `python -m nlplatform.eval.harness`, lm-eval's own command line."""
 
 from __future__ import annotations
 
@@ -8,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nlplatform.eval.run import COLUMNS
-from tests.eval.test_data import needs_eval_data
+from nlplatform.eval.harness.suite import COLUMNS
+from tests.eval.conftest import checkpoint_of, needs_eval_data
 from tests.train.conftest import needs_corpus, run_cli
-
-
-def checkpoint_of(family: str, trained_run, family_run) -> tuple[Path, str]:
-    if family == "transformer":
-        run_dir, uri, _ = trained_run
-    else:
-        run_dir, uri, _ = family_run(family)
-    return run_dir / "checkpoints" / "last.ckpt", uri
 
 
 @needs_corpus
@@ -53,13 +46,13 @@ def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(
 @needs_corpus
 @needs_eval_data
 def test_lm_eval_command_line_runs_our_model_and_tasks(trained_run, tmp_path):
-    """`python -m nlplatform.lm_eval` is lm-eval's own CLI with the nlplatform model and the offline tasks."""
+    """`python -m nlplatform.eval.harness` is lm-eval's own CLI with the nlplatform model and the offline tasks."""
     import subprocess
     import sys
 
     ckpt, _ = checkpoint_of("transformer", trained_run, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "nlplatform.lm_eval", "--model", "nlplatform", "--model_args",
+        [sys.executable, "-m", "nlplatform.eval.harness", "--model", "nlplatform", "--model_args",
          f"pretrained={ckpt}", "--tasks", "arc_easy,heldout_corpus", "--limit", "2", "--batch_size", "2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip

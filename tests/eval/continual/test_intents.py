@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from nlplatform.eval.intents import LABELS, SLOTS, TASKS, intent_examples
+from nlplatform.eval.continual.intents import LABELS, SLOTS, TASKS, intent_examples
 
 
 def test_every_template_names_only_known_slots_and_labels_are_unique():

@@ -16,7 +16,7 @@ After each stage every task learned so far is tested on its held-out utterances,
 - **task-incremental** (``task_il``): among the labels of the example's own task only.
 
 The stage-by-task accuracy matrices (tasks not yet learned are blank) give average accuracy, average forgetting and
-backward transfer (``continual.py``). Chance is ``1 / labels seen`` for class-IL and 1/3 for task-IL.
+backward transfer (``scores.py``). Chance is ``1 / labels seen`` for class-IL and 1/3 for task-IL.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-from nlplatform.eval.continual import continual_scores
-from nlplatform.eval.intents import TASKS, Example, intent_examples
-from nlplatform.eval.long_context import PromptReader
+from nlplatform.eval.continual.intents import TASKS, Example, intent_examples
+from nlplatform.eval.continual.scores import continual_scores
+from nlplatform.eval.reader import PromptReader
 
 SETTINGS = ("class_il", "task_il")
 

