@@ -59,7 +59,7 @@ def in_range(
     above = value > low if open_low else value >= low
     below = value < high if open_high else value <= high
     if not (math.isfinite(value) and above and below):
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
         raise ConfigError(f"{section}.{name} must be in {interval}, got {value}")
 
 

@@ -33,6 +33,25 @@ except ImportError:  # pragma: no cover
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Session fixtures that start a server or train a model: a test that uses one is slow whatever its own body does (it
+# may be the one that pays for the fixture), so it is marked here rather than by hand.
+SLOW_FIXTURES = {
+    "postgres",
+    "tracking_server",
+    "trained_run",
+    "trained_summary",
+    "family_run",
+    "three_trial_sweep",
+    "mixed_sweep",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that uses a ``SLOW_FIXTURES`` fixture (`make test-fast` leaves slow tests out)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _restore_torch_state():

@@ -183,3 +183,10 @@ def test_an_optimizer_chosen_by_name_takes_its_default_rate_unless_one_is_given_
         assert load_recipe(write(tmp_path, f"optim: {{name: {name}}}\n")).optim.lr == rate
     saved = load_recipe(tiny, ["optim.name=dmgd"])
     assert recipe_from_dict(recipe_to_dict(saved)) == saved  # a saved recipe keeps the rate it trained with
+
+
+def test_tiny_hope_trains_at_lr_3e3_on_8_windows_of_256_tokens_for_150_steps():
+    """The documented settings of the default recipe (`make train`): AdamW at 3e-3, 150 steps of 8 x 256 tokens."""
+    cfg = load_recipe(ROOT / "recipes" / "hope" / "tiny.yaml")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.trainer.max_steps) == ("adamw", 3e-3, 150)
+    assert (cfg.data.batch_size, cfg.data.seq_len) == (8, 256)

@@ -105,6 +105,7 @@ def in_store_dir(store, monkeypatch):
 # ------------------------------------------------------------------------------------------------ ranking
 
 
+@pytest.mark.slow
 def test_finished_runs_are_ranked_by_val_ppl_ascending(in_store_dir, tmp_path):
     """Rows are the finished model runs of every experiment, best validation perplexity first."""
     uri, _, _ = in_store_dir
@@ -282,6 +283,7 @@ def test_unknown_experiment_exits_2_with_did_you_mean_and_writes_nothing(in_stor
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_store_without_finished_runs_exits_2_naming_the_experiments_searched(tmp_path, monkeypatch, capsys):
     """With nothing finished to rank, the error names the experiments searched and how to produce runs."""
     monkeypatch.chdir(tmp_path)
@@ -427,6 +429,7 @@ def test_the_printed_table_keeps_the_pooled_long_context_and_the_main_continual_
     assert not is_score("eval/continual/frozen/backward_transfer") and not is_score("eval/continual/ttl/corpus_ppl_end")
 
 
+@pytest.mark.slow
 def test_runs_with_long_context_scores_get_an_accuracy_by_length_chart(tmp_path, monkeypatch):
     """A second PNG, logged with the table, plots the pooled top-1 and exact match by context length of the runs that
     have them; a store without such scores gets no such chart (the other tests: three files)."""
@@ -445,6 +448,7 @@ def test_runs_with_long_context_scores_get_an_accuracy_by_length_chart(tmp_path,
     assert "leaderboard-long_context.png" in names
 
 
+@pytest.mark.slow
 def test_a_large_experiments_description_lists_its_best_runs_within_mlflows_limit(tmp_path, monkeypatch):
     """A sweep's experiment holds many runs: the description lists the best ``NOTE_ROWS`` and says how many there are
     (the files keep them all), and fewer when the user's own text leaves too little of the tag's 20,000 characters;

@@ -82,6 +82,7 @@ def _leaderboard_rows(driver) -> list[list[str]]:
     return [[cell.text.strip() for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows if row.is_displayed()]
 
 
+@pytest.mark.slow
 def test_the_experiment_page_shows_the_leaderboard_rows_in_rank_order(ui):
     """The link `nlplatform leaderboard` prints opens the compared experiment in the model-training layout: its
     description's headline names the best run, one click expands the ranked table (every run, in val ppl order,
@@ -111,6 +112,7 @@ def test_the_experiment_page_shows_the_leaderboard_rows_in_rank_order(ui):
         assert "nlplatform:leaderboard" not in body and "<!--" not in body
 
 
+@pytest.mark.slow
 def test_two_clicks_from_make_ui_show_the_ranking_as_the_readmes_screenshot(ui, tmp_path):
     """From the address `make ui` prints: the first time, the layout switch ("Model training", which the browser
     keeps), the experiment and the description's arrow; on every later visit two clicks, experiment then arrow, show

@@ -67,6 +67,7 @@ def collected() -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_every_row_and_item_of_the_compliance_map_cites_a_test_that_is_collected(collected):
     """Each table row's test cell and each list item name at least one test (an item may instead say "No test:"
     and why), and every test named anywhere in the map is one pytest collects."""

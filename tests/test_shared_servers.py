@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -199,6 +200,7 @@ def test_a_sweep_started_under_torchrun_is_refused_with_what_to_do(tmp_path, cap
     assert "trainer.devices=N" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_survives_its_tracking_server_stopping_mid_run(tmp_path):
     """The tracking server of a run stops once the run has checkpointed step 10 of 60: the run still ends on time with
     exit 0, every checkpoint and its summary, and one warning saying what did not reach MLflow."""
@@ -235,6 +237,7 @@ def test_training_survives_its_tracking_server_stopping_mid_run(tmp_path):
     assert after < 300, f"the run took {after:.0f} s after its server stopped"
 
 
+@pytest.mark.slow
 def test_a_lost_tracking_server_costs_a_sweep_a_warning_not_its_trial(capsys):
     """Tagging a finished trial's run on a tracking server that is gone prints one masked warning and returns: the
     trial stays complete (the study and the run folder hold it)."""
@@ -262,6 +265,7 @@ def test_a_sweep_whose_tracking_server_is_unreachable_exits_2_before_any_trial(p
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_training_whose_tracking_server_is_unreachable_exits_2_with_nothing_written(tmp_path):
     from tests.servers import free_port
 

@@ -83,6 +83,7 @@ def test_seeded_sampler_in_a_new_process_does_not_replay_earlier_trials():
     assert [t.params["x"] for t in again.trials] == xs[:3]
 
 
+@pytest.mark.slow
 def test_every_shipped_sweep_loads_and_its_trials_are_valid_recipes(monkeypatch):
     monkeypatch.chdir(ROOT)  # shipped sweeps name their recipes from the project root, as `make sweep` runs them
     files = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -198,6 +199,7 @@ def three_trial_sweep(tmp_path_factory):
     return work, path, first, after_first, again, more
 
 
+@pytest.mark.slow
 @needs_corpus
 def test_three_trial_sweep_completes_with_nested_mlflow_runs(three_trial_sweep):
     work, path, proc, trials_done, _, _ = three_trial_sweep
@@ -220,6 +222,7 @@ def test_three_trial_sweep_completes_with_nested_mlflow_runs(three_trial_sweep):
     assert f"best: trial {best.number}" in proc.stdout and best.user_attrs["command"] in proc.stdout
 
 
+@pytest.mark.slow
 @needs_corpus
 def test_a_trial_is_reproduced_by_its_printed_command(three_trial_sweep):
     trial = three_trial_sweep[3][0]
@@ -267,6 +270,7 @@ def mixed_sweep(tmp_path_factory):
     return work, sweep_cli(path)
 
 
+@pytest.mark.slow
 @needs_corpus
 def test_pruner_stops_a_bad_trial_at_a_validation_step(mixed_sweep):
     work, _ = mixed_sweep
@@ -278,6 +282,7 @@ def test_pruner_stops_a_bad_trial_at_a_validation_step(mixed_sweep):
     assert run.data.metrics["summary/steps"] < 20
 
 
+@pytest.mark.slow
 @needs_corpus
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(mixed_sweep):
     work, proc = mixed_sweep
@@ -287,6 +292,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(mixed_sweep):
     assert "trial 1 failed" in proc.stderr and "1 fail" in proc.stdout
 
 
+@pytest.mark.slow
 @needs_corpus
 def test_two_workers_share_one_sqlite_study_without_losing_trials(tmp_path):
     path = write_sweep(tmp_path, n_trials=4)

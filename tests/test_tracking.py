@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 # Waits for the go file, then opens the store as every command does (nlplatform.tracking.client) and writes to it.
 OPEN = """
 import sys, time
@@ -22,6 +24,7 @@ print("opened")
 """
 
 
+@pytest.mark.slow
 def test_three_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     """MLflow migrates a new sqlite database on first use; three processes doing it at the same moment used to crash
     two of three ("duplicate column name: step"). Released together by one file, all three open it and write."""

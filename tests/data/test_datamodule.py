@@ -265,6 +265,7 @@ FORMAT_1_DIGESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
 def test_the_default_corpus_prepares_token_for_token_as_before(tmp_path, tokenizer):
     """Streaming, sharded preparation of the default corpus gives exactly the tokens the whole-corpus preparation gave

@@ -51,6 +51,7 @@ def write_corpus(folder: Path, megabytes: int) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
 def test_preparing_a_corpus_four_times_larger_takes_no_more_memory(tmp_path):
     """The resident memory a preparation adds (the stream, 2 BPE-tokenising workers fed from it, the shard writers)
@@ -73,6 +74,7 @@ def test_preparing_a_corpus_four_times_larger_takes_no_more_memory(tmp_path):
     assert increases[16] <= 1.2 * increases[4] + 1.0, increases  # + 1 MB: the resolution of a few pages
 
 
+@pytest.mark.slow
 def test_two_preparations_of_one_cache_started_together_do_the_work_once(tmp_path, txt_corpus):
     """A second preparation of a cache another process is building waits for it and finds it done: one tokenizer
     training, one tokenisation, one valid cache. The first is held inside its preparation (lock taken, folder staged)

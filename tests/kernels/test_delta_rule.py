@@ -61,6 +61,7 @@ def test_chunked_equals_recurrent_in_fp64_with_state_and_every_gradient(T, chunk
         torch.testing.assert_close(out[name], ref[name], rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["recurrent", "chunked"])
 def test_gradcheck_on_a_tiny_fp64_case(form):
     """Autograd through either form matches finite differences."""
@@ -188,3 +189,15 @@ def test_backends_that_do_not_exist_are_refused_with_the_available_ones():
         run(gated_delta_rule, _bad(), backend="cuda")
     with pytest.raises(ValueError, match="available: reference"):
         resolve_backend("op", "triton", torch.zeros(1), ("reference",))
+
+
+def test_auto_picks_triton_for_cuda_tensors_of_ops_with_kernels_and_the_reference_otherwise():
+    """backend="auto" is decided by the tensors' device and what the op implements: Triton for CUDA tensors when the
+    op has kernels, the reference for CPU tensors or ops without kernels (so CPU runs never need Triton)."""
+    from types import SimpleNamespace
+
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert resolve_backend("op", "auto", on_gpu, ("triton", "reference")) == "triton"
+    assert resolve_backend("op", "auto", on_gpu, ("reference",)) == "reference"
+    assert resolve_backend("op", "auto", on_cpu, ("triton", "reference")) == "reference"
+    assert resolve_backend("op", "reference", on_gpu, ("triton", "reference")) == "reference"

@@ -120,6 +120,7 @@ CASES = [
     [pytest.param(*c, id="B{}-T{}-H{}-K{}-V{}-{}-{}-{}-C{}".format(
         *c[:5], str(c[5])[6:], "gated" if c[6] else "deltanet", "h0" if c[7] else "h0=0", c[8])) for c in CASES],
 )  # fmt: skip
+@pytest.mark.slow
 def test_triton_equals_the_reference_on_output_state_and_every_gradient(
     B, T, H, K, V, dtype, gated, initial_state, chunk_size
 ):
@@ -181,6 +182,7 @@ def test_triton_on_cpu_without_the_interpreter_names_the_environment_variable(mo
         outputs_and_grads(inputs, "triton")
 
 
+@pytest.mark.slow
 def test_a_deltanet_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: DeltaNet and Gated DeltaNet logits and weight gradients agree across backends."""
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")

@@ -185,6 +185,7 @@ T_OF = {1: 9, 4: 23, 16: 40, 64: 80}  # at least one full chunk and a partial on
     CASES,
     ids=[f"C{a}-{b}-depth{d}-x{e}-{k}-{act}" + "".join(f"-{o}" for o in opts) for a, b, d, e, k, act, opts in CASES],
 )
+@pytest.mark.slow
 def test_the_chunked_op_equals_the_literal_eq91_loop(c_gen, c_mem, depth, expansion, keys, activation, options):
     """At every chunk size the op computes the paper's rule, not an approximation of it: outputs and the final
     weights and momentum of all memories equal the literal loop in fp64 (and, at chunks 16 and 64, the gradients into

@@ -47,6 +47,7 @@ CASES = [
          f"{'-static' if c[5] else ''}{'-S0' if c[6] else ''}{'-decay' if c[7] else ''}"
          f"{'-clip' if c[8] else ''}-{c[9]}" for c in CASES],
 )  # fmt: skip
+@pytest.mark.slow
 def test_triton_equals_the_reference_on_output_states_and_every_gradient(
     T, depth, chunks, dgd, retention, static, init_momentum, decay, clip, act
 ):
@@ -66,6 +67,7 @@ def test_triton_equals_the_reference_on_output_states_and_every_gradient(
         assert_close(name, ref[name], out[name], RATIO)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2])
 def test_half_precision_models_get_half_precision_products_within_their_tolerance(depth):
     """With x in fp16 the op still computes in float32 but the kernels multiply fp16 roundings of their tiles (the
@@ -95,6 +97,7 @@ def test_every_main_memory_kernel_access_stays_inside_the_launch_tensors(monkeyp
     assert all(torch.isfinite(t).all() for t in out.values())
 
 
+@pytest.mark.slow
 def test_the_main_memory_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch):
     """With every chunk past the first segment recomputed in the backward (KEEP_ALL_CHUNKS forced down), the HOPE
     main memory still equals the reference."""
@@ -109,6 +112,7 @@ def test_the_main_memory_recomputing_segment_states_in_the_backward_changes_noth
         assert_close(name, ref[name], out[name], RATIO)
 
 
+@pytest.mark.slow
 def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: HOPE logits and weight gradients agree across backends."""
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")

@@ -100,6 +100,7 @@ CASES = [
         *c[:5], "depth1" if c[5] is None else f"hidden{c[5]}", c[6], c[7],
         "noclip" if c[8] is None else f"clip{c[8]}", str(c[9])[6:])) for c in CASES],
 )  # fmt: skip
+@pytest.mark.slow
 def test_triton_equals_the_reference_on_output_state_momentum_and_every_gradient(
     B, T, H, K, V, hidden, chunk_size, activation, max_grad_norm, dtype
 ):
@@ -112,6 +113,7 @@ def test_triton_equals_the_reference_on_output_state_momentum_and_every_gradient
     assert_all_close(ref, out, RATIO[dtype])
 
 
+@pytest.mark.slow
 def test_the_clip_is_active_in_the_clipped_cases_and_changes_the_result():
     """The clipped cases above test the clip's backward only if some tokens are clipped: at max_grad_norm 0.5 the
     result differs from the unclipped one, and both backends agree on each."""
@@ -176,6 +178,7 @@ def test_auto_keeps_chunks_that_crashed_a_gpu_on_the_reference_and_triton_still_
     assert takes_inputs("titans_memory", "auto", None, autograd.unverified(16)) is True
 
 
+@pytest.mark.slow
 def test_a_titans_model_on_the_triton_backend_equals_the_reference_model():
     """The model wiring: Titans (memory only, and memory as a gate) logits and weight gradients agree across backends."""
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")
@@ -258,6 +261,7 @@ def test_gpu_titans_models_train_on_the_kernel_at_chunk_64_when_asked(monkeypatc
 @pytest.mark.parametrize(
     ("T", "hidden", "chunk_size"), [(29, 64, 4), (40, None, 8), (5, 32, 1)], ids=["depth2-C4", "depth1-C8", "C1"]
 )
+@pytest.mark.slow
 def test_recomputing_segment_states_in_the_backward_changes_nothing(monkeypatch, T, hidden, chunk_size):
     """Beyond KEEP_ALL_CHUNKS chunks the forward keeps only every R-th chunk-start state and the backward recomputes
     each segment's: forced here (and with a last segment shorter than the others), every output and gradient equals
@@ -287,6 +291,7 @@ def test_without_autograd_the_kernels_give_the_same_read_out_and_state():
         assert all(torch.equal(a, b) for a, b in zip(final.weights + final.momentum, final2.weights + final2.momentum))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not triton_interpreted(), reason="checks the CPU interpreter's accesses (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize(("T", "K", "chunk_size"), [(200, 64, 64), (100, 128, 16)], ids=["C64-K64", "C16-K128"])
 def test_every_kernel_access_stays_inside_the_launch_tensors(T, K, chunk_size):

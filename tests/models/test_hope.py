@@ -106,6 +106,7 @@ def naive_cms_logits(model: Hope, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "cms_variant,cms_hidden", [("sequential", 16), ("nested", 4), ("independent", 4)], ids=lambda x: str(x)
 )
+@pytest.mark.slow
 def test_in_context_cms_levels_update_at_multiples_of_their_chunk_with_the_summed_chunk_gradients(
     variant, cms_variant, cms_hidden
 ):
@@ -353,6 +354,7 @@ print(peaks[12], peaks[48])
 """
 
 
+@pytest.mark.slow
 def test_reading_four_times_as_many_windows_keeps_the_peak_resident_memory():
     """In a fresh process, a HOPE model learning in context reads 48 windows of 64 tokens under inference mode: the
     peak resident set after 48 windows is within 1.2x of that after 12 (it grew with every window before)."""

@@ -72,6 +72,7 @@ def test_preset_overrides_are_applied_and_validated():
         registry.model_config("transformer", "340m", vocab_size=32000, n_kv_heads=5)
 
 
+@pytest.mark.slow
 def test_importing_models_and_layers_does_not_import_the_training_stack():
     """Importing the models, the layers, generate and the kernels pulls in none of lightning, mlflow, optuna, lm_eval."""
     code = (

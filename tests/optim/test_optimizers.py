@@ -277,6 +277,7 @@ def lm_step(module, opt, sched, step: int) -> float:
     return loss.item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_optimizer_trains_a_tiny_language_model_for_30_steps(name):
     """Tiny Transformer++ on a repeated sentence, each optimizer built from a recipe (its ``LM_LR``, warm-up and
@@ -302,6 +303,7 @@ def corpus_bytes(play: str) -> torch.Tensor:
 REAL_TEXT_LR = {**DEFAULT_LR, "momentum": 0.03, "delta_momentum": 0.03, "dmgd": 0.1}
 
 
+@pytest.mark.slow
 @needs_corpus
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_optimizer_beats_the_unigram_model_on_a_held_out_play(name):
@@ -344,6 +346,7 @@ def test_m3_step_size_does_not_grow_as_gradients_shrink():
     assert steps[True, 1e-3] == pytest.approx(steps[True, 1.0], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_save_and_restore_mid_run_gives_the_same_next_steps(name):
     """A model and optimizer restored from their state after 3 steps take exactly the steps of the uninterrupted run."""
@@ -394,6 +397,7 @@ def re_escape(text: str) -> str:
     return re.escape(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_optimizer_steps_tiny_hope_with_its_levels_param_groups(name):
     """HOPE's persistent levels come as separate parameter groups (own learning rates): every optimizer takes a few

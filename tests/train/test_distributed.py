@@ -87,6 +87,7 @@ def hope_single(tmp_path_factory):
     return _train_in_process(work, HOPE_RECIPE, *HOPE, "data.batch_size=4", "tracking.run_name=single").run_dir
 
 
+@pytest.mark.slow
 def test_two_process_hope_matches_one_process_with_a_slow_level_that_stepped(hope_ddp, hope_single):
     """2 ranks x batch 2 == 1 rank x batch 4 for tiny HOPE: same parameters, same losses, cms.1 stepped twice."""
     ddp, single = _ckpt(hope_ddp[0]), _ckpt(hope_single)
@@ -129,6 +130,7 @@ def _stopped_at_step_2(run_dir: Path, dest: Path) -> Path:
     return dest / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_ddp_run_resumed_from_its_step_2_checkpoint_continues_with_the_same_losses(hope_ddp, tmp_path):
     """Resumed under DDP at step 2, the run's steps 3 and 4 have the uninterrupted run's losses and parameters."""
     run_dir, _, _ = hope_ddp
@@ -157,6 +159,7 @@ def test_two_process_checkpoint_resumes_on_one_process_at_the_next_global_batch(
     _assert_same_parameters(resumed, straight)
 
 
+@pytest.mark.slow
 def test_torchrun_launch_of_transformer_matches_one_process_in_one_run_folder(tmp_path):
     """The documented torchrun launch (2 processes on this machine, Lightning detects torchrun's environment) trains
     tiny Transformer++ as one run folder whose tokens count both ranks, to the parameters of 1 process x batch 8."""
@@ -222,6 +225,7 @@ train(load_recipe(sys.argv[1], sys.argv[2:]), callbacks=(SigkillAt(),))
 '''
 
 
+@pytest.mark.slow
 def test_two_process_run_killed_by_sigkill_resumes_with_auto_to_the_uninterrupted_losses(tmp_path):
     """2 processes (gloo), a checkpoint every step; rank 0 is SIGKILLed at the start of step 4 (a fixed step), the
     other rank dies with the process group. ``trainer.resume=auto`` takes over the dead run's stale lock and continues
@@ -252,6 +256,7 @@ def test_two_process_run_killed_by_sigkill_resumes_with_auto_to_the_uninterrupte
     assert not (run_dir / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_launch_prepares_a_new_corpus_once_on_rank_0(tmp_path):
     """Under torchrun every process starts at once: global rank 0 builds the token cache of a corpus nobody prepared
     while rank 1 waits, then both check they see it (one "data ready" line, not one per rank)."""

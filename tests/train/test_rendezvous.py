@@ -69,6 +69,7 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @needs_corpus
 @pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -m` (root) to give one rank its own view of runs/")
 def test_a_runs_folder_one_rank_cannot_see_is_refused_on_every_rank_and_left_empty(tmp_path):

@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from nlplatform.recipe import load_recipe
 from nlplatform.errors import TrainingDiverged
 from nlplatform.levels import Level
 from nlplatform.models.transformer import Transformer
+from nlplatform.recipe import load_recipe
 from nlplatform.train.run import train
 from tests.train.conftest import FAST, TINY_RECIPE, Interrupted, KillAt, needs_corpus
 
@@ -26,6 +26,7 @@ def history(run_dir) -> tuple[list, list]:
     return h["train"], h["val"]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path, capsys):
     """A run killed after 8 steps and resumed with trainer.resume=auto has exactly the losses of an uninterrupted run."""
     common = ("trainer.max_steps=12", "trainer.val_check_interval=4")

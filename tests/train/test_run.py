@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -74,6 +75,7 @@ def test_generate_continues_a_prompt_from_a_checkpoint(trained_run, tmp_path):
     assert again.stdout == proc.stdout  # seeded sampling is reproducible
 
 
+@pytest.mark.slow
 def test_generate_with_a_missing_checkpoint_exits_2(tmp_path):
     """A checkpoint path that does not exist is a one-line error with exit status 2."""
     proc = run_cli("generate", str(tmp_path / "nope.ckpt"), "--prompt", "x", cwd=tmp_path)

@@ -18,8 +18,8 @@ import lightning as L
 import pytest
 import torch
 
-from nlplatform.recipe import load_recipe
 from nlplatform.errors import RunStopped, UserError
+from nlplatform.recipe import load_recipe
 from nlplatform.train import runs
 from nlplatform.train.run import _resolve_run, train
 from tests.train.conftest import FAST, TINY_RECIPE, Interrupted, KillAt, needs_corpus
@@ -197,6 +197,7 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.mark.slow
 def test_sigterm_and_interval_checkpoints_resume_with_the_uninterrupted_losses(tmp_path):
     """SIGTERM mid-step 2 saves last.ckpt after that step (no validation there) and stops with 143; a job killed at
     step 5 keeps the step-4 checkpoint trainer.checkpoint_every_steps=2 wrote; each resumes with auto to the losses
@@ -226,6 +227,7 @@ def test_sigterm_and_interval_checkpoints_resume_with_the_uninterrupted_losses(t
                                    torch.tensor([v for _, v in expected["train"]]), rtol=1e-6, atol=0)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_130_and_prints_the_command_that_continues(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     args = ["train", str(TINY_RECIPE), *SMALL, f"output_dir={tmp_path / 'runs'}", "tracking.run_name=c",

@@ -32,6 +32,7 @@ def test_examples_are_deterministic_balanced_and_disjoint(task):
     assert all("{" not in e.utterance and e.prompt == f"{e.utterance}\nintent:" for e in train + test)
 
 
+@pytest.mark.slow
 def test_asking_for_more_utterances_than_the_templates_allow_is_an_error():
     with pytest.raises(ValueError, match="distinct utterances"):
         intent_examples("home", train_per_label=5000, test_per_label=10, seed=0)

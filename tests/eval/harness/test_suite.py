@@ -77,6 +77,7 @@ def test_bad_eval_arguments_exit_2_with_a_hint(args, fragment, trained_run, tmp_
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_or_foreign_checkpoint_exits_2(tmp_path):
     """A checkpoint that does not exist, or a file that is not one of ours, is refused with exit status 2."""
     missing = run_cli("eval", str(tmp_path / "nope.ckpt"), "--tasks", "piqa", cwd=tmp_path)
