@@ -132,7 +132,7 @@ def trained_summary(trained_run) -> dict:
 
 # The tiny recipes as written (tiny preset, their optimizer settings), on shorter and fewer windows so a run takes
 # seconds on a CPU. Every family is well below its unigram perplexity by step 25 (val ppl 12-21 against 28.8), but
-# Hope-Attention (sliding-window attention, then the CMS) is slower to start: at step 30 it is still at 33.
+# Hope-Attention (full causal softmax attention, then the CMS) is slower to start: at step 30 it is still at 33.
 FAMILY_RUN_STEPS = 30
 FAMILY_RUN_STEPS_BY_RECIPE = {("hope", "tiny_attention"): 50}
 FAMILY_RUN_OVERRIDES = [
