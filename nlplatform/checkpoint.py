@@ -105,8 +105,10 @@ def load_export(folder: Path, device: str | torch.device = "cpu") -> LoadedModel
         family = config["model_type"].removeprefix("nlplatform-")
         model_fields, recipe_dict = {**config["model"], "name": family}, config["recipe"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{folder} is not a model folder written by `nlplatform export` (no readable config.json "
-                        "with an nlplatform model)") from None  # fmt: skip
+        raise UserError(
+            f"{folder} is not a model folder written by `nlplatform export` (no readable config.json "
+            "with an nlplatform model)"
+        ) from None
     if not weights_path.is_file():
         raise UserError(f"{folder}: model.safetensors is missing")
     check_model_format(family, config.get("model_format"), f"model folder {folder}")

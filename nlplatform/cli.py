@@ -159,9 +159,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None
-    result = compare(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, experiment=args.experiment,
-                     suite=None if args.no_eval else args.suite, families=families, optimizers=optimizers,
-                     overrides=args.overrides, tracking_uri=args.tracking_uri)  # fmt: skip
+    result = compare(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        experiment=args.experiment,
+        suite=None if args.no_eval else args.suite,
+        families=families,
+        optimizers=optimizers,
+        overrides=args.overrides,
+        tracking_uri=args.tracking_uri,
+    )
     if result.leaderboard is not None:
         print(result.leaderboard.markdown.read_text(), end="")
         _say_where_the_ui_shows(result.leaderboard, args.tracking_uri)
@@ -206,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "leaderboard", help="rank the finished runs by val ppl (markdown, CSV, PNG); prints the folder as the last line"
     )
-    p.add_argument("--experiment", action="append", default=None,
-                   help="an MLflow experiment to rank (repeatable; default: every experiment)")  # fmt: skip
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=None,
+        help="an MLflow experiment to rank (repeatable; default: every experiment)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/leaderboard/<timestamp>/)")
     p.add_argument(
         "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)"
@@ -221,11 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per family (trainer.max_steps)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (data.batch_size)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (data.seq_len)")
-    p.add_argument("--experiment", default=None,
-                   help="MLflow experiment of the runs and of the leaderboard (default: compare-STEPSxBATCHxSEQ_LEN)")  # fmt: skip
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment of the runs and of the leaderboard (default: compare-STEPSxBATCHxSEQ_LEN)",
+    )
     p.add_argument("--families", default=None, help="comma-separated subset, e.g. transformer,hope (default: all)")
-    p.add_argument("--optimizers", default=None,
-                   help="train each family once per optimizer, e.g. adamw,muon,m3,dmgd (default: the recipes' own)")  # fmt: skip
+    p.add_argument(
+        "--optimizers",
+        default=None,
+        help="train each family once per optimizer, e.g. adamw,muon,m3,dmgd (default: the recipes' own)",
+    )
     p.add_argument("--suite", default="smoke", help="eval suite for every run, when the eval data is present")
     p.add_argument("--no-eval", action="store_true", help="train and rank only")
     p.add_argument(

@@ -164,8 +164,10 @@ def compare(
         shared.append(f"tracking.tracking_uri={tracking_uri}")
     result = CompareResult()
     for i, (label, recipe, optim) in enumerate(chosen, 1):
-        print(f"== [{i}/{len(chosen)}] {label}: training {recipe}, {steps} steps of {batch_size} x {seq_len} tokens",
-              flush=True)  # fmt: skip
+        print(
+            f"== [{i}/{len(chosen)}] {label}: training {recipe}, {steps} steps of {batch_size} x {seq_len} tokens",
+            flush=True,
+        )
         # The caller's overrides come last, so they win over the shared ones.
         run_overrides = [*shared, *optim, f"tracking.run_name={label.replace('+', '-')}-{stamp}", *(overrides or [])]
         run_dir = _train(label, RECIPES / recipe, run_overrides, result)

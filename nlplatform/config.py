@@ -74,8 +74,13 @@ class DataConfig:
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        positive("data", seq_len=self.seq_len, batch_size=self.batch_size, bpe_vocab_size=self.bpe_vocab_size,
-                  tokenizer_sample_bytes=self.tokenizer_sample_bytes)  # fmt: skip
+        positive(
+            "data",
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            bpe_vocab_size=self.bpe_vocab_size,
+            tokenizer_sample_bytes=self.tokenizer_sample_bytes,
+        )
         non_negative("data", val_batches=self.val_batches, num_workers=self.num_workers)
         positive("data", num_proc=self.num_proc, max_tokens=self.max_tokens)
         if not (self.tokenizer in ("bytes", "bpe") or self.tokenizer.startswith("file:")):

@@ -81,8 +81,10 @@ def _write(loaded: LoadedModel, checkpoint: Path, folder: Path, hf) -> None:
         training=training_facts(checkpoint, loaded.step),
     )
     config.architectures = [model_cls.__name__]
-    config.auto_map = {"AutoConfig": f"{SHIM[:-3]}.{config_cls.__name__}",
-                       "AutoModelForCausalLM": f"{SHIM[:-3]}.{model_cls.__name__}"}  # fmt: skip
+    config.auto_map = {
+        "AutoConfig": f"{SHIM[:-3]}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{SHIM[:-3]}.{model_cls.__name__}",
+    }
     wrapped = model_cls(config)
     wrapped.model.load_state_dict(model.state_dict())
     wrapped.generation_config = GenerationConfig(eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
@@ -90,8 +92,13 @@ def _write(loaded: LoadedModel, checkpoint: Path, folder: Path, hf) -> None:
     backend = HFTokenizer.from_str(tok.backend_json())
     eot = backend.id_to_token(tok.eot_id)
     # bytes: literal "<|endoftext|>" in a text stays bytes, as the platform's own byte tokenizer encodes it
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, pad_token=eot,
-                                   model_max_length=recipe.data.seq_len, split_special_tokens=tok.backend is None)  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eot,
+        pad_token=eot,
+        model_max_length=recipe.data.seq_len,
+        split_special_tokens=tok.backend is None,
+    )
     fast.save_pretrained(folder)
     (folder / SHIM).write_text(SHIM_TEXT)
     (folder / "README.md").write_text(model_card(loaded, config.training))

@@ -113,8 +113,9 @@ class NLPlatformForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is the family's own state (``_prepare_cache_for_generation``)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length) -> None:  # fmt: skip
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ) -> None:
         """A fresh ``StateCache`` for ``batch_size`` sequences of up to ``max_cache_length`` tokens."""
         if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
             StateCache._refuse()
@@ -124,8 +125,13 @@ class NLPlatformForCausalLM(PreTrainedModel, GenerationMixin):
         state = self.model.init_state(batch_size, max_cache_length, param.device, param.dtype)
         model_kwargs["past_key_values"] = StateCache(state)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values: StateCache | None = None,
-                                      attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: StateCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """Only the tokens the state has not read yet (the prompt first, then each new token)."""
         _check_unpadded(attention_mask)
         seen = 0 if past_key_values is None else past_key_values.get_seq_length()
@@ -174,10 +180,14 @@ def _camel(family: str) -> str:
 CONFIGS: dict[str, type[NLPlatformConfig]] = {}
 MODELS: dict[str, type[NLPlatformForCausalLM]] = {}
 for _family in registry.FAMILIES:
-    _config = type(f"{_camel(_family)}Config", (NLPlatformConfig,),
-                   {"model_type": f"nlplatform-{_family}", "family": _family, "__module__": __name__})  # fmt: skip
-    _model = type(f"{_camel(_family)}ForCausalLM", (NLPlatformForCausalLM,),
-                  {"config_class": _config, "__module__": __name__})  # fmt: skip
+    _config = type(
+        f"{_camel(_family)}Config",
+        (NLPlatformConfig,),
+        {"model_type": f"nlplatform-{_family}", "family": _family, "__module__": __name__},
+    )
+    _model = type(
+        f"{_camel(_family)}ForCausalLM", (NLPlatformForCausalLM,), {"config_class": _config, "__module__": __name__}
+    )
     CONFIGS[_family], MODELS[_family] = _config, _model
     globals()[_config.__name__], globals()[_model.__name__] = _config, _model
     __all__ += [_config.__name__, _model.__name__]

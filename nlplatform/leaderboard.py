@@ -200,8 +200,13 @@ def compact(value: float) -> str:
     for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= limit:
             scaled = value / limit
-            return f"{scaled:.2g}{suffix}" if scaled < 10 else f"{scaled:.3g}{suffix}" if scaled < 1000 else \
-                f"{scaled:,.0f}{suffix}"  # fmt: skip
+            return (
+                f"{scaled:.2g}{suffix}"
+                if scaled < 10
+                else f"{scaled:.3g}{suffix}"
+                if scaled < 1000
+                else f"{scaled:,.0f}{suffix}"
+            )
     return f"{value:.3g}" if value != int(value) else f"{int(value)}"
 
 
@@ -307,8 +312,10 @@ def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
     # Sized for MLflow's artifact preview pane (about 800 px wide): drawn at 800 px, so text stays at its point size
     fig, axes = plt.subplots(1, 2, figsize=(8, 1.3 + 0.3 * len(rows)), dpi=100, sharey=True)
-    for ax, key, label, fmt in ((axes[0], "val_ppl", "val perplexity (lower is better)", lambda v: f"{v:.3f}"),
-                                (axes[1], "tokens_per_sec", "tokens/s (higher is better)", compact)):  # fmt: skip
+    for ax, key, label, fmt in (
+        (axes[0], "val_ppl", "val perplexity (lower is better)", lambda v: f"{v:.3f}"),
+        (axes[1], "tokens_per_sec", "tokens/s (higher is better)", compact),
+    ):
         values = [r[key] if r[key] is not None else nan for r in rows]
         bars = ax.barh(range(len(rows)), values, color=colours)
         ax.bar_label(bars, labels=["" if math.isnan(v) else fmt(v) for v in values], padding=2, fontsize=8)
@@ -319,8 +326,13 @@ def plot_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()  # shared y: the best run on top in both panels
     fig.suptitle(title, fontsize=9, x=0.01, ha="left")
-    fig.legend(handles=[Patch(color=colour[f], label=f or "?") for f in families], loc="upper right", fontsize=7,
-               ncol=len(families), frameon=False)  # on the title's line, clear of the bars  # fmt: skip
+    fig.legend(
+        handles=[Patch(color=colour[f], label=f or "?") for f in families],
+        loc="upper right",
+        fontsize=7,
+        ncol=len(families),
+        frameon=False,
+    )  # on the title's line, clear of the bars
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path)
     plt.close(fig)
@@ -379,8 +391,9 @@ NOTE_ROWS = 20  # the best runs the description lists (a sweep's experiment hold
 NOTE_LIMIT = 20_000  # characters MLflow stores in an experiment tag
 
 
-def experiment_note(rows: list[dict[str, Any]], stamp: str, files_link: tuple[str, str] | None = None,
-                    top: int = NOTE_ROWS) -> str:  # fmt: skip
+def experiment_note(
+    rows: list[dict[str, Any]], stamp: str, files_link: tuple[str, str] | None = None, top: int = NOTE_ROWS
+) -> str:
     """The leaderboard section of one experiment's description (its own runs, best first): a headline the collapsed
     description shows (the best run), the compact table of the ``top`` best with each run linked to its page, and
     where the full files are."""
@@ -389,8 +402,9 @@ def experiment_note(rows: list[dict[str, Any]], stamp: str, files_link: tuple[st
     plural = "run" if len(rows) == 1 else "runs"
     shown = rows[:top]
     cols = [c for c in NOTE_COLUMNS if any(row.get(c) is not None for row in shown) or c in ("run", "val_ppl")]
-    table = markdown_table(shown, cols, link=lambda r: f"#/experiments/{r['experiment_id']}/runs/{r['run_id']}",
-                           pad="&emsp;")  # fmt: skip
+    table = markdown_table(
+        shown, cols, link=lambda r: f"#/experiments/{r['experiment_id']}/runs/{r['run_id']}", pad="&emsp;"
+    )
     rest = f"The best {len(shown)} of {len(rows)}. " if len(shown) < len(rows) else ""
     more = f" Every run and column, the CSV and the charts: [{files_link[0]}]({files_link[1]})." if files_link else ""
     return (
@@ -415,8 +429,9 @@ def publish(uri: str, rows: list[dict[str, Any]], stamp: str, board: tuple[str, 
     ``board``: (experiment id, run id) of the leaderboard run holding the files. Returns {name: id} of the
     experiments written."""
     client = _client(uri)
-    files_link = None if board is None else (
-        f"leaderboard-{stamp}", f"#/experiments/{board[0]}/runs/{board[1]}/artifacts")  # fmt: skip
+    files_link = (
+        None if board is None else (f"leaderboard-{stamp}", f"#/experiments/{board[0]}/runs/{board[1]}/artifacts")
+    )
     by_experiment: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_experiment.setdefault(row["experiment_id"], []).append(row)
@@ -427,8 +442,11 @@ def publish(uri: str, rows: list[dict[str, Any]], stamp: str, board: tuple[str, 
         notes = (merge_note(existing, experiment_note(own, stamp, files_link, top)) for top in (NOTE_ROWS, 5, 1))
         note = next((n for n in notes if len(n) <= NOTE_LIMIT), None)
         if note is None:
-            print(f"warning: experiment {own[0]['experiment']!r}: its description leaves no room for the leaderboard "
-                  f"(MLflow keeps {NOTE_LIMIT:,} characters); shorten it", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: experiment {own[0]['experiment']!r}: its description leaves no room for the leaderboard "
+                f"(MLflow keeps {NOTE_LIMIT:,} characters); shorten it",
+                file=sys.stderr,
+            )
             continue
         client.set_experiment_tag(experiment_id, NOTE_TAG, note)
         written[own[0]["experiment"]] = experiment_id

@@ -227,8 +227,15 @@ class Outbox:
         """One line saying what did not reach the store, or None when everything did."""
         if not (self.failed or self.dropped or self.lost):
             return None
-        parts = [f"{n} {what}" for n, what in ((self.failed, "failed"), (self.dropped, "dropped (queue full)"),
-                                               (self.lost, "not sent before the run ended")) if n]  # fmt: skip
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (self.failed, "failed"),
+                (self.dropped, "dropped (queue full)"),
+                (self.lost, "not sent before the run ended"),
+            )
+            if n
+        ]
         first = f" (first failure: {self.first_error})" if self.first_error else ""
         return f"MLflow calls to {mask(uri)}: {', '.join(parts)}{first}; the run folder holds the whole run"
 
@@ -263,8 +270,11 @@ def make_logger(cfg: RecipeConfig, run_name: str, run_id: str | None = None, tag
             if rank_zero_only.rank != 0:
                 return
             now = int(time.time() * 1000)  # stamped when logged, not when sent
-            batch = [Metric(key=k, value=float(v), timestamp=now, step=step or 0) for k, v in metrics.items()
-                     if not isinstance(v, str)]  # fmt: skip
+            batch = [
+                Metric(key=k, value=float(v), timestamp=now, step=step or 0)
+                for k, v in metrics.items()
+                if not isinstance(v, str)
+            ]
             self.experiment  # noqa: B018 - the run and the outbox exist first
             self.outbox.metrics(self.run_id, batch)
 

@@ -31,8 +31,14 @@ def chromium(width: int = WIDTH, height: int = HEIGHT) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = _find("chromium", "chromium-browser")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--lang=en-US"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--lang=en-US",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(_find("chromedriver")), options=options)
     try:

@@ -173,8 +173,16 @@ def family_run(tmp_path_factory):
             uri = f"sqlite:///{work / 'mlruns.db'}"
             recipe = ROOT / "recipes" / family / f"{recipe_name}.yaml"
             steps = f"trainer.max_steps={family_run_steps(family, recipe_name)}"
-            proc = run_cli("train", str(recipe), *FAMILY_RUN_OVERRIDES, steps, f"output_dir={work / 'runs'}",
-                           f"tracking.tracking_uri={uri}", "tracking.experiment=tests", cwd=work)  # fmt: skip
+            proc = run_cli(
+                "train",
+                str(recipe),
+                *FAMILY_RUN_OVERRIDES,
+                steps,
+                f"output_dir={work / 'runs'}",
+                f"tracking.tracking_uri={uri}",
+                "tracking.experiment=tests",
+                cwd=work,
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
             run_dir = Path(proc.stdout.strip().splitlines()[-1])
             runs[key] = (run_dir, uri, json.loads((run_dir / "summary.json").read_text()))

@@ -48,8 +48,13 @@ class Postgres:
         return f"{driver}://{PG_USER}:{password}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, program: str, *args: str) -> None:
-        proc = subprocess.run([*self.as_user, str(self.bindir / program), *args], capture_output=True, text=True,
-                              timeout=120, cwd=self.folder)  # fmt: skip
+        proc = subprocess.run(
+            [*self.as_user, str(self.bindir / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.folder,
+        )
         if proc.returncode != 0:
             log = (self.folder / "server.log").read_text() if (self.folder / "server.log").exists() else ""
             raise RuntimeError(f"{program} failed: {proc.stderr[-2000:]}{log[-2000:]}")
@@ -81,8 +86,19 @@ def start_postgres() -> Postgres:
     pwfile.write_text(PG_PASSWORD + "\n")
     if as_user:
         os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-    pg._run("initdb", "-D", str(folder / "data"), "-U", PG_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-            "--auth-local=trust", "--no-sync", "-E", "UTF8")  # fmt: skip
+    pg._run(
+        "initdb",
+        "-D",
+        str(folder / "data"),
+        "-U",
+        PG_USER,
+        f"--pwfile={pwfile}",
+        "--auth-host=scram-sha-256",
+        "--auth-local=trust",
+        "--no-sync",
+        "-E",
+        "UTF8",
+    )
     pwfile.unlink()
     options = f"-p {pg.port} -k {folder} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200"
     pg._run("pg_ctl", "-D", str(folder / "data"), "-o", options, "-l", str(folder / "server.log"), "-w", "start")
@@ -118,10 +134,21 @@ def start_tracking_server(backend: str, artifacts: Path, log: Path, port: int | 
     port = port or free_port()
     out = open(log, "ab")  # noqa: SIM115 - the server writes into it until it is stopped
     process = subprocess.Popen(
-        ["make", "-s", "-o", ".venv/.installed", "tracking-server", f"MLFLOW_PORT={port}",
-         f"TRACKING_BACKEND={backend}", f"TRACKING_ARTIFACTS={artifacts}"],
-        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            "make",
+            "-s",
+            "-o",
+            ".venv/.installed",
+            "tracking-server",
+            f"MLFLOW_PORT={port}",
+            f"TRACKING_BACKEND={backend}",
+            f"TRACKING_ARTIFACTS={artifacts}",
+        ],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -156,8 +156,15 @@ def test_a_saved_recipe_with_a_retired_key_loads_and_says_so_once(capsys):
 
 def test_the_keys_that_may_change_on_resume_are_declared_in_the_schema():
     keys = resumable_keys(load_recipe(ROOT / "recipes/transformer/tiny.yaml"))
-    assert {"trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.resume", "tracking.run_name",
-            "tracking.experiment", "output_dir"} <= set(keys)  # fmt: skip
+    assert {
+        "trainer.max_steps",
+        "trainer.devices",
+        "trainer.num_nodes",
+        "trainer.resume",
+        "tracking.run_name",
+        "tracking.experiment",
+        "output_dir",
+    } <= set(keys)
     assert keys["data.batch_size"] == keys["trainer.accumulate_grad_batches"] == "tokens per step"
     assert not {"optim.lr", "data.seq_len", "seed", "model.d_model", "trainer.precision"} & set(keys)
 

@@ -34,8 +34,9 @@ def test_written_files_and_staging_folders_honour_the_umask(tmp_path):
 def test_an_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])  # fmt: skip
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b))[1])
     files.atomic_write_text(tmp_path / "x.txt", "text")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]

@@ -48,8 +48,12 @@ def _checkpoint(folder: Path, family: str, tokenizer: str = "bytes", **model: ob
         backend = train_bpe(texts, 300)
         tok = Tokenizer(backend, name="bpe", eot_id=backend.token_to_id("<|endoftext|>"))
         spec, vocab = tok.save(folder), tok.vocab_size
-    recipe = recipe_from_dict({"model": {"name": family, "preset": "tiny", "vocab_size": vocab, **SMALL, **model},
-                               "data": {"seq_len": 128, "tokenizer": "bpe" if tokenizer == "bpe" else "bytes"}})  # fmt: skip
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": family, "preset": "tiny", "vocab_size": vocab, **SMALL, **model},
+            "data": {"seq_len": 128, "tokenizer": "bpe" if tokenizer == "bpe" else "bytes"},
+        }
+    )
     torch.manual_seed(0)
     model = registry.build_model(recipe.model)
     state = {
@@ -195,8 +199,15 @@ def test_the_model_card_names_the_run_and_its_figures(exported, trained_summary)
     card = (folder / "README.md").read_text()
     config = json.loads((folder / "config.json").read_text())
     assert config["training"]["mlflow_run_id"] == trained_summary["mlflow_run_id"] and config["training"]["step"] > 0
-    for fragment in ("| family | transformer |", f"{trained_summary['val_ppl']:.3f}", trained_summary["mlflow_run_id"],
-                     f"{trained_summary['tokens_seen']:,}", "## Levels", "## Recipe", "trust_remote_code=True"):  # fmt: skip
+    for fragment in (
+        "| family | transformer |",
+        f"{trained_summary['val_ppl']:.3f}",
+        trained_summary["mlflow_run_id"],
+        f"{trained_summary['tokens_seen']:,}",
+        "## Levels",
+        "## Recipe",
+        "trust_remote_code=True",
+    ):
         assert fragment in card
     assert all(oct(p.stat().st_mode & 0o777) == oct(0o666 & ~_umask()) for p in folder.iterdir())
 
@@ -216,8 +227,10 @@ def test_a_folder_with_a_missing_or_corrupt_weight_file_is_refused_in_one_line(e
         weights.unlink()
     else:
         weights.write_bytes(weights.read_bytes()[:1000])
-    for argv in (["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2"],
-                 ["eval", str(folder), "--suite", "commonsense", "--limit", "1", "--no-track"]):  # fmt: skip
+    for argv in (
+        ["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2"],
+        ["eval", str(folder), "--suite", "commonsense", "--limit", "1", "--no-track"],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "model.safetensors" in err, err
@@ -284,11 +297,31 @@ def test_lm_eval_command_line_scores_a_folder_with_its_hf_backend_as_with_ours(e
     for model, extra in (("hf", ",trust_remote_code=True"), ("nlplatform", "")):
         out = tmp_path / model
         proc = subprocess.run(
-            [sys.executable, "-m", "nlplatform.eval.harness", "--model", model, "--model_args", f"pretrained={folder}{extra}",
-             "--tasks", "arc_easy,heldout_corpus", "--limit", "3", "--batch_size", "1", "--device", "cpu",
-             "--output_path", str(out)],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "nlplatform.eval.harness",
+                "--model",
+                model,
+                "--model_args",
+                f"pretrained={folder}{extra}",
+                "--tasks",
+                "arc_easy,heldout_corpus",
+                "--limit",
+                "3",
+                "--batch_size",
+                "1",
+                "--device",
+                "cpu",
+                "--output_path",
+                str(out),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         (path,) = out.rglob("results_*.json")
         results[model] = json.loads(path.read_text())["results"]

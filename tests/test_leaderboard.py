@@ -167,7 +167,14 @@ def test_the_markdown_table_is_compact_with_ids_in_the_csv_only(in_store_dir, tm
     from nlplatform.leaderboard import compact
 
     assert [compact(v) for v in (737, 3929.4, 12_345, 307_200, 4_209_716, 1.3e9, 0.5)] == [
-        "737", "3.9K", "12.3K", "307K", "4.2M", "1.3B", "0.5"]  # fmt: skip
+        "737",
+        "3.9K",
+        "12.3K",
+        "307K",
+        "4.2M",
+        "1.3B",
+        "0.5",
+    ]
     uri, _, ids = in_store_dir
     board = build_leaderboard(["alpha"], out=tmp_path / "one", tracking_uri=uri)
     text = board.markdown.read_text()
@@ -199,8 +206,11 @@ def test_each_ranked_experiment_describes_its_own_ranking_and_keeps_what_a_user_
     assert note.startswith(NOTE_START) and note.index(NOTE_END) < note.index("Hand-written")
     lines = note.splitlines()
     assert lines[1] == "#### Leaderboard: slow-good first, val ppl 3.000 (2 runs ranked by val ppl)"
-    rows = [[cell.strip().removesuffix("&emsp;") for cell in line.strip("|").split("|")] for line in lines
-            if line.startswith(("| 1", "| 2"))]  # fmt: skip
+    rows = [
+        [cell.strip().removesuffix("&emsp;") for cell in line.strip("|").split("|")]
+        for line in lines
+        if line.startswith(("| 1", "| 2"))
+    ]
     assert rows[0][:4] == ["1", f"[slow-good](#/experiments/{alpha}/runs/{ids['slow-good']})", "hope", "1K"]
     assert rows[1][:3] == ["2", f"[fast-bad](#/experiments/{alpha}/runs/{ids['fast-bad']})", "transformer"]
     board_experiment = client.get_run(board.run_id).info.experiment_id
@@ -399,8 +409,14 @@ def test_compare_optimizers_trains_each_family_once_per_optimizer_at_its_default
     the budget; each names only its optimizer, whose default rate the recipe loader then gives it (AdamW keeps the
     recipe's own settings)."""
     calls, _, _ = fake_compare
-    result = compare_mod.compare(steps=12, batch_size=4, seq_len=64, suite=None, families=["transformer", "hope"],
-                                 optimizers=["adamw", "m3", "dmgd"])  # fmt: skip
+    result = compare_mod.compare(
+        steps=12,
+        batch_size=4,
+        seq_len=64,
+        suite=None,
+        families=["transformer", "hope"],
+        optimizers=["adamw", "m3", "dmgd"],
+    )
     trains = [c for c in calls if c[0] == "train"]
     assert list(result.run_dirs) == [f"{f}+{o}" for f in ("transformer", "hope") for o in ("adamw", "m3", "dmgd")]
     assert all("tracking.experiment=compare-optimizers-12x4x64" in c for c in trains)

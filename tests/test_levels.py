@@ -73,8 +73,11 @@ def test_clipping_before_buffering_keeps_a_slow_levels_release_out_of_every_othe
         assert sched.last_grad_norm == pytest.approx(norm.item())
         torch.testing.assert_close(fast.grad, g_fast * scale)  # whatever the slow level releases on this step
         if "slow" in due:
-            held = sum(grad_at(s, slow.shape) * min(1.0, clip / (grad_at(s, (3,)).square().sum()
-                       + grad_at(s, (2, 2)).square().sum()).sqrt().item()) for s in range(step - 3, step + 1))  # fmt: skip
+            held = sum(
+                grad_at(s, slow.shape)
+                * min(1.0, clip / (grad_at(s, (3,)).square().sum() + grad_at(s, (2, 2)).square().sum()).sqrt().item())
+                for s in range(step - 3, step + 1)
+            )
             torch.testing.assert_close(slow.grad, held)
             # a global clip after the release sees the sum of the chunk's raw slow gradients beside the fast level's
             # fresh one, and shrinks the fast level's step on this step only

@@ -35,9 +35,18 @@ def ui(tmp_path_factory):
     server = start_tracking_server(f"sqlite:///{work / 'mlruns.db'}", work / "artifacts", work / "server.log")
     try:
         for lr in ("3e-3", "3e-2"):
-            proc = run_cli("train", str(TINY_RECIPE), *FAST, "trainer.max_steps=6", "trainer.val_check_interval=6",
-                           f"optim.lr={lr}", f"output_dir={work / 'runs'}", f"tracking.tracking_uri={server.uri}",
-                           f"tracking.experiment={EXPERIMENT}", cwd=work)  # fmt: skip
+            proc = run_cli(
+                "train",
+                str(TINY_RECIPE),
+                *FAST,
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=6",
+                f"optim.lr={lr}",
+                f"output_dir={work / 'runs'}",
+                f"tracking.tracking_uri={server.uri}",
+                f"tracking.experiment={EXPERIMENT}",
+                cwd=work,
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
         proc = run_cli("leaderboard", "--experiment", EXPERIMENT, "--tracking-uri", server.uri, cwd=work)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,13 +104,23 @@ def test_the_experiment_page_shows_the_leaderboard_rows_in_rank_order(ui):
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     with chromium() as driver:
         _open(driver, link)
-        headline = wait_for(lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"),
-                            what="the leaderboard's headline")  # fmt: skip
+        headline = wait_for(
+            lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"),
+            what="the leaderboard's headline",
+        )
         assert headline.is_displayed() and f"{ranked[0]} first" in headline.text
         # the runs table, sorted by val ppl (its run-name cells are links to the runs)
-        names = wait_for(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")
-                                  if e.text in ranked and not e.find_elements(By.XPATH, "ancestor::table")] or None,
-                         what="the runs table")  # fmt: skip
+        names = wait_for(
+            lambda: (
+                [
+                    e.text
+                    for e in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")
+                    if e.text in ranked and not e.find_elements(By.XPATH, "ancestor::table")
+                ]
+                or None
+            ),
+            what="the runs table",
+        )
         assert names == ranked
         _expand(driver)
         rows = wait_for(lambda: _leaderboard_rows(driver), what="the expanded leaderboard table")
@@ -124,16 +143,20 @@ def test_two_clicks_from_make_ui_show_the_ranking_as_the_readmes_screenshot(ui, 
 
     def to_the_ranking(driver) -> list[list[str]]:
         wait_for(lambda: driver.find_element(By.LINK_TEXT, EXPERIMENT), what="the experiment list").click()
-        headline = wait_for(lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"),
-                            what="the leaderboard's headline")  # fmt: skip
+        headline = wait_for(
+            lambda: driver.find_element(By.XPATH, "//h4[starts-with(., 'Leaderboard')]"),
+            what="the leaderboard's headline",
+        )
         assert f"{ranked[0]} first" in headline.text
         _expand(driver)
         return wait_for(lambda: _leaderboard_rows(driver), what="the expanded leaderboard table")
 
     with chromium() as driver:
         _open(driver, home)
-        wait_for(lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='Model training']"),
-                 what="the layout switch").click()  # fmt: skip
+        wait_for(
+            lambda: driver.find_element(By.XPATH, "//*[normalize-space(text())='Model training']"),
+            what="the layout switch",
+        ).click()
         assert [row[1] for row in to_the_ranking(driver)] == ranked
         driver.get(home)  # a later visit: the browser kept the layout
         driver.refresh()

@@ -55,8 +55,10 @@ def collected() -> set[str]:
     """Every test pytest collects (gpu-marked ones included), as "file::name" and bare "name" (parameters dropped)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = set()
     for line in proc.stdout.splitlines():

@@ -17,10 +17,12 @@ from nlplatform.secrets import mask
         ("sqlite:////abs/path/mlruns.db", "sqlite:////abs/path/mlruns.db"),
         ("postgresql://alice@db/optuna", "postgresql://alice@db/optuna"),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("nlplatform train r.yaml tracking.tracking_uri=http://u:secret@h:5000",
-         "nlplatform train r.yaml tracking.tracking_uri=http://u:***@h:5000"),
+        (
+            "nlplatform train r.yaml tracking.tracking_uri=http://u:secret@h:5000",
+            "nlplatform train r.yaml tracking.tracking_uri=http://u:***@h:5000",
+        ),
     ],
-)  # fmt: skip
+)
 def test_mask_hides_the_password_of_every_url_and_nothing_else(text, masked):
     assert mask(text) == masked
 

@@ -43,7 +43,7 @@ def write_sweep(work: Path, tracking_uri: str, name: str, **fields) -> Path:
             "trainer.log_every_n_steps=1",
             f"output_dir={work / 'runs'}",
             f"tracking.tracking_uri={tracking_uri}",
-        ],  # fmt: skip
+        ],
         "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
         "sampler": {"name": "random", "seed": 0},
         "pruner": {"name": "none"},
@@ -55,9 +55,14 @@ def write_sweep(work: Path, tracking_uri: str, name: str, **fields) -> Path:
 
 
 def sweep_process(path: Path, storage: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nlplatform", "sweep", str(path), "--storage", storage],
-                            cwd=path.parent, env=SWEEP_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "nlplatform", "sweep", str(path), "--storage", storage],
+        cwd=path.parent,
+        env=SWEEP_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def study_trials(storage: str, name: str) -> list:
@@ -95,8 +100,10 @@ def test_two_machines_share_one_postgresql_study_and_its_budget_exactly(postgres
     ran = [t for t in trials if "skipped" not in t.user_attrs]
     assert len(ran) == 4 and all(t.state == TrialState.COMPLETE for t in ran)
     assert len({t.params["optim.lr"] for t in ran}) == 4
-    started = [{int(line.split()[2].rstrip(":")) for line in err.splitlines() if ": nlplatform train " in line}
-               for _, err in outputs]  # fmt: skip
+    started = [
+        {int(line.split()[2].rstrip(":")) for line in err.splitlines() if ": nlplatform train " in line}
+        for _, err in outputs
+    ]
     # (how the 4 trials split between the machines depends on which started first; on an idle machine, 2 and 2)
     assert started[0].isdisjoint(started[1]) and started[0] | started[1] == {t.number for t in ran}
     folders = sorted(p.name for p in (tmp_path / "runs" / "sweep-shared").glob("shared-trial*"))
@@ -135,9 +142,14 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(postgre
     parameters (Optuna's RetryFailedTrialCallback) and runs it: the study completes its budget."""
     postgres.create_database("heartbeat")
     storage = postgres.url("heartbeat")
-    path = write_sweep(tmp_path, f"sqlite:///{tmp_path / 'mlruns.db'}", "killed", n_trials=1,
-                       steps=["trainer.max_steps=150", "trainer.val_check_interval=150"],
-                       heartbeat={"interval_s": 1, "grace_period_s": 2, "retries": 1})  # fmt: skip
+    path = write_sweep(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "killed",
+        n_trials=1,
+        steps=["trainer.max_steps=150", "trainer.val_check_interval=150"],
+        heartbeat={"interval_s": 1, "grace_period_s": 2, "retries": 1},
+    )
     worker = sweep_process(path, storage)
     deadline = time.monotonic() + 300
     first = tmp_path / "runs" / "sweep-killed" / "killed-trial0000" / "checkpoints"
@@ -167,11 +179,16 @@ def test_pruning_under_ddp_is_decided_by_rank_0_and_stops_every_rank(postgres, t
     postgres.create_database("ddp_pruning")
     storage = postgres.url("ddp_pruning")
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "optim.warmup_steps=2"]
-    path = write_sweep(tmp_path, tracking_server.uri, "ddp",
-                       steps=["trainer.max_steps=8", "trainer.val_check_interval=4", *ddp],
-                       enqueue=[{"optim.lr": 2e-2}, {"optim.lr": 1e-7}], n_trials=2,
-                       space={"optim.lr": {"type": "float", "low": 1e-7, "high": 2e-2, "log": True}},
-                       pruner={"name": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}})  # fmt: skip
+    path = write_sweep(
+        tmp_path,
+        tracking_server.uri,
+        "ddp",
+        steps=["trainer.max_steps=8", "trainer.val_check_interval=4", *ddp],
+        enqueue=[{"optim.lr": 2e-2}, {"optim.lr": 1e-7}],
+        n_trials=2,
+        space={"optim.lr": {"type": "float", "low": 1e-7, "high": 2e-2, "log": True}},
+        pruner={"name": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+    )
     proc = run_cli("sweep", str(path), "--storage", storage, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     good, bad = study_trials(storage, "ddp")
@@ -206,15 +223,33 @@ def test_training_survives_its_tracking_server_stopping_mid_run(tmp_path):
     exit 0, every checkpoint and its summary, and one warning saying what did not reach MLflow."""
     from tests.servers import start_tracking_server
 
-    server = start_tracking_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts",
-                                   tmp_path / "server.log")  # fmt: skip
+    server = start_tracking_server(
+        f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", tmp_path / "server.log"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nlplatform", "train", str(TINY_RECIPE), *FAST, "trainer.max_steps=60",
-         "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "trainer.save_top_k=-1",
-         f"output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={server.uri}", "tracking.experiment=orphans", "tracking.run_name=orphan",
-         "tracking.system_metrics_every_s=1"],
-        cwd=tmp_path, env=SWEEP_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "nlplatform",
+            "train",
+            str(TINY_RECIPE),
+            *FAST,
+            "trainer.max_steps=60",
+            "trainer.val_check_interval=10",
+            "trainer.log_every_n_steps=1",
+            "trainer.save_top_k=-1",
+            f"output_dir={tmp_path / 'runs'}",
+            f"tracking.tracking_uri={server.uri}",
+            "tracking.experiment=orphans",
+            "tracking.run_name=orphan",
+            "tracking.system_metrics_every_s=1",
+        ],
+        cwd=tmp_path,
+        env=SWEEP_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = tmp_path / "runs" / "orphans" / "orphan"
     deadline = time.monotonic() + 300
     while not list((run_dir / "checkpoints").glob("step00001*.ckpt")):  # past step 10: the server is in use
@@ -270,8 +305,15 @@ def test_training_whose_tracking_server_is_unreachable_exits_2_with_nothing_writ
     from tests.servers import free_port
 
     gone = f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}"
-    proc = run_cli("train", str(TINY_RECIPE), *FAST, "trainer.max_steps=2", f"output_dir={tmp_path / 'runs'}",
-                   f"tracking.tracking_uri={gone}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "train",
+        str(TINY_RECIPE),
+        *FAST,
+        "trainer.max_steps=2",
+        f"output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={gone}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [line for line in proc.stderr.splitlines() if "cannot reach the MLflow store" in line]
     assert "http://alice:***@" in line and "Traceback" not in proc.stderr and PG_PASSWORD not in proc.stderr

@@ -121,7 +121,7 @@ def test_ladder_expands_to_base_times_powers_of_ratio(tmp_path):
                 "base": [32, 64],
                 "ratio": 4,
             }
-        },  # fmt: skip
+        },
     )
     (param,) = load_sweep(path).params
     trial = optuna.trial.FixedTrial({"model.cms_chunk_sizes.levels": 3, "model.cms_chunk_sizes.base": 32})
@@ -130,8 +130,9 @@ def test_ladder_expands_to_base_times_powers_of_ratio(tmp_path):
 
 
 def test_categorical_lists_round_trip_through_optuna(tmp_path):
-    path = write_sweep(tmp_path, recipe=str(ROOT / "recipes/hope/tiny.yaml"),
-                       space={"model.cms_chunk_sizes": [[64], [64, 2048]]})  # fmt: skip
+    path = write_sweep(
+        tmp_path, recipe=str(ROOT / "recipes/hope/tiny.yaml"), space={"model.cms_chunk_sizes": [[64], [64, 2048]]}
+    )
     (param,) = load_sweep(path).params
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {tuple(param.suggest(study.ask())) for _ in range(12)}
@@ -257,7 +258,7 @@ def mixed_sweep(tmp_path_factory):
             "trainer.max_steps=20",
             f"output_dir={work / 'runs'}",
             f"tracking.tracking_uri=sqlite:///{work / 'mlruns.db'}",
-        ],  # fmt: skip
+        ],
         space={"optim.lr": {"type": "float", "low": 1e-7, "high": 1e-2, "log": True}, "model.n_heads": [3, 4]},
         enqueue=[
             {"optim.lr": 1e-2, "model.n_heads": 4},

@@ -39,7 +39,7 @@ def test_three_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_pa
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for i in range(3)
     ]
     deadline = time.monotonic() + 120

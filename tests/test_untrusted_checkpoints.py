@@ -49,14 +49,14 @@ def crafted(tmp_path):
             "trainer.resume={ckpt}",
             "tracking.enabled=false",
             "output_dir={out}",
-        ],  # fmt: skip
+        ],
         [
             "train",
             str(ROOT / "recipes/hope/tiny.yaml"),
             "model.stack_from={ckpt}",
             "tracking.enabled=false",
             "output_dir={out}",
-        ],  # fmt: skip
+        ],
     ],
     ids=["generate", "eval", "long_context", "continual", "resume", "stack_from"],
 )

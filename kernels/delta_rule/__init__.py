@@ -80,12 +80,17 @@ def gated_delta_rule(
             run = autograd.triton_gated_delta_rule
     if run is chunk_gated_delta_rule and q.shape[1] <= RECURRENT_MAX_T:
         # Decoding steps: a few tokens are cheaper one by one than padded to a chunk with its triangular solve.
-        return recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                          output_final_state=output_final_state)  # fmt: skip
+        return recurrent_gated_delta_rule(
+            q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
     return run(
-        q, k, v, beta, g,
+        q,
+        k,
+        v,
+        beta,
+        g,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
         chunk_size=chunk_size,
-    )  # fmt: skip
+    )

@@ -74,16 +74,28 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, g, initial_state = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_rule_bwd(
-            q, k, v, beta, g, ctx.scale, initial_state, do.contiguous(),
-            dht.contiguous() if dht is not None else None, ctx.chunk_size,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            beta,
+            g,
+            ctx.scale,
+            initial_state,
+            do.contiguous(),
+            dht.contiguous() if dht is not None else None,
+            ctx.chunk_size,
+        )
         return (
-            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype),
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dbeta.to(beta.dtype),
             dg.to(g.dtype) if g is not None else None,
             None,
             dh0.to(initial_state.dtype) if initial_state is not None else None,
-            None, None,
-        )  # fmt: skip
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable

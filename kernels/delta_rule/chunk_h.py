@@ -21,13 +21,26 @@ from kernels.delta_rule.tiling import block, num_warps, state_block
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_gated_delta_rule_fwd_h_kernel(
-    k, w, u, gc, h0, h, v_new, ht,
+    k,
+    w,
+    u,
+    gc,
+    h0,
+    h,
+    v_new,
+    ht,
     T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = k.dtype.element_ty
@@ -72,13 +85,28 @@ def chunk_gated_delta_rule_fwd_h_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_gated_delta_rule_bwd_dhu_kernel(
-    q, k, w, gc, do, dht, dh0, dh, dv,
-    scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    q,
+    k,
+    w,
+    gc,
+    do,
+    dht,
+    dh0,
+    dh,
+    dv,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = k.dtype.element_ty
@@ -143,11 +171,28 @@ def chunk_gated_delta_rule_fwd_h(k, w, u, gc, initial_state, output_final_state,
     v_new = torch.empty_like(u)
     ht = k.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
     chunk_gated_delta_rule_fwd_h_kernel[(triton.cdiv(V, BV), B * H)](
-        k, w, u, gc, initial_state, h, v_new, ht,
-        T, H=H, K=K, V=V, BT=BT, BK=state_block(K), BV=BV,
-        USE_G=gc is not None, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION=dot_precision, num_warps=num_warps(BT), num_stages=1,
-    )  # fmt: skip
+        k,
+        w,
+        u,
+        gc,
+        initial_state,
+        h,
+        v_new,
+        ht,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=state_block(K),
+        BV=BV,
+        USE_G=gc is not None,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+        num_stages=1,
+    )
     return h, v_new, ht
 
 
@@ -162,9 +207,28 @@ def chunk_gated_delta_rule_bwd_dhu(q, k, w, gc, do, dht, has_initial_state, scal
     dv = torch.empty_like(do, dtype=q.dtype)
     dh0 = q.new_empty(B, H, K, V, dtype=torch.float32) if has_initial_state else None
     chunk_gated_delta_rule_bwd_dhu_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, w, gc, do, dht, dh0, dh, dv,
-        scale, T, H=H, K=K, V=V, BT=BT, BK=state_block(K), BV=BV,
-        USE_G=gc is not None, USE_INITIAL_STATE=has_initial_state, USE_FINAL_STATE_GRADIENT=dht is not None,
-        DOT_PRECISION=dot_precision, num_warps=num_warps(BT), num_stages=2,
-    )  # fmt: skip
+        q,
+        k,
+        w,
+        gc,
+        do,
+        dht,
+        dh0,
+        dh,
+        dv,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=state_block(K),
+        BV=BV,
+        USE_G=gc is not None,
+        USE_INITIAL_STATE=has_initial_state,
+        USE_FINAL_STATE_GRADIENT=dht is not None,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+        num_stages=2,
+    )
     return dh, dv, dh0

@@ -20,12 +20,23 @@ from kernels.delta_rule.tiling import block, num_warps
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_o_kernel(
-    q, k, v_new, h, gc, o,
-    scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v_new,
+    h,
+    gc,
+    o,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     DT = q.dtype.element_ty
@@ -67,12 +78,29 @@ def chunk_fwd_o_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dqkwg_kernel(
-    q, k, v_new, h, gc, do, dh, dv, dq, dk, dw, dgc,
-    scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v_new,
+    h,
+    gc,
+    do,
+    dh,
+    dv,
+    dq,
+    dk,
+    dw,
+    dgc,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One program per (K tile, chunk, batch x head); ``dgc`` gets this K tile's share of dgamma ([NK, B, T, H])."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -148,10 +176,24 @@ def chunk_fwd_o(q, k, v_new, h, gc, scale, chunk_size, dot_precision):
     BT, BV = chunk_size, block(V, 64)
     o = torch.empty_like(v_new)
     chunk_fwd_o_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
-        q, k, v_new, h, gc, o,
-        scale, T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=BV,
-        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
-    )  # fmt: skip
+        q,
+        k,
+        v_new,
+        h,
+        gc,
+        o,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=block(K, 64),
+        BV=BV,
+        USE_G=gc is not None,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+    )
     return o
 
 
@@ -166,8 +208,28 @@ def chunk_bwd_dqkwg(q, k, v_new, h, gc, do, dh, dv, scale, chunk_size, dot_preci
     dw = torch.empty_like(dq)
     dgc = torch.empty(NK, B, T, H, device=q.device, dtype=torch.float32) if gc is not None else None
     chunk_bwd_dqkwg_kernel[(NK, triton.cdiv(T, BT), B * H)](
-        q, k, v_new, h, gc, do, dh, dv, dq, dk, dw, dgc,
-        scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=block(V, 64),
-        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
-    )  # fmt: skip
+        q,
+        k,
+        v_new,
+        h,
+        gc,
+        do,
+        dh,
+        dv,
+        dq,
+        dk,
+        dw,
+        dgc,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BV=block(V, 64),
+        USE_G=gc is not None,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+    )
     return dq, dk, dw, (dgc.sum(0) if dgc is not None else None)

@@ -53,12 +53,24 @@ def unit_lower_inverse(b_A, BT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def prepare_wy_repr_fwd_kernel(
-    k, v, beta, g, gc, A, w, u,
+    k,
+    v,
+    beta,
+    g,
+    gc,
+    A,
+    w,
+    u,
     T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = k.dtype.element_ty
@@ -110,12 +122,28 @@ def prepare_wy_repr_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def prepare_wy_repr_bwd_kernel(
-    k, v, beta, gc, A, dw, du, dk, dv, dbeta, dgc, dg,
+    k,
+    v,
+    beta,
+    gc,
+    A,
+    dw,
+    du,
+    dk,
+    dv,
+    dbeta,
+    dgc,
+    dg,
     T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Backward of w, u through T = (I + A)^{-1}, then of A through k, beta and gamma.
 
     ``dk`` holds the key gradient of the other kernels on entry (float32) and gets this chunk's share added; ``dgc``
@@ -215,10 +243,25 @@ def prepare_wy_repr_fwd(k, v, beta, g, chunk_size, dot_precision):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     prepare_wy_repr_fwd_kernel[(NT, B * H)](
-        k, v, beta, g, gc, A, w, u,
-        T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=block(V, 64),
-        USE_G=g is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
-    )  # fmt: skip
+        k,
+        v,
+        beta,
+        g,
+        gc,
+        A,
+        w,
+        u,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=block(K, 64),
+        BV=block(V, 64),
+        USE_G=g is not None,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+    )
     return gc, A, w, u
 
 
@@ -232,8 +275,27 @@ def prepare_wy_repr_bwd(k, v, beta, gc, A, dw, du, dk, dgc, chunk_size, dot_prec
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dg = torch.empty_like(dbeta) if gc is not None else None
     prepare_wy_repr_bwd_kernel[(NT, B * H)](
-        k, v, beta, gc, A, dw, du, dk, dv, dbeta, dgc, dg,
-        T, H=H, K=K, V=V, BT=BT, BK=block(K, 64), BV=block(V, 64),
-        USE_G=gc is not None, DOT_PRECISION=dot_precision, num_warps=num_warps(BT),
-    )  # fmt: skip
+        k,
+        v,
+        beta,
+        gc,
+        A,
+        dw,
+        du,
+        dk,
+        dv,
+        dbeta,
+        dgc,
+        dg,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=block(K, 64),
+        BV=block(V, 64),
+        USE_G=gc is not None,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps(BT),
+    )
     return dv, dbeta, dg

@@ -47,9 +47,20 @@ def _check_float(label: str, t: object) -> None:
 
 
 def _check_inputs(
-    x, q, gate_w, gate_b, state, static_k, static_v, momentum_decay,
-    chunk_size, memory_chunk_size, eta_max, activation, max_grad_norm,
-) -> None:  # fmt: skip
+    x,
+    q,
+    gate_w,
+    gate_b,
+    state,
+    static_k,
+    static_v,
+    momentum_decay,
+    chunk_size,
+    memory_chunk_size,
+    eta_max,
+    activation,
+    max_grad_norm,
+) -> None:
     name = _NAME
     for label, t in (("x", x), ("q", q)):
         _check_float(label, t)
@@ -165,9 +176,20 @@ def self_modifying_titans(
         ``o`` ``[B, T, H, K]`` in x's dtype, and the state after the last token.
     """
     _check_inputs(
-        x, q, gate_w, gate_b, state, static_k, static_v, momentum_decay,
-        chunk_size, memory_chunk_size, eta_max, activation, max_grad_norm,
-    )  # fmt: skip
+        x,
+        q,
+        gate_w,
+        gate_b,
+        state,
+        static_k,
+        static_v,
+        momentum_decay,
+        chunk_size,
+        memory_chunk_size,
+        eta_max,
+        activation,
+        max_grad_norm,
+    )
     main_memory = None
     if resolve_backend(_NAME, backend, x, AVAILABLE_BACKENDS) == "triton":
         from kernels.self_modifying import autograd
@@ -176,8 +198,20 @@ def self_modifying_titans(
         if takes_inputs(_NAME, backend, reason, autograd.unverified(memory_chunk_size)):
             main_memory = functools.partial(autograd.triton_main_memory, dot_dtype=x.dtype)
     return chunk_self_modifying_titans(
-        x, q, gate_w, gate_b, state,
-        static_k=static_k, static_v=static_v, momentum_decay=momentum_decay,
-        chunk_size=chunk_size, memory_chunk_size=memory_chunk_size, eta_max=eta_max, dgd=dgd, retention=retention,
-        activation=activation, max_grad_norm=max_grad_norm, main_memory=main_memory,
-    )  # fmt: skip
+        x,
+        q,
+        gate_w,
+        gate_b,
+        state,
+        static_k=static_k,
+        static_v=static_v,
+        momentum_decay=momentum_decay,
+        chunk_size=chunk_size,
+        memory_chunk_size=memory_chunk_size,
+        eta_max=eta_max,
+        dgd=dgd,
+        retention=retention,
+        activation=activation,
+        max_grad_norm=max_grad_norm,
+        main_memory=main_memory,
+    )

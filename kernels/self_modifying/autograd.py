@@ -47,9 +47,13 @@ def triton_main_memory(
     float32 tiles, as the Titans op does for its bf16 inputs; None: float32 products)."""
     B, H, T, _ = q.shape
     coefs = chunk_coefficients(
-        eta.transpose(1, 2), beta.expand(B, T, H), alpha.transpose(1, 2), chunk_size, _block(chunk_size),
+        eta.transpose(1, 2),
+        beta.expand(B, T, H),
+        alpha.transpose(1, 2),
+        chunk_size,
+        _block(chunk_size),
         read_before_write=True,
-    )  # fmt: skip
+    )
     settings = (chunk_size, activation, max_grad_norm, True, dgd, dot_dtype)
     state = [w[:, 0] for w in main_w] + [s[:, 0] for s in main_s]
     y, *final = TitansMemoryFunction.apply(settings, *(t.transpose(1, 2) for t in (q, k, v)), *coefs, *state)

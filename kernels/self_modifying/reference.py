@@ -221,22 +221,60 @@ def chunk_self_modifying_titans(
     main_s, gen_s = [s.to(acc)[:, :1] for s in state.momentum], [s.to(acc)[:, 1:] for s in state.momentum]
     # The main memory never feeds the generators, so all generator chunks can run first (README, "The chunked form").
     (k, v, eta, alpha), gen_w, gen_s = _generate(
-        x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta,
-        chunk_size=chunk_size, eta_max=eta_max, dgd=dgd, retention=retention, activation=activation,
+        x,
+        gate_w,
+        gate_b,
+        gen_w,
+        gen_s,
+        static_k,
+        static_v,
+        names,
+        beta,
+        chunk_size=chunk_size,
+        eta_max=eta_max,
+        dgd=dgd,
+        retention=retention,
+        activation=activation,
         max_grad_norm=max_grad_norm,
-    )  # fmt: skip
+    )
     run_main = main_memory or _main_memory
     o, main_w, main_s = run_main(
-        q, k, v, eta, alpha, beta, main_w, main_s,
-        chunk_size=memory_chunk_size, dgd=dgd, activation=activation, max_grad_norm=max_grad_norm,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        eta,
+        alpha,
+        beta,
+        main_w,
+        main_s,
+        chunk_size=memory_chunk_size,
+        dgd=dgd,
+        activation=activation,
+        max_grad_norm=max_grad_norm,
+    )
     weights = tuple(torch.cat([m, g], dim=1) for m, g in zip(main_w, gen_w))
     momentum = tuple(torch.cat([m, g], dim=1) for m, g in zip(main_s, gen_s))
     return o.transpose(1, 2).to(out_dtype), SelfModState(weights, momentum)
 
 
-def _generate(x, gate_w, gate_b, gen_w, gen_s, static_k, static_v, names, beta, *, chunk_size, eta_max, dgd,
-              retention, activation, max_grad_norm):  # fmt: skip
+def _generate(
+    x,
+    gate_w,
+    gate_b,
+    gen_w,
+    gen_s,
+    static_k,
+    static_v,
+    names,
+    beta,
+    *,
+    chunk_size,
+    eta_max,
+    dgd,
+    retention,
+    activation,
+    max_grad_norm,
+):
     """The generators over the whole sequence, chunk by chunk: each chunk generates its tokens' k, v, eta and alpha
     from the generators' chunk-start state and advances the generators over them. Returns ((k, v, eta, alpha) with
     heads first, [B, H, T, .]) and the generators' final weights and momentum."""
@@ -261,8 +299,9 @@ def _main_memory(q, k, v, eta, alpha, beta, main_w, main_s, *, chunk_size, dgd, 
     outs = []
     for start, (co, before) in zip(range(0, q.shape[2], chunk_size), _chunk_coefficients(eta, alpha, beta, chunk_size)):
         sl = slice(start, start + chunk_size)
-        lefts, rights = _update_factors(k[:, :, sl], v[:, :, sl], main_w, main_s, before, activation, max_grad_norm,
-                                        dgd)  # fmt: skip
+        lefts, rights = _update_factors(
+            k[:, :, sl], v[:, :, sl], main_w, main_s, before, activation, max_grad_norm, dgd
+        )
         outs.append(_read_before_write(q[:, :, sl], main_w, main_s, lefts, rights, before, activation))
         main_w, main_s = _advance(main_w, main_s, lefts, rights, co)
     return torch.cat(outs, dim=2), main_w, main_s

@@ -103,10 +103,26 @@ def titans_memory(
         reason = autograd.unsupported(q.dtype, q.shape[-1], v.shape[-1], len(state.weights), chunk_size)
         if takes_inputs("titans_memory", backend, reason, autograd.unverified(chunk_size)):
             return autograd.triton_titans_memory(
-                q, k, v, theta, eta, alpha, state,
-                chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                theta,
+                eta,
+                alpha,
+                state,
+                chunk_size=chunk_size,
+                activation=activation,
+                max_grad_norm=max_grad_norm,
+            )
     return chunk_titans_memory(
-        q, k, v, theta, eta, alpha, state,
-        chunk_size=chunk_size, activation=activation, max_grad_norm=max_grad_norm,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        theta,
+        eta,
+        alpha,
+        state,
+        chunk_size=chunk_size,
+        activation=activation,
+        max_grad_norm=max_grad_norm,
+    )

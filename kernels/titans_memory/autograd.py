@@ -142,11 +142,26 @@ class LaunchShape:
     ) -> dict:
         """The kernels' compile-time arguments and launch settings (bench/kernel_build.py builds with these too)."""
         return dict(
-            H=self.H, K=self.K, V=self.V, D=self.D, D_IN=self.D_IN, DP=self.DP, C=self.C,
-            BC=self.BC, BK=self.BK, BV=self.BV, BD=self.BD, DEPTH=self.depth, ACT=activation,
-            CLIP=max_grad_norm is not None, PREC=_dot_precision(dtype), RESIDUAL=residual, DGD=dgd,
-            num_warps=8 if self.BC >= 64 else 4, num_stages=1,
-        )  # fmt: skip
+            H=self.H,
+            K=self.K,
+            V=self.V,
+            D=self.D,
+            D_IN=self.D_IN,
+            DP=self.DP,
+            C=self.C,
+            BC=self.BC,
+            BK=self.BK,
+            BV=self.BV,
+            BD=self.BD,
+            DEPTH=self.depth,
+            ACT=activation,
+            CLIP=max_grad_norm is not None,
+            PREC=_dot_precision(dtype),
+            RESIDUAL=residual,
+            DGD=dgd,
+            num_warps=8 if self.BC >= 64 else 4,
+            num_stages=1,
+        )
 
     def segment(self) -> int:
         """Chunks per segment: the backward keeps the states of one segment at a time (README, "Memory")."""
@@ -186,8 +201,14 @@ class _Run:
         """Run ``chunks`` from the states in slot 0 of ``work``, writing y too when given."""
         sc = q.new_empty(self.shape.B * self.shape.H * 2 * self.shape.BC * self.shape.DP, dtype=torch.float32)
         args = (q, k, v, *coefs, *_by_layer(work, self.L, self.dummy), self.dummy if y is None else y, sc)
-        self.shape.launch(titans_memory_fwd_kernel, *args, chunks=chunks, slots=self.R + 1,
-                          max_grad_norm=self.max_grad_norm, settings={**self.settings, "STORE_Y": y is not None})  # fmt: skip
+        self.shape.launch(
+            titans_memory_fwd_kernel,
+            *args,
+            chunks=chunks,
+            slots=self.R + 1,
+            max_grad_norm=self.max_grad_norm,
+            settings={**self.settings, "STORE_Y": y is not None},
+        )
 
 
 def titans_memory_fwd(q, k, v, coefs, run: _Run, layers: list):
@@ -233,10 +254,28 @@ def titans_memory_bwd(q, k, v, coefs, run: _Run, saved: list, dy, d_final):
             for w, c in zip(work, saved):
                 w[:, :, 0] = c[:, :, i]
             run.states(q, k, v, coefs, work, chunks)
-        args = (q, k, v, *coefs, *_by_layer(work, run.L, run.dummy), dy, *_by_layer(grads, run.L, run.dummy),
-                dq, dk, dv, *dcoefs, sc)  # fmt: skip
-        s.launch(titans_memory_bwd_kernel, *args, chunks=chunks, slots=run.R + 1, max_grad_norm=run.max_grad_norm,
-                 settings=run.settings)  # fmt: skip
+        args = (
+            q,
+            k,
+            v,
+            *coefs,
+            *_by_layer(work, run.L, run.dummy),
+            dy,
+            *_by_layer(grads, run.L, run.dummy),
+            dq,
+            dk,
+            dv,
+            *dcoefs,
+            sc,
+        )
+        s.launch(
+            titans_memory_bwd_kernel,
+            *args,
+            chunks=chunks,
+            slots=run.R + 1,
+            max_grad_norm=run.max_grad_norm,
+            settings=run.settings,
+        )
     return dq, dk, dv, dcoefs, grads
 
 

@@ -91,8 +91,9 @@ def _ld(ptr, rows, cols, stride, m_rows, m_cols):
 
 @triton.jit
 def _st(ptr, rows, cols, stride, m_rows, m_cols, x):
-    tl.store(ptr + rows[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty),
-             mask=m_rows[:, None] & m_cols[None, :])  # fmt: skip
+    tl.store(
+        ptr + rows[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty), mask=m_rows[:, None] & m_cols[None, :]
+    )
 
 
 @triton.jit
@@ -107,9 +108,31 @@ def _st_sc(ptr, rows, cols, DP: tl.constexpr, x):
 
 
 @triton.jit
-def _mlp(x, bos, b_x, W1, W2, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, BC: tl.constexpr,
-         BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _mlp(
+    x,
+    bos,
+    b_x,
+    W1,
+    W2,
+    o_c,
+    m_c,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    o_d,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    D_IN: tl.constexpr,
+    BC: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """MLP(x) = phi(x W1) W2 (depth 1: x W2) for the chunk's rows of x [B, T, H, K] (``b_x`` the whole rows)."""
     b_m = tl.zeros([BC, BV], dtype=tl.float32)
     for t in range(0, D_IN, BD):
@@ -125,11 +148,34 @@ def _mlp(x, bos, b_x, W1, W2, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
 
 @triton.jit
 def _factors(
-    q, k, v, W1, W2, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
-    BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    v,
+    W1,
+    W2,
+    sc,
+    bos,
+    o_c,
+    m_c,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    o_d,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    D_IN: tl.constexpr,
+    DP: tl.constexpr,
+    BC: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
     RESIDUAL: tl.constexpr,
-):  # fmt: skip
+):
     """The chunk's gradient factors at its start weights W1 [K, D], W2 [D_IN, V] (pointers to the chunk's slot):
     returns (q, k, delta2, yk = MLP(k), squared row norms |k|^2, |a|^2, |delta1|^2, |delta2|^2), all unclipped. For
     depth 2 it parks z = k W1 in scratch 0 and delta1 in scratch 1 (``sc`` points to the program's scratch). The
@@ -152,8 +198,34 @@ def _factors(
         b_yk += _dot(b_a, _ld(W2, o_t, o_v, V, m_t, m_v), PREC)
     b_target = _ld(v + bos * V, o_c, o_v, H * V, m_c, m_v)
     if RESIDUAL:
-        b_target += _mlp(v, bos, b_target, W1, W2, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-                         H, K, V, D, D_IN, BC, BV, BD, DEPTH, ACT, PREC) - b_k  # fmt: skip
+        b_target += (
+            _mlp(
+                v,
+                bos,
+                b_target,
+                W1,
+                W2,
+                o_c,
+                m_c,
+                o_k,
+                m_k,
+                o_v,
+                m_v,
+                o_d,
+                H,
+                K,
+                V,
+                D,
+                D_IN,
+                BC,
+                BV,
+                BD,
+                DEPTH,
+                ACT,
+                PREC,
+            )
+            - b_k
+        )
     b_d2 = tl.where(m_c[:, None], 2 * (b_yk - b_target), 0.0)
     b_nd1 = tl.zeros([BC], dtype=tl.float32)
     if DEPTH == 2:
@@ -186,19 +258,75 @@ def _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP: tl.constexpr):
 
 @triton.jit
 def _chunk(
-    q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
-    C: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
-    PREC: tl.constexpr, RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    W1s,
+    W2s,
+    sc,
+    i_b,
+    i_h,
+    i_bh,
+    n,
+    i,
+    SLOTS,
+    T,
+    max_grad_norm,
+    o_c,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    o_d,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    D_IN: tl.constexpr,
+    DP: tl.constexpr,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    CLIP: tl.constexpr,
+):
     """What both passes start a chunk with: its rows, its slot's state offsets, its gradient factors and the clip."""
     m_c = (o_c < C) & (n * C + o_c < T)
     bos = (i_b * T + n * C).to(tl.int64) * H + i_h
     slot = i_bh.to(tl.int64) * SLOTS + i
     b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2 = _factors(
-        q, k, v, W1s + slot * K * D, W2s + slot * D_IN * V, sc, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-        H, K, V, D, D_IN, DP, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        W1s + slot * K * D,
+        W2s + slot * D_IN * V,
+        sc,
+        bos,
+        o_c,
+        m_c,
+        o_k,
+        m_k,
+        o_v,
+        m_v,
+        o_d,
+        H,
+        K,
+        V,
+        D,
+        D_IN,
+        DP,
+        BC,
+        BV,
+        BD,
+        DEPTH,
+        ACT,
+        PREC,
+        RESIDUAL,
+    )
     b_f, b_dfdn = _clip(b_nk, b_na, b_nd1, b_nd2, max_grad_norm, CLIP)
     return m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, b_dfdn
 
@@ -218,10 +346,41 @@ def _coefficients(cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC: tl.con
 
 @triton.jit
 def _dgd_rights(
-    k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc_r1, bos, o_c, m_c, o_k, m_k, o_v, m_v, o_d,
-    m_strict, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    BC: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
+    k,
+    b_k,
+    b_f,
+    b_d2,
+    b_yk,
+    b_nk,
+    b_na,
+    b_c,
+    b_cd,
+    b_gam,
+    S1,
+    S2,
+    sc,
+    sc_r1,
+    bos,
+    o_c,
+    m_c,
+    o_k,
+    m_k,
+    o_v,
+    m_v,
+    o_d,
+    m_strict,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BC: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Exact DGD's right factors at the chunk-start momentum S1, S2 (z = k W1 in scratch 0, the unclipped delta1 in
     scratch 1): layer 1's D-wide r1 = T1 (f delta1 + w_k (c z + d k S1)) go to ``sc_r1`` tile by tile; returns the
     last layer's r2 = T2 (f delta2 + w_a (c yk + d a S2)) [BC, BV], and T1, T2, the last layer's input Gram a a^T,
@@ -261,13 +420,46 @@ def _dgd_rights(
 
 @triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_fwd_kernel(
-    q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, y, sc,
-    T, NC, N0, NCH, SLOTS, max_grad_norm,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
-    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-    DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, DGD: tl.constexpr, STORE_Y: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    cc,
+    cd,
+    cg,
+    ch,
+    gam,
+    ends,
+    W1s,
+    S1s,
+    W2s,
+    S2s,
+    y,
+    sc,
+    T,
+    NC,
+    N0,
+    NCH,
+    SLOTS,
+    max_grad_norm,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    D_IN: tl.constexpr,
+    DP: tl.constexpr,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    CLIP: tl.constexpr,
+    PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DGD: tl.constexpr,
+    STORE_Y: tl.constexpr,
+):
     """Chunks N0 .. N0 + NCH - 1 from the state in slot 0 of the program's SLOTS-slot state buffers; chunk N0 + i
     reads slot i and writes slot i + 1. Without STORE_Y only the states are computed (the backward's recompute).
     Scratch: 0 z, 1 delta1 (with DGD overwritten by r1, the right factor)."""
@@ -281,18 +473,83 @@ def titans_memory_fwd_kernel(
     for i in range(NCH):
         n = N0 + i
         m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, _ = _chunk(
-            q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            W1s,
+            W2s,
+            sc,
+            i_b,
+            i_h,
+            i_bh,
+            n,
+            i,
+            SLOTS,
+            T,
+            max_grad_norm,
+            o_c,
+            o_k,
+            m_k,
+            o_v,
+            m_v,
+            o_d,
+            H,
+            K,
+            V,
+            D,
+            D_IN,
+            DP,
+            C,
+            BC,
+            BV,
+            BD,
+            DEPTH,
+            ACT,
+            PREC,
+            RESIDUAL,
+            CLIP,
+        )
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         _, _, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
-        )  # fmt: skip
+        )
         if DGD:  # the right factors every use below takes: layer 1's into scratch 1, the last layer's here
             b_d2, _, _, _, _, _, _, _ = _dgd_rights(
-                k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc + BC * DP, bos, o_c, m_c, o_k,
-                m_k, o_v, m_v, o_d, m_strict, H, K, V, D, DP, BC, BV, BD, DEPTH, ACT, PREC,
-            )  # fmt: skip
+                k,
+                b_k,
+                b_f,
+                b_d2,
+                b_yk,
+                b_nk,
+                b_na,
+                b_c,
+                b_cd,
+                b_gam,
+                S1,
+                S2,
+                sc,
+                sc + BC * DP,
+                bos,
+                o_c,
+                m_c,
+                o_k,
+                m_k,
+                o_v,
+                m_v,
+                o_d,
+                m_strict,
+                H,
+                K,
+                V,
+                D,
+                DP,
+                BC,
+                BV,
+                BD,
+                DEPTH,
+                ACT,
+                PREC,
+            )
         else:
             b_d2 = b_d2 * b_f[:, None]  # the clipped right factor every use below takes
 
@@ -315,8 +572,15 @@ def titans_memory_fwd_kernel(
                     b_z1 = b_c[:, None] * _dot(b_q, b_w1, PREC) + b_cd[:, None] * _dot(b_q, b_s1, PREC)
                     b_x = _phi(b_z1 - _dot(b_m1, b_d1, PREC), ACT)
                 b_kt = tl.trans(b_k)
-                _st(W1 + K * D, o_k, o_t, D, m_k, m_t,
-                    c_end * b_w1 + d_end * b_s1 - _dot(b_kt, b_g[:, None] * b_d1, PREC))  # fmt: skip
+                _st(
+                    W1 + K * D,
+                    o_k,
+                    o_t,
+                    D,
+                    m_k,
+                    m_t,
+                    c_end * b_w1 + d_end * b_s1 - _dot(b_kt, b_g[:, None] * b_d1, PREC),
+                )
                 _st(S1 + K * D, o_k, o_t, D, m_k, m_t, e_end * b_s1 - _dot(b_kt, b_h[:, None] * b_d1, PREC))
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
@@ -340,14 +604,58 @@ def titans_memory_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "NC", "N0", "NCH", "SLOTS", "max_grad_norm"])
 def titans_memory_bwd_kernel(
-    q, k, v, cc, cd, cg, ch, gam, ends, W1s, S1s, W2s, S2s, dy, dW1, dS1, dW2, dS2,
-    dq, dk, dv, dcc, dcd, dcg, dch, dgam, dends, sc,
-    T, NC, N0, NCH, SLOTS, max_grad_norm,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, D_IN: tl.constexpr, DP: tl.constexpr,
-    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-    DEPTH: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-    RESIDUAL: tl.constexpr, DGD: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    cc,
+    cd,
+    cg,
+    ch,
+    gam,
+    ends,
+    W1s,
+    S1s,
+    W2s,
+    S2s,
+    dy,
+    dW1,
+    dS1,
+    dW2,
+    dS2,
+    dq,
+    dk,
+    dv,
+    dcc,
+    dcd,
+    dcg,
+    dch,
+    dgam,
+    dends,
+    sc,
+    T,
+    NC,
+    N0,
+    NCH,
+    SLOTS,
+    max_grad_norm,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    D: tl.constexpr,
+    D_IN: tl.constexpr,
+    DP: tl.constexpr,
+    C: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+    DEPTH: tl.constexpr,
+    ACT: tl.constexpr,
+    CLIP: tl.constexpr,
+    PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DGD: tl.constexpr,
+):
     """Chunks in reverse. dW1 .. dS2 hold the gradient w.r.t. the state after the chunk and are rewritten in place
     into the gradient w.r.t. the state before it (each tile is read before it is written, by the same program).
     Scratch: 0 z, 1 delta1 (unclipped), 2 Z1 then dL/dz, 3 dL/da (last layer's input), 4 dL/d~delta1 (with DGD: the
@@ -367,18 +675,83 @@ def titans_memory_bwd_kernel(
         i = NCH - 1 - i_n
         n = N0 + i
         m_c, bos, slot, b_q, b_k, b_d2, b_yk, b_nk, b_na, b_nd1, b_nd2, b_f, b_dfdn = _chunk(
-            q, k, v, W1s, W2s, sc, i_b, i_h, i_bh, n, i, SLOTS, T, max_grad_norm, o_c, o_k, m_k, o_v, m_v, o_d,
-            H, K, V, D, D_IN, DP, C, BC, BV, BD, DEPTH, ACT, PREC, RESIDUAL, CLIP,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            W1s,
+            W2s,
+            sc,
+            i_b,
+            i_h,
+            i_bh,
+            n,
+            i,
+            SLOTS,
+            T,
+            max_grad_norm,
+            o_c,
+            o_k,
+            m_k,
+            o_v,
+            m_v,
+            o_d,
+            H,
+            K,
+            V,
+            D,
+            D_IN,
+            DP,
+            C,
+            BC,
+            BV,
+            BD,
+            DEPTH,
+            ACT,
+            PREC,
+            RESIDUAL,
+            CLIP,
+        )
         W1, S1, W2, S2 = W1s + slot * K * D, S1s + slot * K * D, W2s + slot * D_IN * V, S2s + slot * D_IN * V
         o_cf, o_end, b_c, b_cd, b_g, b_h, b_gam, c_end, d_end, e_end = _coefficients(
             cc, cd, cg, ch, gam, ends, i_bh, n, NC, o_c, m_all, BC
-        )  # fmt: skip
+        )
         if DGD:  # the right factors the read and the update take (layer 1's in scratch 5), and what made them
             b_d2c, b_T1, b_T2, b_kk, b_aa, b_as0, b_wk, b_wa = _dgd_rights(
-                k, b_k, b_f, b_d2, b_yk, b_nk, b_na, b_c, b_cd, b_gam, S1, S2, sc, sc_r1, bos, o_c, m_c, o_k, m_k,
-                o_v, m_v, o_d, m_strict, H, K, V, D, DP, BC, BV, BD, DEPTH, ACT, PREC,
-            )  # fmt: skip
+                k,
+                b_k,
+                b_f,
+                b_d2,
+                b_yk,
+                b_nk,
+                b_na,
+                b_c,
+                b_cd,
+                b_gam,
+                S1,
+                S2,
+                sc,
+                sc_r1,
+                bos,
+                o_c,
+                m_c,
+                o_k,
+                m_k,
+                o_v,
+                m_v,
+                o_d,
+                m_strict,
+                H,
+                K,
+                V,
+                D,
+                DP,
+                BC,
+                BV,
+                BD,
+                DEPTH,
+                ACT,
+                PREC,
+            )
         else:
             b_d2c = b_d2 * b_f[:, None]  # the right factor the read and the update take
         b_dy = _ld(dy + bos * V, o_c, o_v, H * V, m_c, m_v)
@@ -449,10 +822,12 @@ def titans_memory_bwd_kernel(
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
                 b_x = _ld(q + bos * K, o_c, o_t, H * K, m_c, m_t)
-            b_dx = (_dot(b_cdy, tl.trans(b_w2), PREC) + _dot(b_ddy, tl.trans(b_s2), PREC)
-                    + _dot(b_dp2, b_a, PREC))  # fmt: skip
-            b_da = (_dot(tl.trans(b_dp2), b_x, PREC) - _dot(b_g[:, None] * b_d2c, tl.trans(b_dw2), PREC)
-                    - _dot(b_h[:, None] * b_d2c, tl.trans(b_ds2), PREC))  # fmt: skip
+            b_dx = _dot(b_cdy, tl.trans(b_w2), PREC) + _dot(b_ddy, tl.trans(b_s2), PREC) + _dot(b_dp2, b_a, PREC)
+            b_da = (
+                _dot(tl.trans(b_dp2), b_x, PREC)
+                - _dot(b_g[:, None] * b_d2c, tl.trans(b_dw2), PREC)
+                - _dot(b_h[:, None] * b_d2c, tl.trans(b_ds2), PREC)
+            )
             _st_sc(sc_da, o_c, o_t, DP, b_da)
             b_aw += _dot(b_a, b_dw2, PREC)
             b_as += _dot(b_a, b_ds2, PREC)
@@ -492,8 +867,9 @@ def titans_memory_bwd_kernel(
                 b_dg -= tl.sum(b_kw * b_d1c, 1)
                 b_dh -= tl.sum(b_ks * b_d1c, 1)
                 b_df += tl.sum(b_dd1c * b_d1, 1)
-                b_dk -= (_dot(b_g[:, None] * b_d1c, tl.trans(b_dw1), PREC)
-                         + _dot(b_h[:, None] * b_d1c, tl.trans(b_ds1), PREC))  # fmt: skip
+                b_dk -= _dot(b_g[:, None] * b_d1c, tl.trans(b_dw1), PREC) + _dot(
+                    b_h[:, None] * b_d1c, tl.trans(b_ds1), PREC
+                )
                 dc_end += tl.sum(b_w1 * b_dw1)
                 dd_end += tl.sum(b_s1 * b_dw1)
                 de_end += tl.sum(b_s1 * b_ds1)
@@ -571,8 +947,11 @@ def titans_memory_bwd_kernel(
                 b_a = _phi(b_z, ACT)
             else:
                 b_a = _ld(k + bos * K, o_c, o_t, H * K, m_c, m_t)
-            b_da = (_ld_sc(sc_da, o_c, o_t, DP) + 2 * b_a * (b_nd2 * b_dn2 + b_dna)[:, None]
-                    + _dot(b_dyk, tl.trans(b_w2), PREC))  # fmt: skip
+            b_da = (
+                _ld_sc(sc_da, o_c, o_t, DP)
+                + 2 * b_a * (b_nd2 * b_dn2 + b_dna)[:, None]
+                + _dot(b_dyk, tl.trans(b_w2), PREC)
+            )
             _st(dW2, o_t, o_v, V, m_t, m_v, _ld(dW2, o_t, o_v, V, m_t, m_v) + _dot(tl.trans(b_a), b_dyk, PREC))
             if DGD:  # the last layer's system (a a^T) and rhs2's a S2
                 b_s2 = _ld(S2, o_t, o_v, V, m_t, m_v)

@@ -129,7 +129,7 @@ def write_splits(
             eot_id=tokenizer.eot_id,
             tokenizer=tokenizer.fingerprint,
             shard_tokens=shard_tokens,
-        )  # fmt: skip
+        )
         for split in SPLITS
     }
     pending: deque[tuple[list[str], Future]] = deque()
@@ -162,8 +162,9 @@ def write_splits(
         for labels, texts, chars in _tasks(corpus, rule):
             # the byte tokenizer is a copy of the UTF-8 bytes: shipping text to workers would cost more than it
             if pool is None and num_proc > 1 and tokenizer.backend is not None and inline >= _INLINE_CHARS:
-                pool = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker,
-                                           initargs=_portable(tokenizer))  # fmt: skip
+                pool = ProcessPoolExecutor(
+                    num_proc, mp_context=get_context("spawn"), initializer=_init_worker, initargs=_portable(tokenizer)
+                )
             future: Future = Future()
             if pool is None:
                 future.set_result(encode_documents(tokenizer, texts))
@@ -202,8 +203,15 @@ def prepare_folder(cfg: Any, root: Path, staging: Path, *, shard_tokens: int | N
         f"nlplatform: tokenizing {corpus.count:,} documents ({tokenizer.name}, up to {num_proc} processes)",
         file=sys.stderr,
     )
-    indexes = write_splits(corpus, rule, tokenizer, staging, num_proc=num_proc, max_tokens=cfg.max_tokens,
-                           shard_tokens=shard_tokens or SHARD_TOKENS)  # fmt: skip
+    indexes = write_splits(
+        corpus,
+        rule,
+        tokenizer,
+        staging,
+        num_proc=num_proc,
+        max_tokens=cfg.max_tokens,
+        shard_tokens=shard_tokens or SHARD_TOKENS,
+    )
     spec = tokenizer.save(staging)
     return {
         # relative to the folder, which is renamed after this is written

@@ -53,8 +53,16 @@ class ShardWriter:
     ``close`` returns, fsynced, and the folder is published by the caller). Memory: one shard's hash state and the
     token counts, whatever the split's size."""
 
-    def __init__(self, folder: Path, split: str, *, vocab_size: int, eot_id: int, tokenizer: str,
-                 shard_tokens: int = SHARD_TOKENS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        split: str,
+        *,
+        vocab_size: int,
+        eot_id: int,
+        tokenizer: str,
+        shard_tokens: int = SHARD_TOKENS,
+    ) -> None:
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
         self.folder, self.split = Path(folder), split

@@ -80,11 +80,17 @@ def suite_parser(suite: str) -> SuiteParser:
     return parser
 
 
-def _parser(suite: str, description: str, run: Callable[[argparse.Namespace], int], suite_help: str,
-            hints: dict[str, str] | None = None) -> SuiteParser:  # fmt: skip
+def _parser(
+    suite: str,
+    description: str,
+    run: Callable[[argparse.Namespace], int],
+    suite_help: str,
+    hints: dict[str, str] | None = None,
+) -> SuiteParser:
     parser = SuiteParser(suite=suite, hints=hints, description=description)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a training checkpoint (.ckpt), or a folder of `nlplatform export`")  # fmt: skip
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a training checkpoint (.ckpt), or a folder of `nlplatform export`"
+    )
     parser.add_argument("--suite", default=suite, metavar="NAME", help=suite_help)
     parser.set_defaults(run=run)
     return parser
@@ -119,10 +125,15 @@ def _harness_flags(suite: str) -> SuiteParser:
         f"an lm-eval suite, evals/suites/<name>.yaml: {', '.join(suite_names())} (default {DEFAULT_SUITE}); "
         f"or {' or '.join(MEMORY_SUITES)}",
     )
-    parser.add_argument("--tasks", type=_names, default=None,
-                        help="comma-separated lm-eval tasks instead of the suite's (its settings stay)")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=None, help="items per task (default: the suite's; all for "
-                        "commonsense)")  # fmt: skip
+    parser.add_argument(
+        "--tasks",
+        type=_names,
+        default=None,
+        help="comma-separated lm-eval tasks instead of the suite's (its settings stay)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="items per task (default: the suite's; all for commonsense)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     return parser
@@ -137,8 +148,16 @@ def _run_harness(args: argparse.Namespace) -> int:
     from nlplatform.eval.harness.suite import evaluate, format_row
     from nlplatform.eval.report import announce
 
-    result = evaluate(args.checkpoint, suite, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
-                      device=args.device, dtype=args.dtype, track=not args.no_track)  # fmt: skip
+    result = evaluate(
+        args.checkpoint,
+        suite,
+        tasks=args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        track=not args.no_track,
+    )
     announce(result, format_row(result.row), "eval/<task>/<metric>")
     return 0
 
@@ -157,13 +176,25 @@ def _long_context_flags(suite: str) -> SuiteParser:
         "long_context (the flags below are this suite's)",
         hints={"--tasks": "the probe tasks are --probes"},
     )
-    parser.add_argument("--probes", type=_names, default=None,
-                        help=f"comma-separated probe tasks (default: one per needle kind, each variant on numbers, "
-                        f"and passkey; all: {', '.join(TASKS)})")  # fmt: skip
-    parser.add_argument("--lengths", type=_numbers(int), default=None,
-                        help="comma-separated context lengths (default: 1, 2, 4, 8 and 16 x the trained one)")  # fmt: skip
-    parser.add_argument("--depths", type=_numbers(float), default=None,
-                        help="comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")  # fmt: skip
+    parser.add_argument(
+        "--probes",
+        type=_names,
+        default=None,
+        help=f"comma-separated probe tasks (default: one per needle kind, each variant on numbers, "
+        f"and passkey; all: {', '.join(TASKS)})",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_numbers(int),
+        default=None,
+        help="comma-separated context lengths (default: 1, 2, 4, 8 and 16 x the trained one)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=_numbers(float),
+        default=None,
+        help="comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="probes per task, length and depth (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="the probes' seed (default 0)")
     return parser
@@ -173,9 +204,16 @@ def _run_long_context(args: argparse.Namespace) -> int:
     from nlplatform.eval.long_context.suite import evaluate_long_context, format_summary
     from nlplatform.eval.report import announce
 
-    result = evaluate_long_context(args.checkpoint, tasks=args.probes, lengths=args.lengths, depths=args.depths,
-                                   limit=args.limit, seed=args.seed, device=args.device,
-                                   track=not args.no_track)  # fmt: skip
+    result = evaluate_long_context(
+        args.checkpoint,
+        tasks=args.probes,
+        lengths=args.lengths,
+        depths=args.depths,
+        limit=args.limit,
+        seed=args.seed,
+        device=args.device,
+        track=not args.no_track,
+    )
     announce(result, format_summary(result.metrics), "eval/long_context/...")
     return 0
 
@@ -191,18 +229,40 @@ def _continual_flags(suite: str) -> SuiteParser:
         _run_continual,
         "continual (the flags below are this suite's)",
     )
-    parser.add_argument("--protocol", default="both", choices=["both", "domains", "classes"],
-                        help="text domains one after the other, class-incremental intents, or both (default)")  # fmt: skip
-    parser.add_argument("--domains", type=_names, default=None, help="comma-separated domains in training order "
-                        "(default encyclopedia,howto,fiction; also science, social, physical)")  # fmt: skip
-    parser.add_argument("--class-tasks", type=_names, default=None, help="comma-separated intent tasks in training "
-                        "order (default banking,travel,home; also food, work)")  # fmt: skip
-    parser.add_argument("--stage-steps", type=int, default=None,
-                        help="fine-tuning steps per domain or intent task (default 50)")  # fmt: skip
-    parser.add_argument("--mode", default="both", choices=["both", "frozen", "ttl"],
-                        help="held-out text read window by window (frozen), as one stream (ttl), or both (default)")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=None,
-                        help="held-out windows per domain and test utterances per intent (default 16 each)")  # fmt: skip
+    parser.add_argument(
+        "--protocol",
+        default="both",
+        choices=["both", "domains", "classes"],
+        help="text domains one after the other, class-incremental intents, or both (default)",
+    )
+    parser.add_argument(
+        "--domains",
+        type=_names,
+        default=None,
+        help="comma-separated domains in training order "
+        "(default encyclopedia,howto,fiction; also science, social, physical)",
+    )
+    parser.add_argument(
+        "--class-tasks",
+        type=_names,
+        default=None,
+        help="comma-separated intent tasks in training order (default banking,travel,home; also food, work)",
+    )
+    parser.add_argument(
+        "--stage-steps", type=int, default=None, help="fine-tuning steps per domain or intent task (default 50)"
+    )
+    parser.add_argument(
+        "--mode",
+        default="both",
+        choices=["both", "frozen", "ttl"],
+        help="held-out text read window by window (frozen), as one stream (ttl), or both (default)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="held-out windows per domain and test utterances per intent (default 16 each)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the stages' seed (default 0)")
     return parser
 

@@ -68,8 +68,13 @@ class DecoderConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive("model", d_model=self.d_model, n_layers=self.n_layers, ffn_hidden=self.ffn_hidden,
-                  multiple_of=self.multiple_of)  # fmt: skip
+        positive(
+            "model",
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            ffn_hidden=self.ffn_hidden,
+            multiple_of=self.multiple_of,
+        )
         for key in ("norm_eps", "init_std"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")

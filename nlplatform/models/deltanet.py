@@ -176,12 +176,16 @@ class DeltaNetMixer(nn.Module):
         if self.cfg.gated:  # log decay, <= 0: g = -exp(A_log) softplus(W_a x + dt_bias)
             g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
         o, memory = gated_delta_rule(
-            q, k, v, beta, g,  # the gates stay in >= fp32 under autocast: the op accumulates in fp32 anyway
+            q,
+            k,
+            v,
+            beta,
+            g,  # the gates stay in >= fp32 under autocast: the op accumulates in fp32 anyway
             initial_state=None if state is None else state.memory,
             output_final_state=state is not None,
             chunk_size=self.cfg.chunk_size,
             backend=self.cfg.kernel_backend,
-        )  # fmt: skip
+        )
         if state is not None:
             state.memory = memory
             state.conv = None if self.conv is None else conv_cache
@@ -193,9 +197,13 @@ class DeltaNetMixer(nn.Module):
 
     def new_state(self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype) -> DeltaNetLayerState:
         memory = torch.zeros(
-            batch_size, self.n_heads, self.key_dim, self.value_dim,
-            device=device, dtype=torch.promote_types(dtype, torch.float32),
-        )  # fmt: skip
+            batch_size,
+            self.n_heads,
+            self.key_dim,
+            self.value_dim,
+            device=device,
+            dtype=torch.promote_types(dtype, torch.float32),
+        )
         conv = None
         if self.conv is not None:
             conv = torch.zeros(batch_size, self.conv.width - 1, self.qkv.out_features, device=device, dtype=dtype)

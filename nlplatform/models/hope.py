@@ -100,11 +100,20 @@ class HopeConfig(DecoderConfig):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
-                  memory_expansion=self.memory_expansion, memory_chunk_size=self.memory_chunk_size,
-                  projection_chunk_size=self.projection_chunk_size, eta_max=self.eta_max,
-                  memory_max_grad_norm=self.memory_max_grad_norm, cms_hidden=self.cms_hidden,
-                  cms_inner_lr=self.cms_inner_lr, context_len=self.context_len)  # fmt: skip
+        positive(
+            "model",
+            n_heads=self.n_heads,
+            head_dim=self.head_dim,
+            memory_depth=self.memory_depth,
+            memory_expansion=self.memory_expansion,
+            memory_chunk_size=self.memory_chunk_size,
+            projection_chunk_size=self.projection_chunk_size,
+            eta_max=self.eta_max,
+            memory_max_grad_norm=self.memory_max_grad_norm,
+            cms_hidden=self.cms_hidden,
+            cms_inner_lr=self.cms_inner_lr,
+            context_len=self.context_len,
+        )
         if self.memory_depth > 2:
             raise ConfigError(f"model.memory_depth must be 1 or 2 (Eq. 89 uses 2), got {self.memory_depth}")
         if self.head_dim is None and self.d_model % self.n_heads:
@@ -241,12 +250,23 @@ class SelfModifyingTitans(nn.Module):
             memory = initial_self_mod_state(tuple(w.to(acc) for w in self.memory_init), B)
         decay = None if self.momentum_logit is None else torch.sigmoid(self.momentum_logit)
         o, memory = self_modifying_titans(
-            memory_in, q, self.gate_w, self.gate_b, memory,
-            static_k=static_k, static_v=streams.get("v"), momentum_decay=decay,
-            chunk_size=cfg.projection_chunk_size, memory_chunk_size=cfg.memory_chunk_size, eta_max=cfg.eta_max,
-            dgd=cfg.dgd, retention=cfg.memory_retention, activation=cfg.memory_activation,
-            max_grad_norm=cfg.memory_max_grad_norm, backend=cfg.kernel_backend,
-        )  # fmt: skip
+            memory_in,
+            q,
+            self.gate_w,
+            self.gate_b,
+            memory,
+            static_k=static_k,
+            static_v=streams.get("v"),
+            momentum_decay=decay,
+            chunk_size=cfg.projection_chunk_size,
+            memory_chunk_size=cfg.memory_chunk_size,
+            eta_max=cfg.eta_max,
+            dgd=cfg.dgd,
+            retention=cfg.memory_retention,
+            activation=cfg.memory_activation,
+            max_grad_norm=cfg.memory_max_grad_norm,
+            backend=cfg.kernel_backend,
+        )
         y = self.o_norm(o, self.g_proj(x).view(B, T, H, K))
         return self.o_proj(y.reshape(B, T, H * K)), (memory, conv)
 
@@ -288,8 +308,15 @@ class HopeBlock(nn.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = SelfModifyingTitans(cfg) if cfg.variant == "hope" else CausalAttention(cfg)
         if cfg.cms_chunk_sizes:
-            self.cms = CMS(cfg.d_model, cfg.cms_width, cfg.cms_chunk_sizes, cfg.cms_in_context, cfg.cms_variant,
-                           cfg.cms_inner_lr, cfg.norm_eps)  # fmt: skip
+            self.cms = CMS(
+                cfg.d_model,
+                cfg.cms_width,
+                cfg.cms_chunk_sizes,
+                cfg.cms_in_context,
+                cfg.cms_variant,
+                cfg.cms_inner_lr,
+                cfg.norm_eps,
+            )
         else:  # "w/o CMS": one MLP of the full width, updated with the weights
             self.cms = CMS(cfg.d_model, cfg.hidden_dim, [cfg.context_len], [False], "sequential", 1.0, cfg.norm_eps)
 
@@ -374,8 +401,11 @@ class Hope(DecoderLM):
         in-context level over the level's open chunk (this chunk and the earlier ones since its last boundary: they
         share its weights), and the CMS updates due once ``tokens_seen`` tokens are in (Eq. 71). ``second``: keep the
         inner gradients' graph so the outer gradient flows through them."""
-        loss = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
-                               ids_next.flatten(), reduction="sum")  # fmt: skip
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+            ids_next.flatten(),
+            reduction="sum",
+        )
         states = [BlockState(st.mixer, block.cms.record(st.cms, t)) for block, st, t in zip(self.layers, states, taps)]
         open_taps = [tap for st in states for fs in st.cms if fs is not None for tap in fs.pending]
         outputs = [z for tap in open_taps for z in tap.outputs]
@@ -387,8 +417,9 @@ class Hope(DecoderLM):
             cms = []
             for fs in st.cms:
                 if fs is not None:
-                    fs = replace(fs, pending=tuple(tap.add_grads(grads[3 * i : 3 * i + 3]) for tap, i in
-                                                   zip(fs.pending, it)))  # fmt: skip
+                    fs = replace(
+                        fs, pending=tuple(tap.add_grads(grads[3 * i : 3 * i + 3]) for tap, i in zip(fs.pending, it))
+                    )
                 cms.append(fs)
             out.append(BlockState(st.mixer, block.cms.commit(cms, tokens_seen, detach=not second)))
         return out
@@ -516,13 +547,29 @@ class Hope(DecoderLM):
         cfg = self.cfg
         levels: list[Level] = []
         if cfg.variant == "hope":
-            rule = ("exact DGD on the running weights + retention + momentum, gradients at the chunk-start snapshot "
-                    "(Eq. 88-91)")  # fmt: skip
-            levels.append(Level("memory", cfg.memory_chunk_size, "in_context", update=rule,
-                                objective="||M(k_t) - M(v_t)||^2 per head (self-generated target)"))  # fmt: skip
+            rule = (
+                "exact DGD on the running weights + retention + momentum, gradients at the chunk-start snapshot "
+                "(Eq. 88-91)"
+            )
+            levels.append(
+                Level(
+                    "memory",
+                    cfg.memory_chunk_size,
+                    "in_context",
+                    update=rule,
+                    objective="||M(k_t) - M(v_t)||^2 per head (self-generated target)",
+                )
+            )
             gens = ", ".join(f"M_{n}" for n in self.layers[0].mixer.names[1:])
-            levels.append(Level("projections", cfg.projection_chunk_size, "in_context", update=f"{rule}: {gens}",
-                                objective="||M(k_t) - M(v_t)||^2 per head (self-generated target)"))  # fmt: skip
+            levels.append(
+                Level(
+                    "projections",
+                    cfg.projection_chunk_size,
+                    "in_context",
+                    update=f"{rule}: {gens}",
+                    objective="||M(k_t) - M(v_t)||^2 per head (self-generated target)",
+                )
+            )
         owned: set[int] = set()
         if cfg.cms_chunk_sizes:
             for i, (c, fast) in enumerate(zip(cfg.cms_chunk_sizes, cfg.cms_in_context)):
@@ -542,8 +589,15 @@ class Hope(DecoderLM):
                     if cfg.cms_variant != "independent":
                         params += list(block.cms.norms[i].parameters())
                 owned |= {id(p) for p in params}
-                levels.append(Level(f"cms.{i}", c, "persistent", params=params, update="outer optimizer, summed "
-                                    "gradients of the steps in between (Eq. 71)"))  # fmt: skip
+                levels.append(
+                    Level(
+                        f"cms.{i}",
+                        c,
+                        "persistent",
+                        params=params,
+                        update="outer optimizer, summed gradients of the steps in between (Eq. 71)",
+                    )
+                )
         rest = [p for p in self.parameters() if id(p) not in owned]
         levels.append(Level("weights", None, "persistent", params=rest, update="outer optimizer"))
         return levels
@@ -554,22 +608,20 @@ class Hope(DecoderLM):
 # backbone figure's frequencies), memory chunks 16 and 64, a 4K window.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=256, n_layers=4, n_heads=4),
-    "340m": dict(
-        d_model=1024, n_layers=20, n_heads=8, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]
-    ),  # fmt: skip
-    "760m": dict(
-        d_model=1536, n_layers=22, n_heads=12, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]
-    ),  # fmt: skip
-    "1.3b": dict(
-        d_model=2048, n_layers=22, n_heads=16, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]
-    ),  # fmt: skip
+    "340m": dict(d_model=1024, n_layers=20, n_heads=8, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]),
+    "760m": dict(d_model=1536, n_layers=22, n_heads=12, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]),
+    "1.3b": dict(d_model=2048, n_layers=22, n_heads=16, context_len=4096, cms_chunk_sizes=[512, 1 << 20, 1 << 24]),
 }
 
 # Format 2: the chunked self-modifying memories compute Eq. 91 exactly (the DGD projection on the running weights);
 # format 1 linearised it at the chunk start, so its weights were trained for another rule.
 SPECS = [
     ModelSpec(
-        "hope", HopeConfig, Hope, PRESETS, format_version=2,
+        "hope",
+        HopeConfig,
+        Hope,
+        PRESETS,
+        format_version=2,
         format_change="HOPE's chunked DGD is now the paper's exact rule (format 1 linearised it at each chunk start)",
     )
-]  # fmt: skip
+]

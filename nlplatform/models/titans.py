@@ -78,9 +78,16 @@ class TitansConfig(DecoderConfig):
         super().__post_init__()
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        positive("model", n_heads=self.n_heads, head_dim=self.head_dim, memory_depth=self.memory_depth,
-                  memory_expansion=self.memory_expansion, memory_chunk_size=self.memory_chunk_size,
-                  attn_heads=self.attn_heads, window=self.window)  # fmt: skip
+        positive(
+            "model",
+            n_heads=self.n_heads,
+            head_dim=self.head_dim,
+            memory_depth=self.memory_depth,
+            memory_expansion=self.memory_expansion,
+            memory_chunk_size=self.memory_chunk_size,
+            attn_heads=self.attn_heads,
+            window=self.window,
+        )
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "
@@ -171,8 +178,9 @@ class MemoryBranch(nn.Module):
         """Retrieval without update, projected back to the model width: ``o_proj(M(q(x)))`` [B, T, d]."""
         B, T, _ = x.shape
         memory = self.fresh_memory(B, x.dtype) if memory is None else memory
-        y = memory_read(self.queries(x).transpose(1, 2).to(memory.weights[0].dtype), memory.weights,
-                        self.cfg.memory_activation)  # fmt: skip
+        y = memory_read(
+            self.queries(x).transpose(1, 2).to(memory.weights[0].dtype), memory.weights, self.cfg.memory_activation
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
     def run(
@@ -194,10 +202,18 @@ class MemoryBranch(nn.Module):
         theta, eta, alpha = torch.sigmoid(self.gates(x).to(acc)).view(B, T, 3, H).unbind(2)
         memory = self.fresh_memory(B, x.dtype) if memory is None else memory
         y, memory = titans_memory(
-            q, k, v, self.cfg.theta_max * theta, eta, alpha, memory,
-            chunk_size=self.cfg.memory_chunk_size, activation=self.cfg.memory_activation,
-            max_grad_norm=self.cfg.memory_max_grad_norm, backend=self.cfg.kernel_backend,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            self.cfg.theta_max * theta,
+            eta,
+            alpha,
+            memory,
+            chunk_size=self.cfg.memory_chunk_size,
+            activation=self.cfg.memory_activation,
+            max_grad_norm=self.cfg.memory_max_grad_norm,
+            backend=self.cfg.kernel_backend,
+        )
         y = self.o_norm(y, self.g_proj(x).view(B, T, H, K))
         return self.o_proj(y.reshape(B, T, H * K)), memory, conv
 

@@ -94,21 +94,40 @@ def _build(name: str, groups: list[dict[str, Any]], cfg: OptimConfig) -> Optimiz
     if name == "adamw":
         return _adamw(groups, cfg)
     if name == "momentum":
-        return GeneralizedMomentum(groups, lr=peak_lr(cfg), momentum=cfg.momentum, precondition=cfg.precondition,
-                                   beta2=cfg.beta2, eps=cfg.eps)  # fmt: skip
+        return GeneralizedMomentum(
+            groups, lr=peak_lr(cfg), momentum=cfg.momentum, precondition=cfg.precondition, beta2=cfg.beta2, eps=cfg.eps
+        )
     if name == "delta_momentum":
-        return DeltaMomentum(groups, lr=peak_lr(cfg), momentum=cfg.momentum, decay_lr=cfg.decay_lr,
-                             normalize=cfg.normalize_decay, precondition=cfg.precondition, beta2=cfg.beta2,
-                             eps=cfg.eps)  # fmt: skip
+        return DeltaMomentum(
+            groups,
+            lr=peak_lr(cfg),
+            momentum=cfg.momentum,
+            decay_lr=cfg.decay_lr,
+            normalize=cfg.normalize_decay,
+            precondition=cfg.precondition,
+            beta2=cfg.beta2,
+            eps=cfg.eps,
+        )
     if name == "dmgd":
-        return DeepMomentumGD(groups, lr=peak_lr(cfg), hidden=cfg.dmgd_hidden, inner_lr=cfg.dmgd_inner_lr,
-                              retention=cfg.dmgd_retention)  # fmt: skip
+        return DeepMomentumGD(
+            groups, lr=peak_lr(cfg), hidden=cfg.dmgd_hidden, inner_lr=cfg.dmgd_inner_lr, retention=cfg.dmgd_retention
+        )
     if name == "muon":
         return muon(groups, lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=0.0, ns_steps=cfg.ns_steps)
     if name == "m3":
-        return M3(groups, lr=peak_lr(cfg), beta1=cfg.beta1, beta2=cfg.beta2, beta3=cfg.beta3, slow_weight=cfg.slow_weight,
-                  slow_every=cfg.slow_every, eps=cfg.eps, ns_steps=cfg.ns_steps, accumulate=cfg.m3_accumulate,
-                  normalize=cfg.m3_normalize)  # fmt: skip
+        return M3(
+            groups,
+            lr=peak_lr(cfg),
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            beta3=cfg.beta3,
+            slow_weight=cfg.slow_weight,
+            slow_every=cfg.slow_every,
+            eps=cfg.eps,
+            ns_steps=cfg.ns_steps,
+            accumulate=cfg.m3_accumulate,
+            normalize=cfg.m3_normalize,
+        )
     check_name(name)
     raise AssertionError(f"optimizer {name!r} is listed but not built")
 

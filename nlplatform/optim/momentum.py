@@ -51,8 +51,9 @@ class GeneralizedMomentum(Optimizer):
         check_hyperparameters(lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay)
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
-        defaults = dict(lr=lr, momentum=momentum, precondition=precondition, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay)  # fmt: skip
+        defaults = dict(
+            lr=lr, momentum=momentum, precondition=precondition, beta2=beta2, eps=eps, weight_decay=weight_decay
+        )
         super().__init__(params, defaults)
 
     def _value(self, p: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
@@ -88,8 +89,9 @@ class GeneralizedMomentum(Optimizer):
 class DeltaMomentum(GeneralizedMomentum):
     """``m <- m (momentum I - decay_lr g_hat^T g_hat) - lr P(g); W <- W + m`` (arXiv Eq. 48-49, decay step explicit)."""
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, decay_lr: float = 0.5,
-                 normalize: bool = True, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self, params, lr: float = 1e-3, momentum: float = 0.9, decay_lr: float = 0.5, normalize: bool = True, **kwargs
+    ) -> None:
         check_hyperparameters(decay_lr=decay_lr)
         if normalize and decay_lr > momentum:
             raise ValueError(

@@ -81,8 +81,19 @@ class M3(Optimizer):
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
         if accumulate not in ("ema", "sum"):
             raise ValueError(f"accumulate must be 'ema' or 'sum', got {accumulate!r}")
-        defaults = dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, slow_weight=slow_weight, slow_every=slow_every,
-                        eps=eps, weight_decay=weight_decay, ns_steps=ns_steps, accumulate=accumulate, normalize=normalize)  # fmt: skip
+        defaults = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            slow_weight=slow_weight,
+            slow_every=slow_every,
+            eps=eps,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            accumulate=accumulate,
+            normalize=normalize,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -164,5 +175,6 @@ def muon(params, lr: float, momentum: float, weight_decay: float, ns_steps: int)
     check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay)
     if ns_steps < 1:
         raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
-    return Muon(params, lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    return Muon(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, adjust_lr_fn="match_rms_adamw"
+    )

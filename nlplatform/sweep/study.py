@@ -89,8 +89,10 @@ def _objective(ctx: _Context, sweep: Sweep):
             # Other workers started the budget's last trials while this one asked for its trial: it does not run.
             trial.set_user_attr(SKIPPED, True)
             trial.study.stop()
-            print(f"[{sweep.name}] trial {trial.number} not run: the study's {ctx.budget} trials are taken",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[{sweep.name}] trial {trial.number} not run: the study's {ctx.budget} trials are taken",
+                file=sys.stderr,
+            )
             raise optuna.TrialPruned("budget spent")
         if sweep.file.sampler.seed is not None:
             seed_for_trial(trial.study.sampler, sweep.file.sampler.seed, trial.number)
@@ -113,8 +115,9 @@ def _objective(ctx: _Context, sweep: Sweep):
             # to train the trial's recipe and follow rank 0's pruning decisions (follow_trial) instead of asking
             # the study for trials of their own.
             with _one_launch():
-                os.environ[_TRIAL_ENV] = json.dumps({"recipe": str(sweep.file.recipe), "overrides": overrides,
-                                                     "monitor": monitor})  # fmt: skip
+                os.environ[_TRIAL_ENV] = json.dumps(
+                    {"recipe": str(sweep.file.recipe), "overrides": overrides, "monitor": monitor}
+                )
                 result = train(cfg, callbacks=(pruning,), tags=tags)
         except Exception as exc:
             trial.set_user_attr("error", mask(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))

@@ -191,8 +191,11 @@ class Preemption(L.Callback):
             os._exit(130)  # a second Ctrl-C: stop now
         self.requested = name
         if name == "SIGINT":
-            print("\nCtrl-C: saving last.ckpt after this step and stopping (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                "\nCtrl-C: saving last.ckpt after this step and stopping (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_save = time.monotonic()
@@ -288,9 +291,12 @@ class RunTracking(L.Callback):
 
             node = f"node{trainer.node_rank}" if trainer.num_nodes > 1 else None
             self._monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=self.every_s, resume_logging=True, node_id=node,
+                self.run_id,
+                sampling_interval=self.every_s,
+                resume_logging=True,
+                node_id=node,
                 tracking_uri=self.tracking_uri,
-            )  # fmt: skip
+            )
             self._monitor.start()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -38,9 +38,19 @@ from nlplatform.secrets import mask
 from nlplatform.train import rendezvous, runs
 
 SUMMARY_KEYS = (
-    "model", "preset", "params", "tokens_seen", "steps", "train_loss", "val_loss", "val_ppl", "unigram_ppl",
-    "tokens_per_sec", "wall_s", "mlflow_run_id",
-)  # fmt: skip
+    "model",
+    "preset",
+    "params",
+    "tokens_seen",
+    "steps",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "unigram_ppl",
+    "tokens_per_sec",
+    "wall_s",
+    "mlflow_run_id",
+)
 
 
 @dataclass
@@ -160,8 +170,10 @@ def _agree(group: rendezvous.Peers, cfg: RecipeConfig) -> Resolved:
     def check(decision: dict) -> str | None:
         if (Path(decision["run_dir"]) / decision["marker"]).exists():
             return None
-        return (f"cannot see the run folder {decision['run_dir']} that rank 0 wrote; output_dir must be one file "
-                "system every node mounts at the same path")  # fmt: skip
+        return (
+            f"cannot see the run folder {decision['run_dir']} that rank 0 wrote; output_dir must be one file "
+            "system every node mounts at the same path"
+        )
 
     try:
         decision = group.agree("run", decide, check)
@@ -179,8 +191,9 @@ def _agree(group: rendezvous.Peers, cfg: RecipeConfig) -> Resolved:
         (mine["run"].run_dir / decision["marker"]).unlink(missing_ok=True)
         return mine["run"]
     forked = Path(decision["forked_from"]) if decision["forked_from"] else None
-    return Resolved(Path(decision["run_dir"]), Path(decision["ckpt"]) if decision["ckpt"] else None, new=False,
-                    forked_from=forked)  # fmt: skip
+    return Resolved(
+        Path(decision["run_dir"]), Path(decision["ckpt"]) if decision["ckpt"] else None, new=False, forked_from=forked
+    )
 
 
 def _default_name(cfg: RecipeConfig) -> str:
@@ -234,12 +247,18 @@ def _resolve_auto(cfg: RecipeConfig) -> Resolved:
                 resolved = _continue(cand.run_dir, cand.ckpt)
             except UserError:  # locked by a run that started a moment ago: not ours to continue
                 continue
-            print(f"trainer.resume=auto: continuing the newest unfinished {cfg.model.name}/{cfg.model.preset} run, "
-                f"{cand.run_dir}", file=sys.stderr)  # fmt: skip
+            print(
+                f"trainer.resume=auto: continuing the newest unfinished {cfg.model.name}/{cfg.model.preset} run, "
+                f"{cand.run_dir}",
+                file=sys.stderr,
+            )
             return resolved
     skipped = ", ".join(f"{sum(c.state == s for c in found)} {s}" for s in ("finished", "running"))
-    print(f"trainer.resume=auto: no unfinished {cfg.model.name}/{cfg.model.preset} run to continue in {root} "
-        f"({skipped}); starting a new run", file=sys.stderr)  # fmt: skip
+    print(
+        f"trainer.resume=auto: no unfinished {cfg.model.name}/{cfg.model.preset} run to continue in {root} "
+        f"({skipped}); starting a new run",
+        file=sys.stderr,
+    )
     return _new_run(cfg, None)
 
 
@@ -278,8 +297,10 @@ def _prepare_data(data, peers: rendezvous.Peers | None) -> None:
     def check(decision: dict) -> str | None:
         if (Path(decision["folder"]) / "meta.json").is_file():
             return None
-        return (f"cannot see the token cache {decision['folder']} that rank 0 built; NLPLATFORM_CACHE must be one "
-                "file system every node mounts at the same path")  # fmt: skip
+        return (
+            f"cannot see the token cache {decision['folder']} that rank 0 built; NLPLATFORM_CACHE must be one "
+            "file system every node mounts at the same path"
+        )
 
     peers.agree("data", prepare, check)
 

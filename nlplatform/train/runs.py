@@ -97,8 +97,9 @@ def acquire(run_dir: Path) -> None:
                 f"run {run_dir} is running now ({held.describe()}); wait for it to end, or remove "
                 f"{run_dir / LOCK} if that process is gone"
             )
-        print(f"run {run_dir}: taking over the lock of a process that no longer runs ({held.describe()})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"run {run_dir}: taking over the lock of a process that no longer runs ({held.describe()})", file=sys.stderr
+        )
         (run_dir / LOCK).unlink(missing_ok=True)
     raise UserError(f"run {run_dir}: could not take its lock {run_dir / LOCK}")
 

@@ -28,9 +28,11 @@ def test_memory_rows_time_the_reference_on_cpu_in_their_own_file(bench, tmp_path
     memory, table = _results(tmp_path, "kernels_titans_memory")
     rows = memory["rows"]
     assert [(r["contestant"], r["pass"], r["depth"], r["chunk_size"]) for r in rows] == [
-        ("reference", "fwd", 2, 8), ("reference", "fwd+bwd", 2, 8), ("reference", "fwd", 1, 8),
+        ("reference", "fwd", 2, 8),
+        ("reference", "fwd+bwd", 2, 8),
+        ("reference", "fwd", 1, 8),
         ("reference", "fwd+bwd", 1, 8),
-    ]  # fmt: skip
+    ]
     assert all(r["error"] is None and r["ms_median"] > 0 and r["tokens_per_sec"] > 0 for r in rows)
     assert rows[0]["memory_dims"] == [8, 32, 8] and rows[2]["memory_dims"] == [8, 8]
     assert memory["meta"]["shapes"] == [[1, 16, 2, 8, 2, 8], [2, 8, 1, 8, 1, 8]]

@@ -15,8 +15,26 @@ def bench(load_bench):
 
 
 def _run(bench, out: Path, families: str) -> dict:
-    assert bench.main(["--preset", "tiny", "--families", families, "--seq-lens", "32,64", "--tokens-per-step", "64",
-                       "--steps", "1", "--out", str(out), "--in-process"]) == 0  # fmt: skip
+    assert (
+        bench.main(
+            [
+                "--preset",
+                "tiny",
+                "--families",
+                families,
+                "--seq-lens",
+                "32,64",
+                "--tokens-per-step",
+                "64",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+                "--in-process",
+            ]
+        )
+        == 0
+    )
     (path,) = out.glob("train_step-tiny-*.json")
     return json.loads(path.read_text())
 
@@ -25,8 +43,11 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
     first = _run(bench, tmp_path, "deltanet,transformer")
     # the middle length first, Transformer++ before the others; batch keeps tokens per step at 64
     assert [(r["family"], r["seq_len"], r["batch"]) for r in first["rows"]] == [
-        ("transformer", 64, 1), ("deltanet", 64, 1), ("transformer", 32, 2), ("deltanet", 32, 2)
-    ]  # fmt: skip
+        ("transformer", 64, 1),
+        ("deltanet", 64, 1),
+        ("transformer", 32, 2),
+        ("deltanet", 32, 2),
+    ]
     assert all(r["tokens_per_sec"] > 0 and r["peak_mem_gib"] > 0 and not r["compile"] for r in first["rows"])
     assert first["rows"][0]["flops_per_token"] > 6 * 1e6 and first["rows"][1]["flops_per_token"] is None
     assert first["meta"]["dtype"] == "fp32" and first["meta"]["device"].startswith("cpu-")
@@ -51,13 +72,32 @@ def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
 def test_rows_at_batch_1_give_the_cost_per_token_against_the_length_alone(bench, tmp_path):
     """``--tokens-per-step`` at most the shortest length runs every length at batch 1, beside the equal-tokens rows."""
     _run(bench, tmp_path, "transformer")
-    assert bench.main(["--preset", "tiny", "--families", "transformer", "--seq-lens", "32,64", "--tokens-per-step",
-                       "32", "--steps", "1", "--out", str(tmp_path), "--in-process"]) == 0  # fmt: skip
+    assert (
+        bench.main(
+            [
+                "--preset",
+                "tiny",
+                "--families",
+                "transformer",
+                "--seq-lens",
+                "32,64",
+                "--tokens-per-step",
+                "32",
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--in-process",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(next(tmp_path.glob("train_step-tiny-*.json")).read_text())["rows"]
     assert [(r["seq_len"], r["batch"]) for r in rows] == [(64, 1), (32, 2), (32, 1)]  # T=64 x1 was not re-run
     lines = next(tmp_path.glob("train_step-tiny-*.md")).read_text().splitlines()
-    assert any(line.startswith("tokens/s at T=64 / at T=32, equal tokens per step (eager): transformer ")
-               for line in lines)  # fmt: skip
+    assert any(
+        line.startswith("tokens/s at T=64 / at T=32, equal tokens per step (eager): transformer ") for line in lines
+    )
     assert any(line.startswith("tokens/s at T=64 / at T=32, batch 1 (eager): transformer ") for line in lines)
 
 

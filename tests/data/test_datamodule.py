@@ -27,9 +27,12 @@ def make_module(folder, seed: int = 0, **overrides) -> TextDataModule:
 def fake_trainer(step: int = 0, accumulate: int = 1, rank: int = 0, world: int = 1, distributed_sampler=False):
     connector = SimpleNamespace(use_distributed_sampler=distributed_sampler)
     return SimpleNamespace(
-        global_step=step, accumulate_grad_batches=accumulate, global_rank=rank, world_size=world,
+        global_step=step,
+        accumulate_grad_batches=accumulate,
+        global_rank=rank,
+        world_size=world,
         _accelerator_connector=connector,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(("tokenizer", "vocab"), [("bytes", 257), ("bpe", 300)])
@@ -199,10 +202,16 @@ def test_lightning_kill_and_resume_sees_the_same_batches(txt_corpus, tmp_path, m
     def fit(max_steps, ckpt=None):
         model = Recorder()
         trainer = L.Trainer(
-            max_steps=max_steps, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            accelerator="cpu", devices=1,
-        )  # fmt: skip
+            max_steps=max_steps,
+            accumulate_grad_batches=2,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
         trainer.fit(model, datamodule=make_module(folder, seed=4), ckpt_path=ckpt)
         return trainer, model.seen
 

@@ -67,8 +67,11 @@ def test_preparing_a_corpus_four_times_larger_takes_no_more_memory(tmp_path):
         corpus = write_corpus(tmp_path / f"c{mb}", mb)
         out = subprocess.run(
             [sys.executable, "-c", MEASURE, corpus, str(tmp_path / f"root{mb}"), warmup, tokenizer],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         increases[mb] = json.loads(out.stdout.strip().splitlines()[-1])["increase_mb"]
     assert increases[16] <= 1.2 * increases[4] + 1.0, increases  # + 1 MB: the resolution of a few pages

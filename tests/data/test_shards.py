@@ -72,8 +72,10 @@ def test_a_corpus_of_many_small_shards_reads_back_whole_and_windows_cross_shard_
         assert shards[a:b].tolist() == expected[a:b].tolist()
     windows, reference = TokenWindows(shards, 16), TokenWindows(expected.astype(np.uint16), 16)
     assert len(windows) == len(reference)
-    assert all(torch.equal(windows[i][0], reference[i][0]) and torch.equal(windows[i][1], reference[i][1])
-               for i in range(len(windows)))  # fmt: skip
+    assert all(
+        torch.equal(windows[i][0], reference[i][0]) and torch.equal(windows[i][1], reference[i][1])
+        for i in range(len(windows))
+    )
     verify_checksums(tmp_path, "train")
 
 

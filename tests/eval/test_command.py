@@ -16,9 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 FLAGS = {
     "smoke": {"--tasks", "--limit", "--batch-size", "--dtype", "--device", "--no-track"},
     "long_context": {"--probes", "--lengths", "--depths", "--limit", "--seed", "--device", "--no-track"},
-    "continual": {"--protocol", "--domains", "--class-tasks", "--stage-steps", "--mode", "--limit", "--seed",
-                  "--device", "--no-track"},
-}  # fmt: skip
+    "continual": {
+        "--protocol",
+        "--domains",
+        "--class-tasks",
+        "--stage-steps",
+        "--mode",
+        "--limit",
+        "--seed",
+        "--device",
+        "--no-track",
+    },
+}
 EVERY_FLAG = set.union(*FLAGS.values())
 
 
@@ -64,20 +73,75 @@ def test_the_old_form_still_routes_each_suite_to_its_evaluation(recorded, capsys
     assert main(["eval", "a.ckpt"]) == 0
     assert recorded["harness"]["suite"] == "commonsense" and recorded["harness"]["checkpoint"] == "a.ckpt"
 
-    assert main(["eval", "a.ckpt", "--suite", "smoke", "--tasks", "piqa,boolq", "--limit", "2", "--batch-size", "4",
-                 "--dtype", "bfloat16", "--no-track"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "a.ckpt",
+                "--suite",
+                "smoke",
+                "--tasks",
+                "piqa,boolq",
+                "--limit",
+                "2",
+                "--batch-size",
+                "4",
+                "--dtype",
+                "bfloat16",
+                "--no-track",
+            ]
+        )
+        == 0
+    )
     call = recorded["harness"]
     assert call["suite"] == "smoke" and call["tasks"] == ["piqa", "boolq"] and call["limit"] == 2
     assert call["batch_size"] == 4 and call["dtype"] == "bfloat16" and call["track"] is False
 
-    assert main(["eval", "--suite", "long_context", "--probes", "passkey", "b.ckpt", "--lengths", "128,256",
-                 "--depths", "0,0.5", "--limit", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--suite",
+                "long_context",
+                "--probes",
+                "passkey",
+                "b.ckpt",
+                "--lengths",
+                "128,256",
+                "--depths",
+                "0,0.5",
+                "--limit",
+                "1",
+            ]
+        )
+        == 0
+    )
     call = recorded["long_context"]
     assert call["checkpoint"] == "b.ckpt" and call["tasks"] == ["passkey"] and call["lengths"] == [128, 256]
     assert call["depths"] == [0.0, 0.5] and call["limit"] == 1 and call["track"] is True
 
-    assert main(["eval", "c.ckpt", "--suite=continual", "--mode", "ttl", "--protocol", "domains", "--domains",
-                 "howto,fiction", "--limit", "3", "--stage-steps", "2", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "c.ckpt",
+                "--suite=continual",
+                "--mode",
+                "ttl",
+                "--protocol",
+                "domains",
+                "--domains",
+                "howto,fiction",
+                "--limit",
+                "3",
+                "--stage-steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     call = recorded["continual"]
     settings = call["settings"]
     assert call["checkpoint"] == "c.ckpt" and call["device"] == "cpu"
@@ -102,8 +166,7 @@ def test_the_old_form_still_routes_each_suite_to_its_evaluation(recorded, capsys
         ("commonsense", ["--depths", "0.5"], "--depths"),
     ],
 )
-def test_a_suite_refuses_a_flag_it_does_not_use_in_one_line_naming_its_flags(suite, words, refused, recorded,
-                                                                             capsys):  # fmt: skip
+def test_a_suite_refuses_a_flag_it_does_not_use_in_one_line_naming_its_flags(suite, words, refused, recorded, capsys):
     """Exit status 2 before any work, and one line: the suite, the refused flag and the flags the suite takes."""
     assert exit_status(["eval", "a.ckpt", "--suite", suite, *words]) == 2
     assert not recorded
@@ -152,7 +215,11 @@ def test_help_of_a_suite_lists_its_flags_and_no_other(suite, capsys):
 
 def test_the_nlplatform_command_refuses_a_foreign_flag_with_exit_2_and_no_usage_block():
     """The real command line, end to end: status 2 and a single line on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "nlplatform", "eval", "a.ckpt", "--suite", "long_context", "--dtype",
-                           "bfloat16"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlplatform", "eval", "a.ckpt", "--suite", "long_context", "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "takes no --dtype" in proc.stderr

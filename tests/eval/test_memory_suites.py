@@ -14,22 +14,46 @@ from tests.eval.conftest import needs_eval_data
 from tests.train.conftest import needs_corpus
 
 SMALL = {
-    "long_context": ["--lengths", "128,192", "--depths", "0.5", "--limit", "1", "--probes", "passkey,niah_single_passkey"],
-    "continual": ["--domains", "encyclopedia,howto", "--class-tasks", "banking,travel", "--stage-steps", "1",
-                  "--limit", "1", "--mode", "ttl"],
-}  # fmt: skip
+    "long_context": [
+        "--lengths",
+        "128,192",
+        "--depths",
+        "0.5",
+        "--limit",
+        "1",
+        "--probes",
+        "passkey,niah_single_passkey",
+    ],
+    "continual": [
+        "--domains",
+        "encyclopedia,howto",
+        "--class-tasks",
+        "banking,travel",
+        "--stage-steps",
+        "1",
+        "--limit",
+        "1",
+        "--mode",
+        "ttl",
+    ],
+}
 KEYS = {
     "long_context": ["eval/long_context/all/top1_within", "eval/long_context/all/top1_beyond"],
-    "continual": ["eval/continual/ttl/forgetting", "eval/continual/class_il/forgetting", "eval/continual/task_il/average"],
-}  # fmt: skip
+    "continual": [
+        "eval/continual/ttl/forgetting",
+        "eval/continual/class_il/forgetting",
+        "eval/continual/task_il/average",
+    ],
+}
 
 
 @needs_corpus
 @needs_eval_data
 @pytest.mark.parametrize(("family", "recipe"), [("gated_deltanet", "tiny"), ("titans", "tiny_mag"), ("hope", "tiny")])
 @pytest.mark.parametrize("suite", ["long_context", "continual"])
-def test_memory_suite_runs_on_the_family_and_logs_into_its_run(suite, family, recipe, family_run, capsys,
-                                                              monkeypatch, tmp_path):  # fmt: skip
+def test_memory_suite_runs_on_the_family_and_logs_into_its_run(
+    suite, family, recipe, family_run, capsys, monkeypatch, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from nlplatform.cli import main

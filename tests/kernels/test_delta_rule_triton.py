@@ -66,9 +66,12 @@ def outputs_and_grads(inputs, backend, *, chunk_size=64, output_final_state=True
     """Output, final state and every input gradient under fixed random cotangents on both outputs."""
     args = {n: inputs[n] for n in ("q", "k", "v", "beta", "g")}
     o, state = gated_delta_rule(
-        **args, initial_state=inputs["initial_state"], output_final_state=output_final_state,
-        chunk_size=chunk_size, backend=backend,
-    )  # fmt: skip
+        **args,
+        initial_state=inputs["initial_state"],
+        output_final_state=output_final_state,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
     gen = torch.Generator().manual_seed(seed)
     loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
     if state is not None:
@@ -117,9 +120,16 @@ CASES = [
 
 @pytest.mark.parametrize(
     ("B", "T", "H", "K", "V", "dtype", "gated", "initial_state", "chunk_size"),
-    [pytest.param(*c, id="B{}-T{}-H{}-K{}-V{}-{}-{}-{}-C{}".format(
-        *c[:5], str(c[5])[6:], "gated" if c[6] else "deltanet", "h0" if c[7] else "h0=0", c[8])) for c in CASES],
-)  # fmt: skip
+    [
+        pytest.param(
+            *c,
+            id="B{}-T{}-H{}-K{}-V{}-{}-{}-{}-C{}".format(
+                *c[:5], str(c[5])[6:], "gated" if c[6] else "deltanet", "h0" if c[7] else "h0=0", c[8]
+            ),
+        )
+        for c in CASES
+    ],
+)
 @pytest.mark.slow
 def test_triton_equals_the_reference_on_output_state_and_every_gradient(
     B, T, H, K, V, dtype, gated, initial_state, chunk_size
@@ -149,9 +159,14 @@ def test_strided_inputs_give_the_same_result_as_contiguous_ones():
     kw = dict(initial_state=inputs["initial_state"].detach(), output_final_state=True, chunk_size=16)
     strided = gated_delta_rule(q, k, v, inputs["beta"].detach(), inputs["g"].detach(), backend="triton", **kw)
     plain = gated_delta_rule(
-        q.contiguous(), k.contiguous(), v.contiguous(), inputs["beta"].detach(), inputs["g"].detach(),
-        backend="reference", **kw,
-    )  # fmt: skip
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        inputs["beta"].detach(),
+        inputs["g"].detach(),
+        backend="reference",
+        **kw,
+    )
     for a, b in zip(plain, strided):
         assert_close("strided", a, b, RATIO[torch.float32])
 

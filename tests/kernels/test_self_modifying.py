@@ -65,8 +65,13 @@ def state_of(inputs):
 
 
 def run(fn, inputs, state=None, **kwargs):
-    kwargs = {"eta_max": ETA_MAX, "static_k": inputs["static_k"], "static_v": inputs["static_v"],
-              "momentum_decay": inputs["momentum_decay"], **kwargs}  # fmt: skip
+    kwargs = {
+        "eta_max": ETA_MAX,
+        "static_k": inputs["static_k"],
+        "static_v": inputs["static_v"],
+        "momentum_decay": inputs["momentum_decay"],
+        **kwargs,
+    }
     state = state_of(inputs) if state is None else state
     return fn(inputs["x"], inputs["q"], inputs["gate_w"], inputs["gate_b"], state, **kwargs)
 

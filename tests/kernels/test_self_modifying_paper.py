@@ -149,16 +149,29 @@ def with_state(inputs):
 
 def run_op(inputs, *, c_gen, c_mem, activation="gelu", max_grad_norm=None):
     return self_modifying_titans(
-        inputs["x"], inputs["q"], inputs["gate_w"], inputs["gate_b"], inputs["state"],
-        static_k=inputs["static_k"], static_v=inputs["static_v"], momentum_decay=inputs["momentum_decay"],
-        chunk_size=c_gen, memory_chunk_size=c_mem, eta_max=ETA_MAX, activation=activation,
-        max_grad_norm=max_grad_norm, backend="reference",
-    )  # fmt: skip
+        inputs["x"],
+        inputs["q"],
+        inputs["gate_w"],
+        inputs["gate_b"],
+        inputs["state"],
+        static_k=inputs["static_k"],
+        static_v=inputs["static_v"],
+        momentum_decay=inputs["momentum_decay"],
+        chunk_size=c_gen,
+        memory_chunk_size=c_mem,
+        eta_max=ETA_MAX,
+        activation=activation,
+        max_grad_norm=max_grad_norm,
+        backend="reference",
+    )
 
 
 def outputs(o, state):
-    return {"o": o, **{f"W[{i}]": w for i, w in enumerate(state.weights)},
-            **{f"S[{i}]": m for i, m in enumerate(state.momentum)}}  # fmt: skip
+    return {
+        "o": o,
+        **{f"W[{i}]": w for i, w in enumerate(state.weights)},
+        **{f"S[{i}]": m for i, m in enumerate(state.momentum)},
+    }
 
 
 # (C_gen, C_mem, depth, memory_expansion, keys, activation, options). Every chunk size of the list at both depths and
@@ -233,9 +246,18 @@ def test_a_repeated_key_without_gradient_contracts_the_memory_by_the_product_of_
     x = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
     state = initial_self_mod_state(init, B)
     _, final = self_modifying_titans(
-        x, x, torch.zeros(2, H, K, dtype=torch.float64), gate_b, state, static_k=keys, static_v=keys,
-        chunk_size=chunk, memory_chunk_size=chunk, eta_max=0.2, backend="reference",
-    )  # fmt: skip
+        x,
+        x,
+        torch.zeros(2, H, K, dtype=torch.float64),
+        gate_b,
+        state,
+        static_k=keys,
+        static_v=keys,
+        chunk_size=chunk,
+        memory_chunk_size=chunk,
+        eta_max=0.2,
+        backend="reference",
+    )
     along = ((alpha - eta) ** T)[:, None]  # [H, 1]
     rest = (alpha**T)[:, None]
     w0, w = state.weights[0], final.weights[0]  # layer 1 reads u itself: [B, M, H, K, d_out]

@@ -43,10 +43,13 @@ CASES = [
 @pytest.mark.parametrize(
     ("T", "depth", "chunks", "dgd", "retention", "static", "init_momentum", "decay", "clip", "act"),
     CASES,
-    ids=[f"T{c[0]}-depth{c[1]}-C{c[2][0]}x{c[2][1]}{'-dgd' if c[3] else '-gd'}{'' if c[4] else '-noret'}"
-         f"{'-static' if c[5] else ''}{'-S0' if c[6] else ''}{'-decay' if c[7] else ''}"
-         f"{'-clip' if c[8] else ''}-{c[9]}" for c in CASES],
-)  # fmt: skip
+    ids=[
+        f"T{c[0]}-depth{c[1]}-C{c[2][0]}x{c[2][1]}{'-dgd' if c[3] else '-gd'}{'' if c[4] else '-noret'}"
+        f"{'-static' if c[5] else ''}{'-S0' if c[6] else ''}{'-decay' if c[7] else ''}"
+        f"{'-clip' if c[8] else ''}-{c[9]}"
+        for c in CASES
+    ],
+)
 @pytest.mark.slow
 def test_triton_equals_the_reference_on_output_states_and_every_gradient(
     T, depth, chunks, dgd, retention, static, init_momentum, decay, clip, act
@@ -58,8 +61,14 @@ def test_triton_equals_the_reference_on_output_states_and_every_gradient(
     inputs = {n: (x.to(DEVICE) if torch.is_tensor(x) else x) for n, x in inputs.items()}
     if not decay:
         inputs["momentum_decay"] = None
-    kw = dict(chunk_size=chunks[0], memory_chunk_size=chunks[1], dgd=dgd, retention=retention, activation=act,
-              max_grad_norm=clip)  # fmt: skip
+    kw = dict(
+        chunk_size=chunks[0],
+        memory_chunk_size=chunks[1],
+        dgd=dgd,
+        retention=retention,
+        activation=act,
+        max_grad_norm=clip,
+    )
     ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
     out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)
     assert ref.keys() == out.keys()
@@ -118,8 +127,15 @@ def test_a_hope_model_on_the_triton_backend_equals_the_reference_model():
     pytest.importorskip("omegaconf", reason="the model configs need omegaconf (GPU machines may lack it)")
     from nlplatform.models.hope import Hope, HopeConfig
 
-    small = dict(d_model=32, n_layers=1, n_heads=2, vocab_size=50, memory_chunk_size=8, projection_chunk_size=8,
-                 cms_chunk_sizes=[8])  # fmt: skip
+    small = dict(
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        vocab_size=50,
+        memory_chunk_size=8,
+        projection_chunk_size=8,
+        cms_chunk_sizes=[8],
+    )
     ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     assert_backends_agree("hope", lambda backend: Hope(HopeConfig(**small, kernel_backend=backend)), ids)
 
@@ -140,8 +156,10 @@ def test_gpu_hope_main_memory_tracks_the_reference_at_the_340m_widths(monkeypatc
     for name, value in dict(B=2, H=4, K=128, HIDDEN=128).items():  # make_inputs reads its module's sizes
         monkeypatch.setattr(base, name, value)
     inputs = make_inputs(2048, 2, init_momentum=True, dtype=torch.float32)
-    inputs = {n: (x.cuda() if torch.is_tensor(x) else [t.cuda() for t in x] if isinstance(x, list) else x)
-              for n, x in inputs.items()}  # fmt: skip
+    inputs = {
+        n: (x.cuda() if torch.is_tensor(x) else [t.cuda() for t in x] if isinstance(x, list) else x)
+        for n, x in inputs.items()
+    }
     kw = dict(chunk_size=64, memory_chunk_size=16, max_grad_norm=1.0)
     ref = outputs_and_grads(self_modifying_titans, inputs, backend="reference", **kw)
     out = outputs_and_grads(self_modifying_titans, inputs, backend="triton", **kw)

@@ -60,9 +60,11 @@ def make_inputs(B, T, H, K, V, hidden, dtype, *, theta_max=0.2, seed=0, device=D
         "init_momentum": [0.1 * randn(B, H, a, b) for a, b in layers],
     }
     return {
-        n: [t.to(device, dtype).requires_grad_() for t in x] if isinstance(x, list) else x.to(device, dtype).requires_grad_()
+        n: [t.to(device, dtype).requires_grad_() for t in x]
+        if isinstance(x, list)
+        else x.to(device, dtype).requires_grad_()
         for n, x in inputs.items()
-    }  # fmt: skip
+    }
 
 
 def outputs_and_grads(inputs, backend, **kwargs):
@@ -96,10 +98,21 @@ CASES = [
 
 @pytest.mark.parametrize(
     ("B", "T", "H", "K", "V", "hidden", "chunk_size", "activation", "max_grad_norm", "dtype"),
-    [pytest.param(*c, id="B{}-T{}-H{}-K{}-V{}-{}-C{}-{}-{}-{}".format(
-        *c[:5], "depth1" if c[5] is None else f"hidden{c[5]}", c[6], c[7],
-        "noclip" if c[8] is None else f"clip{c[8]}", str(c[9])[6:])) for c in CASES],
-)  # fmt: skip
+    [
+        pytest.param(
+            *c,
+            id="B{}-T{}-H{}-K{}-V{}-{}-C{}-{}-{}-{}".format(
+                *c[:5],
+                "depth1" if c[5] is None else f"hidden{c[5]}",
+                c[6],
+                c[7],
+                "noclip" if c[8] is None else f"clip{c[8]}",
+                str(c[9])[6:],
+            ),
+        )
+        for c in CASES
+    ],
+)
 @pytest.mark.slow
 def test_triton_equals_the_reference_on_output_state_momentum_and_every_gradient(
     B, T, H, K, V, hidden, chunk_size, activation, max_grad_norm, dtype
@@ -217,9 +230,11 @@ def test_gpu_triton_tracks_the_fp32_reference(dtype, B, T, H, K, hidden, chunk_s
     """On a GPU: the kernels in bf16/fp32 against the reference run in fp32 on the same (rounded) inputs."""
     inputs = make_inputs(B, T, H, K, K, hidden, dtype, theta_max=0.1)
     ref_inputs = {
-        n: [t.detach().float().requires_grad_() for t in x] if isinstance(x, list) else x.detach().float().requires_grad_()
+        n: [t.detach().float().requires_grad_() for t in x]
+        if isinstance(x, list)
+        else x.detach().float().requires_grad_()
         for n, x in inputs.items()
-    }  # fmt: skip
+    }
     kw = dict(chunk_size=chunk_size, max_grad_norm=1.0)
     ref = outputs_and_grads(ref_inputs, "reference", **kw)
     out = outputs_and_grads(inputs, "triton", **kw)

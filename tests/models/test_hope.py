@@ -18,8 +18,18 @@ from nlplatform.registry import build_model, model_config
 
 VOCAB = 23
 # in-context CMS levels at 4 and 8 tokens (window 32), a persistent one at 64; memory chunks 2 and 4
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=VOCAB, memory_chunk_size=2, projection_chunk_size=4,
-             cms_chunk_sizes=[4, 8, 64], context_len=32, cms_hidden=16, cms_inner_lr=0.3)  # fmt: skip
+SMALL = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    vocab_size=VOCAB,
+    memory_chunk_size=2,
+    projection_chunk_size=4,
+    cms_chunk_sizes=[4, 8, 64],
+    context_len=32,
+    cms_hidden=16,
+    cms_inner_lr=0.3,
+)
 both = pytest.mark.parametrize("variant", ["hope", "attention"])
 
 
@@ -246,8 +256,11 @@ def test_persistent_cms_levels_step_at_their_frequency():
     levels = model.levels()
     scheduler = LevelScheduler(levels, tokens_per_step=2048)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = {"cms.0": model.layers[0].cms.mlps[0].w1.weight, "cms.1": model.layers[0].cms.mlps[1].w1.weight,
-             "weights": model.layers[0].mixer.attn.wq.weight}  # fmt: skip
+    watch = {
+        "cms.0": model.layers[0].cms.mlps[0].w1.weight,
+        "cms.1": model.layers[0].cms.mlps[1].w1.weight,
+        "weights": model.layers[0].mixer.attn.wq.weight,
+    }
     changed = {name: [] for name in watch}
     for step in range(8):
         before = {name: p.detach().clone() for name, p in watch.items()}
@@ -363,8 +376,9 @@ def test_reading_four_times_as_many_windows_keeps_the_peak_resident_memory():
 
     from tests.train.conftest import ROOT
 
-    out = subprocess.run([sys.executable, "-c", _READ_WINDOWS], capture_output=True, text=True, cwd=ROOT,
-                         check=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_WINDOWS], capture_output=True, text=True, cwd=ROOT, check=True, timeout=600
+    )
     after_n, after_4n = (int(x) for x in out.stdout.split())
     assert after_4n <= 1.2 * after_n, f"peak RSS {after_n} kB after 12 windows, {after_4n} kB after 48"
 
@@ -386,9 +400,14 @@ def _record_op_calls(monkeypatch) -> list[dict]:
     real = hope_module.self_modifying_titans
 
     def spy(*args, **kwargs):
-        calls.append({"static_k": kwargs["static_k"] is not None, "static_v": kwargs["static_v"] is not None,
-                      "momentum": kwargs["momentum_decay"] is not None,
-                      **{k: v for k, v in kwargs.items() if k in ("dgd", "retention", "chunk_size")}})  # fmt: skip
+        calls.append(
+            {
+                "static_k": kwargs["static_k"] is not None,
+                "static_v": kwargs["static_v"] is not None,
+                "momentum": kwargs["momentum_decay"] is not None,
+                **{k: v for k, v in kwargs.items() if k in ("dgd", "retention", "chunk_size")},
+            }
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hope_module, "self_modifying_titans", spy)

@@ -11,8 +11,17 @@ from nlplatform.levels import check_levels
 from nlplatform.models.titans import VARIANTS, Titans, TitansConfig
 from nlplatform.registry import build_model, model_config
 
-SMALL = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=53, memory_chunk_size=4, window=8, attn_heads=2,
-             n_persistent=3, theta_max=0.2)  # fmt: skip
+SMALL = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    vocab_size=53,
+    memory_chunk_size=4,
+    window=8,
+    attn_heads=2,
+    n_persistent=3,
+    theta_max=0.2,
+)
 variants = pytest.mark.parametrize("variant", VARIANTS)
 
 

@@ -144,8 +144,19 @@ def test_m3_first_two_steps_follow_algorithm_1(normalize):
     U1 = NS(g1) / (sqrt(v1_hat) + eps), U2 = (NS(b1 g1 + g2) + alpha NS(g1)) / (sqrt(v2_hat) + eps), W_t = W_{t-1} -
     lr U_t as printed, or lr 0.2 U_t / RMS(U_t) with normalize (the default)."""
     lr, b1, b2, b3, alpha, eps = 0.01, 0.9, 0.95, 0.9, 0.5, 1e-8
-    w1, w2 = two_steps(M3, P0, [G1, G2], lr=lr, beta1=b1, beta2=b2, beta3=b3, slow_weight=alpha, slow_every=1, eps=eps,
-                       normalize=normalize)  # fmt: skip
+    w1, w2 = two_steps(
+        M3,
+        P0,
+        [G1, G2],
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        beta3=b3,
+        slow_weight=alpha,
+        slow_every=1,
+        eps=eps,
+        normalize=normalize,
+    )
 
     def scaled(u: torch.Tensor) -> torch.Tensor:
         return 0.2 * u / u.square().mean().sqrt() if normalize else u
@@ -165,8 +176,18 @@ def test_m3_printed_sum_form_follows_algorithm_1_step_by_step():
     lr, b1, b2, b3, alpha, eps, every = 0.01, 0.9, 0.95, 0.8, 0.5, 1e-8, 3
     grads = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(7)]
     p = torch.nn.Parameter(P0.clone())
-    opt = M3([p], lr=lr, beta1=b1, beta2=b2, beta3=b3, slow_weight=alpha, slow_every=every, eps=eps,
-             accumulate="sum", normalize=False)  # fmt: skip
+    opt = M3(
+        [p],
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        beta3=b3,
+        slow_weight=alpha,
+        slow_every=every,
+        eps=eps,
+        accumulate="sum",
+        normalize=False,
+    )
     w, m1, m2, v, o2 = (
         P0.clone(),
         torch.zeros_like(P0),
@@ -251,8 +272,17 @@ def tiny_module(name: str, steps: int = 30, lr: float | None = None):
     from nlplatform.train.module import LMModule
 
     recipe = ROOT / "recipes" / "transformer" / "tiny.yaml"
-    small = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "data.seq_len=64",
-             "optim.warmup_steps=3", f"trainer.max_steps={steps}", f"optim.name={name}", f"optim.lr={lr or LM_LR[name]}"]  # fmt: skip
+    small = [
+        "model.vocab_size=257",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "data.seq_len=64",
+        "optim.warmup_steps=3",
+        f"trainer.max_steps={steps}",
+        f"optim.name={name}",
+        f"optim.lr={lr or LM_LR[name]}",
+    ]
     torch.manual_seed(0)
     module = LMModule(recipe_to_dict(load_recipe(recipe, small)))
     setup = module.configure_optimizers()
@@ -405,8 +435,16 @@ def test_every_optimizer_steps_tiny_hope_with_its_levels_param_groups(name):
     from nlplatform.train.module import LMModule
 
     recipe = ROOT / "recipes" / "hope" / "tiny.yaml"
-    small = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "data.seq_len=64",
-             "trainer.max_steps=4", "optim.warmup_steps=1", f"optim.name={name}", f"optim.lr={LM_LR[name]}"]  # fmt: skip
+    small = [
+        "model.vocab_size=257",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "data.seq_len=64",
+        "trainer.max_steps=4",
+        "optim.warmup_steps=1",
+        f"optim.name={name}",
+        f"optim.lr={LM_LR[name]}",
+    ]
     torch.manual_seed(0)
     module = LMModule(recipe_to_dict(load_recipe(recipe, small)))
     setup = module.configure_optimizers()

@@ -19,9 +19,14 @@ def assert_bad_input(proc, *fragments: str) -> None:
 
 def train_cli(tmp_path: Path, *overrides: str, recipe: Path = TINY_RECIPE):
     return run_cli(
-        "train", str(recipe), *FAST, f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false", *overrides,
+        "train",
+        str(recipe),
+        *FAST,
+        f"output_dir={tmp_path / 'runs'}",
+        "tracking.enabled=false",
+        *overrides,
         cwd=tmp_path,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,8 +67,9 @@ def test_an_output_dir_that_cannot_be_created_exits_2_before_anything_runs(tmp_p
     """A file where a folder is needed (also what a read-only or pseudo file system gives) is refused up front."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    proc = run_cli("train", str(TINY_RECIPE), *FAST, f"output_dir={blocker / 'runs'}", "tracking.enabled=false",
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "train", str(TINY_RECIPE), *FAST, f"output_dir={blocker / 'runs'}", "tracking.enabled=false", cwd=tmp_path
+    )
     assert_bad_input(proc, "output_dir: cannot create", str(blocker))
 
 

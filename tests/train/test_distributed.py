@@ -35,11 +35,20 @@ pytestmark = needs_corpus
 HOPE_RECIPE = ROOT / "recipes" / "hope" / "tiny.yaml"
 # Tiny HOPE shrunk to seconds per run, with a persistent CMS level that steps every 2 optimizer steps.
 HOPE = [
-    "model.d_model=64", "model.n_layers=2", "model.memory_chunk_size=16", "model.projection_chunk_size=16",
-    "model.cms_chunk_sizes=[32,512]", "data.seq_len=64", "data.val_batches=2", "optim.warmup_steps=2",
-    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "trainer.save_top_k=-1",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.memory_chunk_size=16",
+    "model.projection_chunk_size=16",
+    "model.cms_chunk_sizes=[32,512]",
+    "data.seq_len=64",
+    "data.val_batches=2",
+    "optim.warmup_steps=2",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.save_top_k=-1",
     "trainer.enable_progress_bar=false",
-]  # fmt: skip
+]
 DDP = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
 
 
@@ -73,9 +82,17 @@ def hope_ddp(tmp_path_factory, tracking_server):
     work = tmp_path_factory.mktemp("hope-ddp")
     uri = tracking_server.uri
     proc = run_cli(
-        "train", str(HOPE_RECIPE), *HOPE, *DDP, "data.batch_size=2", f"output_dir={work / 'runs'}",
-        f"tracking.tracking_uri={uri}", "tracking.experiment=ddp", "tracking.system_metrics_every_s=1", cwd=work,
-    )  # fmt: skip
+        "train",
+        str(HOPE_RECIPE),
+        *HOPE,
+        *DDP,
+        "data.batch_size=2",
+        f"output_dir={work / 'runs'}",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=ddp",
+        "tracking.system_metrics_every_s=1",
+        cwd=work,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(proc.stdout.strip().splitlines()[-1]), uri, work
 
@@ -136,9 +153,16 @@ def test_ddp_run_resumed_from_its_step_2_checkpoint_continues_with_the_same_loss
     run_dir, _, _ = hope_ddp
     ckpt = _stopped_at_step_2(run_dir, tmp_path / "resumed")
     proc = run_cli(
-        "train", str(HOPE_RECIPE), *HOPE, *DDP, "data.batch_size=2", f"output_dir={tmp_path / 'runs'}",
-        "tracking.enabled=false", f"trainer.resume={ckpt}", cwd=tmp_path,
-    )  # fmt: skip
+        "train",
+        str(HOPE_RECIPE),
+        *HOPE,
+        *DDP,
+        "data.batch_size=2",
+        f"output_dir={tmp_path / 'runs'}",
+        "tracking.enabled=false",
+        f"trainer.resume={ckpt}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 2" in proc.stderr
     resumed, straight = _ckpt(tmp_path / "resumed"), _ckpt(run_dir)
@@ -166,11 +190,28 @@ def test_torchrun_launch_of_transformer_matches_one_process_in_one_run_folder(tm
     common = [*FAST, "trainer.max_steps=4", "trainer.val_check_interval=2"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nlplatform",
-         "train", str(TINY_RECIPE), *common, *DDP, "data.batch_size=4", f"output_dir={tmp_path / 'ddp'}",
-         "tracking.enabled=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "nlplatform",
+            "train",
+            str(TINY_RECIPE),
+            *common,
+            *DDP,
+            "data.batch_size=4",
+            f"output_dir={tmp_path / 'ddp'}",
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     assert [p.name for p in (tmp_path / "ddp" / "tiny").iterdir()] == [run_dir.name]
@@ -196,9 +237,17 @@ def test_fsdp_hope_matches_a_single_device_run(tmp_path):
     n = min(2, torch.cuda.device_count())
     gpu = ["trainer.accelerator=gpu", "trainer.precision=32-true"]
     proc = run_cli(
-        "train", str(HOPE_RECIPE), *HOPE, *gpu, f"trainer.devices={n}", "trainer.strategy=fsdp",
-        f"data.batch_size={4 // n}", f"output_dir={tmp_path / 'fsdp'}", "tracking.enabled=false", cwd=tmp_path,
-    )  # fmt: skip
+        "train",
+        str(HOPE_RECIPE),
+        *HOPE,
+        *gpu,
+        f"trainer.devices={n}",
+        "trainer.strategy=fsdp",
+        f"data.batch_size={4 // n}",
+        f"output_dir={tmp_path / 'fsdp'}",
+        "tracking.enabled=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = _train_in_process(tmp_path, HOPE_RECIPE, *HOPE, *gpu, "trainer.devices=1", "data.batch_size=4")
     fsdp = _ckpt(Path(proc.stdout.splitlines()[-1]))
@@ -231,23 +280,47 @@ def test_two_process_run_killed_by_sigkill_resumes_with_auto_to_the_uninterrupte
     other rank dies with the process group. ``trainer.resume=auto`` takes over the dead run's stale lock and continues
     it: steps 1..6 have the losses of an uninterrupted 2-process run within 1e-6 (the same operations in the same
     order: only float32 round-off of the resumed optimizer state could differ, and it does not)."""
-    common = [*FAST, "data.batch_size=2", *DDP, "tracking.enabled=false", "trainer.max_steps=6",
-              "trainer.val_check_interval=3", f"output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    common = [
+        *FAST,
+        "data.batch_size=2",
+        *DDP,
+        "tracking.enabled=false",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        f"output_dir={tmp_path / 'runs'}",
+    ]
     straight = run_cli("train", str(TINY_RECIPE), *common, "tracking.run_name=straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     script = tmp_path / "kill_at_step_3.py"
     script.write_text(KILL_SCRIPT.replace("{step}", "3"))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     killed = subprocess.run(
-        [sys.executable, str(script), str(TINY_RECIPE), *common, "tracking.run_name=killed",
-         "trainer.checkpoint_every_steps=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            str(TINY_RECIPE),
+            *common,
+            "tracking.run_name=killed",
+            "trainer.checkpoint_every_steps=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode != 0
     run_dir = tmp_path / "runs" / "tiny" / "killed"
     assert _ckpt(run_dir)["global_step"] == 3 and (run_dir / "run.lock").exists()  # the dead process's lock
-    resumed = run_cli("train", str(TINY_RECIPE), *common, "tracking.run_name=killed", "trainer.resume=auto",
-                      "trainer.checkpoint_every_steps=1", cwd=tmp_path)  # fmt: skip
+    resumed = run_cli(
+        "train",
+        str(TINY_RECIPE),
+        *common,
+        "tracking.run_name=killed",
+        "trainer.resume=auto",
+        "trainer.checkpoint_every_steps=1",
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "no longer runs" in resumed.stderr and "resuming from" in resumed.stderr and "at step 3" in resumed.stderr
     got, want = _losses(_ckpt(run_dir)), _losses(_ckpt(tmp_path / "runs" / "tiny" / "straight"))
@@ -268,12 +341,33 @@ def test_torchrun_launch_prepares_a_new_corpus_once_on_rank_0(tmp_path):
         (corpus / f"doc{i:02d}.txt").write_text(doc)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "NLPLATFORM_CACHE": str(tmp_path / "c")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nlplatform",
-         "train", str(TINY_RECIPE), *FAST, *DDP, "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=1",
-         f"data.paths=[{corpus}]", "data.val_fraction=0.2", "data.test_fraction=0.2",
-         f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "nlplatform",
+            "train",
+            str(TINY_RECIPE),
+            *FAST,
+            *DDP,
+            "data.batch_size=2",
+            "data.val_batches=1",
+            "trainer.max_steps=1",
+            f"data.paths=[{corpus}]",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+            f"output_dir={tmp_path / 'runs'}",
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("nlplatform: data ready in") == 1, proc.stderr[-3000:]
     caches = [p.name for p in (tmp_path / "c" / "tokens").iterdir() if not p.name.startswith(".")]  # not the lock

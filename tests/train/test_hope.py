@@ -69,14 +69,27 @@ def test_level_stacking_from_a_trained_transformer_reproduces_it_then_trains(tra
         assert all(torch.equal(getattr(m, w).weight, expected) for m in two.layers[1].cms.mlps)
 
     recipe = ROOT / "recipes" / "hope" / "tiny_attention.yaml"
-    args = [*FAST, "model.cms_chunk_sizes=[16,2048]", f"model.cms_hidden={source.cfg.hidden_dim}",
-            "trainer.max_steps=2", "trainer.val_check_interval=2", "tracking.enabled=false"]  # fmt: skip
-    proc = run_cli("train", str(recipe), *args, f"model.stack_from={ckpt}", f"output_dir={tmp_path / 'runs'}",
-                   cwd=tmp_path)  # fmt: skip
+    args = [
+        *FAST,
+        "model.cms_chunk_sizes=[16,2048]",
+        f"model.cms_hidden={source.cfg.hidden_dim}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "tracking.enabled=false",
+    ]
+    proc = run_cli(
+        "train", str(recipe), *args, f"model.stack_from={ckpt}", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stacked levels from" in proc.stderr
-    bad = run_cli("train", str(recipe), *args, f"model.stack_from={tmp_path / 'missing.ckpt'}",
-                  f"output_dir={tmp_path / 'bad'}", cwd=tmp_path)  # fmt: skip
+    bad = run_cli(
+        "train",
+        str(recipe),
+        *args,
+        f"model.stack_from={tmp_path / 'missing.ckpt'}",
+        f"output_dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -104,7 +117,13 @@ def test_a_hope_checkpoint_of_the_linearised_format_is_refused_by_generate_eval_
     assert len(gen.stderr.strip().splitlines()) == 1
     ev = run_cli("eval", str(old), "--suite", "smoke", "--limit", "1", cwd=tmp_path)
     assert_bad_input(ev, *expected)
-    resumed = run_cli("train", str(ROOT / "recipes" / "hope" / "tiny.yaml"), f"trainer.resume={old}",
-                      f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false", cwd=tmp_path)  # fmt: skip
+    resumed = run_cli(
+        "train",
+        str(ROOT / "recipes" / "hope" / "tiny.yaml"),
+        f"trainer.resume={old}",
+        f"output_dir={tmp_path / 'runs'}",
+        "tracking.enabled=false",
+        cwd=tmp_path,
+    )
     assert_bad_input(resumed, *expected)
     assert not (tmp_path / "runs").exists()

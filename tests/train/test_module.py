@@ -73,9 +73,14 @@ def test_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path, m
 
 # Every family and variant, shrunk: (recipe, extra overrides).
 FAMILIES = [
-    ("transformer", []), ("deltanet", []), ("gated_deltanet", []), ("titans", []), ("titans", ["model.variant=mac"]),
-    ("hope", []), ("hope", ["model.variant=attention"]),
-]  # fmt: skip
+    ("transformer", []),
+    ("deltanet", []),
+    ("gated_deltanet", []),
+    ("titans", []),
+    ("titans", ["model.variant=mac"]),
+    ("hope", []),
+    ("hope", ["model.variant=attention"]),
+]
 SMALL = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2"]
 
 

@@ -78,10 +78,28 @@ def test_a_runs_folder_one_rank_cannot_see_is_refused_on_every_rank_and_left_emp
     out = tmp_path / "runs"
     out.mkdir()
     port = _free_port()
-    args = [sys.executable, "-m", "nlplatform", "train", str(TINY_RECIPE), *FAST, f"output_dir={out}",
-            "tracking.enabled=false", "trainer.max_steps=2"]  # fmt: skip
-    isolated = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                f"mount -t tmpfs tmpfs {out} && exec \"$@\"", "sh", *args]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "nlplatform",
+        "train",
+        str(TINY_RECIPE),
+        *FAST,
+        f"output_dir={out}",
+        "tracking.enabled=false",
+        "trainer.max_steps=2",
+    ]
+    isolated = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs tmpfs {out} && exec "$@"',
+        "sh",
+        *args,
+    ]
     # a decision this test process made earlier, inherited by both ranks: a launcher's ranks must not take it
     stale = {"NLPLATFORM_RUN": json.dumps({"pid": os.getpid(), "run_dir": str(tmp_path / "stale"), "ckpt": None})}
     env = [_launch_env(rank, 2, port) | stale | {"PYTHONWARNINGS": "ignore"} for rank in range(2)]

@@ -106,8 +106,10 @@ def test_training_clips_each_steps_gradient_through_the_level_scheduler_only(tmp
         def on_train_start(self, trainer, pl_module):
             seen["trainer_clip"] = trainer.gradient_clip_val
 
-    train(recipe(tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.gradient_clip_val=0.01"),
-          callbacks=(Watch(),))  # fmt: skip
+    train(
+        recipe(tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.gradient_clip_val=0.01"),
+        callbacks=(Watch(),),
+    )
     assert seen["trainer_clip"] is None
     assert [c for c, _ in calls] == [0.01] * 3
     assert all(norm <= 0.01 * (1 + 1e-5) for _, norm in calls)

@@ -167,9 +167,11 @@ def test_two_runs_reserving_one_name_at_once_get_two_folders(tmp_path):
         with ctx.Pool(4) as pool:
             got = pool.map(_reserve, [(tmp_path, "hope-tiny-20261204-101010", start)] * 4)
     assert sorted(os.path.basename(g) for g in got) == [
-        "hope-tiny-20261204-101010", "hope-tiny-20261204-101010-2", "hope-tiny-20261204-101010-3",
+        "hope-tiny-20261204-101010",
+        "hope-tiny-20261204-101010-2",
+        "hope-tiny-20261204-101010-3",
         "hope-tiny-20261204-101010-4",
-    ]  # fmt: skip
+    ]
     with pytest.raises(UserError, match="already holds a run"):
         runs.reserve(tmp_path, "hope-tiny-20261204-101010", explicit=True)
 
@@ -214,8 +216,10 @@ def test_sigterm_and_interval_checkpoints_resume_with_the_uninterrupted_losses(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
     with pytest.raises(Interrupted):
-        train(recipe(tmp_path, *common, "tracking.run_name=every", "trainer.checkpoint_every_steps=2"),
-              callbacks=(KillAt(4),))  # fmt: skip
+        train(
+            recipe(tmp_path, *common, "tracking.run_name=every", "trainer.checkpoint_every_steps=2"),
+            callbacks=(KillAt(4),),
+        )
     every = tmp_path / "runs" / "tiny" / "every"
     assert steps_of(every / "checkpoints" / "last.ckpt") == [1, 2, 3, 4]
 
@@ -223,17 +227,34 @@ def test_sigterm_and_interval_checkpoints_resume_with_the_uninterrupted_losses(t
         resumed = train(recipe(tmp_path, *common, f"tracking.run_name={name}", "trainer.resume=auto"))
         got = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["History"]
         assert [s for s, _ in got["train"]] == list(range(1, 7))
-        torch.testing.assert_close(torch.tensor([v for _, v in got["train"]]),
-                                   torch.tensor([v for _, v in expected["train"]]), rtol=1e-6, atol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor([v for _, v in got["train"]]),
+            torch.tensor([v for _, v in expected["train"]]),
+            rtol=1e-6,
+            atol=0,
+        )
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_exits_130_and_prints_the_command_that_continues(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    args = ["train", str(TINY_RECIPE), *SMALL, f"output_dir={tmp_path / 'runs'}", "tracking.run_name=c",
-            "trainer.max_steps=100000", "trainer.checkpoint_every_steps=1"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "nlplatform", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        "train",
+        str(TINY_RECIPE),
+        *SMALL,
+        f"output_dir={tmp_path / 'runs'}",
+        "tracking.run_name=c",
+        "trainer.max_steps=100000",
+        "trainer.checkpoint_every_steps=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nlplatform", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = tmp_path / "runs" / "tiny" / "c" / "checkpoints" / "last.ckpt"
     try:
         deadline = time.monotonic() + 120

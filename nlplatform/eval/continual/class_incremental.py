@@ -78,8 +78,18 @@ def accuracy(scores: Sequence[dict[str, float]], examples: Sequence[Example], am
     return right / len(examples)
 
 
-def run_class_incremental(model, tokenizer, tasks: Sequence[str], finetune, *, train_per_label: int,
-                          test_per_label: int, seq_len: int, seed: int, progress=None) -> dict:  # fmt: skip
+def run_class_incremental(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    finetune,
+    *,
+    train_per_label: int,
+    test_per_label: int,
+    seq_len: int,
+    seed: int,
+    progress=None,
+) -> dict:
     """The protocol above on ``model`` (changed in place). ``finetune(model, tokens, targets, seed)`` runs one stage
     on a token stream, the loss on the ``targets`` tokens. Returns the report section: tasks, labels, the matrices,
     chance levels, scores per setting."""

@@ -108,8 +108,19 @@ def held_out_loss(model, windows: torch.Tensor, mode: str, batch_size: int = 8) 
     return total / count
 
 
-def run_domains(model, tokenizer, domains: Sequence[str], modes: Sequence[str], finetune, *, corpus: list[int],
-                seq_len: int, eval_windows: int, seed: int, progress=None) -> dict:  # fmt: skip
+def run_domains(
+    model,
+    tokenizer,
+    domains: Sequence[str],
+    modes: Sequence[str],
+    finetune,
+    *,
+    corpus: list[int],
+    seq_len: int,
+    eval_windows: int,
+    seed: int,
+    progress=None,
+) -> dict:
     """The protocol on ``model`` (changed in place): measure, then per domain ``finetune(model, tokens, None, seed)``
     on its training part and measure again; measured are ``eval_windows`` held-out windows of every domain and of
     ``corpus`` (the checkpoint corpus's test split, in tokens) in every reading mode. Returns the report section:
@@ -121,10 +132,12 @@ def run_domains(model, tokenizer, domains: Sequence[str], modes: Sequence[str], 
     for i, domain in enumerate(domains):
         train_docs, held_docs = split_documents(domain_texts(domain), seed + i)
         train_streams[domain] = stream(train_docs, encode, eot)
-        held_out[domain] = windows(stream(held_docs, encode, eot), seq_len, eval_windows,
-                                   f"the held-out part of domain {domain!r}")  # fmt: skip
-    held_out["corpus"] = windows(torch.tensor(corpus, dtype=torch.long), seq_len, eval_windows,
-                                 "the checkpoint corpus's test split")  # fmt: skip
+        held_out[domain] = windows(
+            stream(held_docs, encode, eot), seq_len, eval_windows, f"the held-out part of domain {domain!r}"
+        )
+    held_out["corpus"] = windows(
+        torch.tensor(corpus, dtype=torch.long), seq_len, eval_windows, "the checkpoint corpus's test split"
+    )
     columns = [*domains, "corpus"]
 
     losses: dict[str, list[list[float]]] = {mode: [] for mode in modes}
@@ -145,5 +158,10 @@ def run_domains(model, tokenizer, domains: Sequence[str], modes: Sequence[str], 
         perplexity[mode] = ppl
         scores[mode] = continual_scores([row[:T] for row in ppl[1:]], higher_is_better=False, baseline=ppl[0][:T])
         scores[mode].update(corpus_ppl_start=ppl[0][T], corpus_ppl_end=ppl[-1][T])
-    return {"stages": stages, "columns": columns, "perplexity": perplexity, "stage_final_train_loss": stage_loss,
-            "scores": scores}  # fmt: skip
+    return {
+        "stages": stages,
+        "columns": columns,
+        "perplexity": perplexity,
+        "stage_final_train_loss": stage_loss,
+        "scores": scores,
+    }

@@ -17,8 +17,7 @@ def plot_matrices(matrices: dict[str, list[list[float]]], rows, columns, path: P
 
     plt = pyplot()
     names = list(matrices)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 0.6 * len(rows) + 2.2), dpi=120,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 0.6 * len(rows) + 2.2), dpi=120, squeeze=False)
     ppl = what == "perplexity"
     for ax, name in zip(axes[0], names):
         grid = matrices[name]

@@ -150,22 +150,48 @@ def _run_protocol(protocol: str, loaded, settings: ContinualSettings, stem: Path
 
     if protocol == "domains":
         with tqdm(total=len(settings.domains) + 1, desc="continual: domain stages", unit="stage") as bar:
-            section = run_domains(model, tokenizer, settings.domains, settings.modes, train,
-                                  corpus=heldout_tokens(loaded), seq_len=recipe.data.seq_len,
-                                  eval_windows=settings.eval_windows, seed=settings.seed, progress=bar)  # fmt: skip
+            section = run_domains(
+                model,
+                tokenizer,
+                settings.domains,
+                settings.modes,
+                train,
+                corpus=heldout_tokens(loaded),
+                seq_len=recipe.data.seq_len,
+                eval_windows=settings.eval_windows,
+                seed=settings.seed,
+                progress=bar,
+            )
         rows = [s if s == "start" else f"after {s}" for s in section["stages"]]
-        return section, plot_matrices(section["perplexity"], rows, section["columns"],
-                                      stem.with_name(f"{stem.name}-matrix.png"),
-                                      f"continual learning, domains: {title}", "perplexity")  # fmt: skip
+        return section, plot_matrices(
+            section["perplexity"],
+            rows,
+            section["columns"],
+            stem.with_name(f"{stem.name}-matrix.png"),
+            f"continual learning, domains: {title}",
+            "perplexity",
+        )
     with tqdm(total=len(settings.class_tasks), desc="continual: class stages", unit="stage") as bar:
-        section = run_class_incremental(model, tokenizer, settings.class_tasks, train,
-                                        train_per_label=settings.train_per_label,
-                                        test_per_label=settings.test_per_label, seq_len=recipe.data.seq_len,
-                                        seed=settings.seed, progress=bar)  # fmt: skip
+        section = run_class_incremental(
+            model,
+            tokenizer,
+            settings.class_tasks,
+            train,
+            train_per_label=settings.train_per_label,
+            test_per_label=settings.test_per_label,
+            seq_len=recipe.data.seq_len,
+            seed=settings.seed,
+            progress=bar,
+        )
     rows = [f"after {t}" for t in settings.class_tasks]
-    return section, plot_matrices(section["accuracy"], rows, list(settings.class_tasks),
-                                  stem.with_name(f"{stem.name}-classes.png"), f"class-incremental intents: {title}",
-                                  "accuracy")  # fmt: skip
+    return section, plot_matrices(
+        section["accuracy"],
+        rows,
+        list(settings.class_tasks),
+        stem.with_name(f"{stem.name}-classes.png"),
+        f"class-incremental intents: {title}",
+        "accuracy",
+    )
 
 
 def format_summary(metrics: dict[str, float]) -> str:

@@ -196,8 +196,15 @@ class NLPlatformLM(TemplateLM):
                 text = self.tok_decode(new)
                 return any(s in text for s in until)
 
-            new = generate(self.model, prompt, max_new_tokens=max_new, temperature=temperature,
-                           eos_id=self.eot_token_id, seed=0, should_stop=stop if until else None)  # fmt: skip
+            new = generate(
+                self.model,
+                prompt,
+                max_new_tokens=max_new,
+                temperature=temperature,
+                eos_id=self.eot_token_id,
+                seed=0,
+                should_stop=stop if until else None,
+            )
             text = self.tok_decode([t for t in new if t != self.eot_token_id])
             for s in until:
                 text = text.split(s)[0]

@@ -103,8 +103,14 @@ def evaluate(
 
     from nlplatform.eval.harness.adapter import NLPlatformLM
 
-    lm = NLPlatformLM(model=loaded.model, tokenizer=loaded.tokenizer, max_length=loaded.recipe.data.seq_len,
-                      batch_size=batch_size, device=device, dtype=dtype)  # fmt: skip
+    lm = NLPlatformLM(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        max_length=loaded.recipe.data.seq_len,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
     scratch = cache_root() / "eval"
     scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tasks-", dir=scratch))

@@ -74,8 +74,14 @@ def plot_by_position(losses: torch.Tensor, path: Path, title: str, trained: int)
     positions = torch.arange(1, losses.numel() + 1)
     ax.plot(positions, losses, color="tab:blue", alpha=0.25, linewidth=0.6, label="per position")
     bins = position_bins(losses, bins=24)
-    ax.plot([(b["start"] + b["end"]) / 2 for b in bins], [b["loss"] for b in bins], "o-", color="tab:blue",
-            markersize=3, label="log-spaced bins")  # fmt: skip
+    ax.plot(
+        [(b["start"] + b["end"]) / 2 for b in bins],
+        [b["loss"] for b in bins],
+        "o-",
+        color="tab:blue",
+        markersize=3,
+        label="log-spaced bins",
+    )
     ax.axvline(trained, color="black", linestyle="--", linewidth=1, label="trained length")
     ax.set_xscale("log")
     ax.set_xlabel("token position")

@@ -35,11 +35,47 @@ TASKS = tuple(f"niah_{v}_{k}" for v in VARIANTS for k in NEEDLE_KINDS) + ("passk
 
 # Keys are common, short words: every tokenizer spells them in a few tokens, and none is rare in English filler.
 KEYS = (
-    "apple", "river", "silver", "garden", "window", "candle", "forest", "harbor", "lemon", "marble", "needle",
-    "orange", "pepper", "rabbit", "saddle", "thunder", "velvet", "walnut", "yellow", "anchor", "basket", "castle",
-    "dragon", "falcon", "ginger", "hammer", "island", "jacket", "kettle", "ladder", "meadow", "nickel", "oyster",
-    "pillow", "quartz", "ribbon", "spider", "tunnel", "violet", "wizard",
-)  # fmt: skip
+    "apple",
+    "river",
+    "silver",
+    "garden",
+    "window",
+    "candle",
+    "forest",
+    "harbor",
+    "lemon",
+    "marble",
+    "needle",
+    "orange",
+    "pepper",
+    "rabbit",
+    "saddle",
+    "thunder",
+    "velvet",
+    "walnut",
+    "yellow",
+    "anchor",
+    "basket",
+    "castle",
+    "dragon",
+    "falcon",
+    "ginger",
+    "hammer",
+    "island",
+    "jacket",
+    "kettle",
+    "ladder",
+    "meadow",
+    "nickel",
+    "oyster",
+    "pillow",
+    "quartz",
+    "ribbon",
+    "spider",
+    "tunnel",
+    "violet",
+    "wizard",
+)
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -169,8 +205,18 @@ class ProbeBuilder:
             if other not in seen:
                 seen.add(other)
                 candidates.append(self.encode(other))
-        return Probe(task, length, depth, prompt, answer, values, tuple(spans[i] for i in range(len(needle_ids))),
-                     n_filler, candidates, index)  # fmt: skip
+        return Probe(
+            task,
+            length,
+            depth,
+            prompt,
+            answer,
+            values,
+            tuple(spans[i] for i in range(len(needle_ids))),
+            n_filler,
+            candidates,
+            index,
+        )
 
     def _filler(self, task: str, n: int, rng: random.Random) -> list[int]:
         if task == "passkey":

@@ -34,8 +34,15 @@ from nlplatform.eval.report import SuiteResult, plot_title, publish, results_ste
 
 SUITE = "long_context"
 # The default grid: one task per needle kind, each variant on numbers, and the classic passkey.
-DEFAULT_TASKS = ("niah_single_passkey", "niah_single_number", "niah_single_uuid", "niah_multikey_number",
-                 "niah_multivalue_number", "niah_multiquery_number", "passkey")  # fmt: skip
+DEFAULT_TASKS = (
+    "niah_single_passkey",
+    "niah_single_number",
+    "niah_single_uuid",
+    "niah_multikey_number",
+    "niah_multivalue_number",
+    "niah_multiquery_number",
+    "passkey",
+)
 LENGTH_MULTIPLES = (1, 2, 4, 8, 16)  # of the trained sequence length
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PER_CELL = 3  # probes per (task, length, depth) unless --limit says otherwise
@@ -102,8 +109,11 @@ def evaluate_long_context(
     windows = torch.tensor([filler[s : s + longest + 1] for s in starts])
     losses, blown = loss_by_position(loaded.model, windows, batch_size=1)
     if blown:
-        print(f"warning: {blown} of {len(starts)} held-out windows of {longest:,} tokens gave non-finite losses (the "
-              "model's state blew up); the loss by position leaves them out", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {blown} of {len(starts)} held-out windows of {longest:,} tokens gave non-finite losses (the "
+            "model's state blew up); the loss by position leaves them out",
+            file=sys.stderr,
+        )
     metrics = summarize(scores, trained)
     metrics["eval/long_context/nonfinite_windows"] = float(blown)
     metrics["eval/long_context/loss_within"] = float(losses[:trained].mean())

@@ -64,8 +64,16 @@ TASK_ORDER = ("banking", "travel", "home")
 def _run(remembers: bool):
     examples = [e for t in TASK_ORDER for e in intent_examples(t, 4, 3, seed=0)[1]]
     oracle = LabelOracle(examples, remembers)
-    return run_class_incremental(oracle, TOK, TASK_ORDER, lambda model, *stage: model.learn(*stage), train_per_label=4,
-                                 test_per_label=3, seq_len=64, seed=0)  # fmt: skip
+    return run_class_incremental(
+        oracle,
+        TOK,
+        TASK_ORDER,
+        lambda model, *stage: model.learn(*stage),
+        train_per_label=4,
+        test_per_label=3,
+        seq_len=64,
+        seed=0,
+    )
 
 
 def test_a_model_that_remembers_every_label_scores_one_and_forgets_nothing():
@@ -83,8 +91,11 @@ def test_a_model_that_only_knows_its_latest_task_forgets_every_earlier_one():
     and 0 after the next one: average 1/3, forgetting 1, backward transfer -1."""
     report = _run(remembers=False)
     expected = [[1.0, math.nan, math.nan], [0.0, 1.0, math.nan], [0.0, 0.0, 1.0]]
-    assert all(x == y or math.isnan(x) and math.isnan(y) for r, e in zip(report["accuracy"]["class_il"], expected)
-               for x, y in zip(r, e))  # fmt: skip
+    assert all(
+        x == y or math.isnan(x) and math.isnan(y)
+        for r, e in zip(report["accuracy"]["class_il"], expected)
+        for x, y in zip(r, e)
+    )
     assert report["scores"]["class_il"] == pytest.approx(
         {"average": 1 / 3, "forgetting": 1.0, "backward_transfer": -1.0}
     )
@@ -102,8 +113,11 @@ def test_training_stream_marks_the_labels_and_end_of_text_and_nothing_else():
 
 def test_accuracy_picks_the_most_likely_label_among_those_allowed_and_counts_ties_wrong():
     examples = [Example("home", "lights", "u1"), Example("home", "music", "u2"), Example("home", "lights", "u3")]
-    scores = [{"lights": -1.0, "music": -2.0, "hotel": -0.5}, {"lights": -1.0, "music": -1.0, "hotel": -3.0},
-              {"lights": -0.1, "music": -5.0, "hotel": -9.0}]  # fmt: skip
+    scores = [
+        {"lights": -1.0, "music": -2.0, "hotel": -0.5},
+        {"lights": -1.0, "music": -1.0, "hotel": -3.0},
+        {"lights": -0.1, "music": -5.0, "hotel": -9.0},
+    ]
     assert accuracy(scores, examples, ["lights", "music"]) == pytest.approx(2 / 3)  # the tie in u2 is wrong
     assert accuracy(scores, examples, ["lights", "music", "hotel"]) == pytest.approx(1 / 3)
 
@@ -114,8 +128,9 @@ def test_label_scores_of_a_random_model_are_near_chance():
     from nlplatform.registry import build_model
     from tests.eval.conftest import ROOT
 
-    recipe = load_recipe(ROOT / "recipes" / "deltanet" / "tiny.yaml", ["model.vocab_size=257", "model.d_model=32",
-                                                                       "model.n_layers=1"])  # fmt: skip
+    recipe = load_recipe(
+        ROOT / "recipes" / "deltanet" / "tiny.yaml", ["model.vocab_size=257", "model.d_model=32", "model.n_layers=1"]
+    )
     model = build_model(recipe.model)
     test = [e for t in TASK_ORDER for e in intent_examples(t, 1, 8, seed=0)[1]]
     labels = [label for t in TASK_ORDER for label in TASKS[t]]

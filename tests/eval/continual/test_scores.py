@@ -14,8 +14,9 @@ def test_accuracy_matrix_gives_the_known_forgetting_and_transfer():
     """Average (0.5 + 0.7 + 0.9) / 3; forgetting ((0.9 - 0.5) + (0.8 - 0.7)) / 2; backward transfer
     ((0.5 - 0.9) + (0.7 - 0.8)) / 2; forward transfer ((0.1 - 0.05) + (0.2 - 0.0)) / 2."""
     scores = continual_scores(ACC, baseline=[0.1, 0.05, 0.0])
-    assert scores == pytest.approx({"average": 0.7, "forgetting": 0.25, "backward_transfer": -0.25,
-                                    "forward_transfer": 0.125})  # fmt: skip
+    assert scores == pytest.approx(
+        {"average": 0.7, "forgetting": 0.25, "backward_transfer": -0.25, "forward_transfer": 0.125}
+    )
 
 
 def test_perplexity_matrix_counts_a_rise_as_forgetting():

@@ -25,8 +25,21 @@ def test_continual_suite_writes_the_forgetting_matrices_and_their_scores(family,
     from nlplatform.eval.continual.scores import continual_scores
 
     ckpt, uri = checkpoint_of(family, trained_run, family_run)
-    proc = run_cli("eval", str(ckpt), "--suite", "continual", "--domains", "encyclopedia,howto", "--class-tasks",
-                   "banking,travel", "--stage-steps", "2", "--limit", "2", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "eval",
+        str(ckpt),
+        "--suite",
+        "continual",
+        "--domains",
+        "encyclopedia,howto",
+        "--class-tasks",
+        "banking,travel",
+        "--stage-steps",
+        "2",
+        "--limit",
+        "2",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path == ckpt.parent / "eval-continual-last.json"
@@ -67,8 +80,9 @@ def test_reading_one_window_as_a_stream_is_reading_it_frozen(family):
     from nlplatform.recipe import load_recipe
     from nlplatform.registry import build_model
 
-    recipe = load_recipe(ROOT / "recipes" / family / "tiny.yaml", ["model.vocab_size=257", "model.d_model=64",
-                                                                    "model.n_layers=2"])  # fmt: skip
+    recipe = load_recipe(
+        ROOT / "recipes" / family / "tiny.yaml", ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2"]
+    )
     torch.manual_seed(0)
     model = build_model(recipe.model)
     window = torch.randint(0, 257, (1, 65))

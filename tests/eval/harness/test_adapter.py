@@ -42,8 +42,13 @@ def direct_logprob(model, context: list[int], continuation: list[int]) -> float:
 
 
 families = pytest.mark.parametrize("family", ["transformer", "gated_deltanet"])
-PAIRS = [("The quick brown", " fox"), ("A", " longer continuation here."), ("", "starts from nothing"),
-         ("Question: why?\nAnswer:", " because"), ("x" * 40, " y")]  # fmt: skip
+PAIRS = [
+    ("The quick brown", " fox"),
+    ("A", " longer continuation here."),
+    ("", "starts from nothing"),
+    ("Question: why?\nAnswer:", " because"),
+    ("x" * 40, " y"),
+]
 
 
 @families

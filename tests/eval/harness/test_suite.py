@@ -17,8 +17,9 @@ from tests.train.conftest import needs_corpus, run_cli
 @needs_corpus
 @needs_eval_data
 @pytest.mark.parametrize("family", ["transformer", "deltanet", "gated_deltanet"])
-def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(family, trained_run, family_run,
-                                                                               tmp_path):  # fmt: skip
+def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(
+    family, trained_run, family_run, tmp_path
+):
     """The smoke suite scores all nine tasks offline, writes the JSON beside the checkpoint (its path printed last)
     and logs eval/<task>/<metric> (and the paper's Avg as eval/avg) into the run that trained the checkpoint."""
     from mlflow.tracking import MlflowClient
@@ -36,8 +37,13 @@ def test_smoke_suite_gives_every_paper_column_and_logs_into_the_checkpoints_run(
     assert "| Wiki ppl | LMB ppl | LMB acc | PIQA |" in proc.stdout
 
     run = MlflowClient(uri).get_run(json.loads((ckpt.parent.parent / "run.json").read_text())["mlflow_run_id"])
-    for key in ("eval/piqa/acc", "eval/hellaswag/acc_norm", "eval/lambada_openai/perplexity",
-                "eval/heldout_corpus/word_perplexity", "eval/boolq/acc"):  # fmt: skip
+    for key in (
+        "eval/piqa/acc",
+        "eval/hellaswag/acc_norm",
+        "eval/lambada_openai/perplexity",
+        "eval/heldout_corpus/word_perplexity",
+        "eval/boolq/acc",
+    ):
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/piqa/acc"] == pytest.approx(report["metrics"]["eval/piqa/acc"])
     assert run.data.metrics["eval/avg"] == pytest.approx(report["row"]["Avg"] / 100)  # the leaderboard's eval column
@@ -52,10 +58,27 @@ def test_lm_eval_command_line_runs_our_model_and_tasks(trained_run, tmp_path):
 
     ckpt, _ = checkpoint_of("transformer", trained_run, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "nlplatform.eval.harness", "--model", "nlplatform", "--model_args",
-         f"pretrained={ckpt}", "--tasks", "arc_easy,heldout_corpus", "--limit", "2", "--batch_size", "2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "nlplatform.eval.harness",
+            "--model",
+            "nlplatform",
+            "--model_args",
+            f"pretrained={ckpt}",
+            "--tasks",
+            "arc_easy,heldout_corpus",
+            "--limit",
+            "2",
+            "--batch_size",
+            "2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arc_easy" in proc.stdout and "word_perplexity" in proc.stdout
 
@@ -97,10 +120,21 @@ def test_missing_eval_data_without_network_names_the_command(trained_run, tmp_pa
     import sys
 
     ckpt, _ = checkpoint_of("transformer", trained_run, None)
-    env = {**os.environ, "NLPLATFORM_CACHE": str(tmp_path / "empty-cache"), "PIP_NO_INDEX": "1",
-           "PIP_FIND_LINKS": str(tmp_path), "PYTHONWARNINGS": "ignore"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "nlplatform", "eval", str(ckpt), "--tasks", "piqa"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "NLPLATFORM_CACHE": str(tmp_path / "empty-cache"),
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(tmp_path),
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlplatform", "eval", str(ckpt), "--tasks", "piqa"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "make eval-data" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -111,8 +145,9 @@ def test_extended_suite_tasks_run_offline(trained_run, tmp_path):
     """OpenBookQA, SciQ, COPA and CommonsenseQA (the rest of the offline data) score through the same path."""
     ckpt, _ = checkpoint_of("transformer", trained_run, None)
     tasks = "openbookqa,sciq,copa,commonsense_qa"
-    proc = run_cli("eval", str(ckpt), "--suite", "extended", "--tasks", tasks, "--limit", "2", "--no-track",
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "eval", str(ckpt), "--suite", "extended", "--tasks", tasks, "--limit", "2", "--no-track", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     for task in tasks.split(","):

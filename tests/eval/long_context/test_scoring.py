@@ -70,8 +70,9 @@ def test_an_oracle_that_copies_the_needle_scores_every_probe():
 
 def test_a_model_blind_to_the_context_scores_chance():
     """Ten candidates per probe: top-1 near 1/10 over 300 probes (binomial sd 0.017), never an exact answer."""
-    probes = build_probes(BUILDER, ["niah_single_number", "niah_multikey_passkey", "passkey"], [400], [0.25, 0.75],
-                          per_cell=50, seed=5)  # fmt: skip
+    probes = build_probes(
+        BUILDER, ["niah_single_number", "niah_multikey_passkey", "passkey"], [400], [0.25, 0.75], per_cell=50, seed=5
+    )
     model = ContextBlind()
     scores = [score_probe(model, p, TOK.decode) for p in probes]
     top1 = sum(s.rank == 1 for s in scores) / len(scores)

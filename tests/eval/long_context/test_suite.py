@@ -31,8 +31,10 @@ def test_long_context_suite_writes_scores_plots_and_mlflow_metrics(family, train
     trained = report["trained_length"]
     assert report["model"] == family and trained == {"transformer": 64, "deltanet": 128}[family]
     assert {(s["task"], s["length"]) for s in report["scores"]} >= {("passkey", 128), ("niah_single_passkey", 400)}
-    assert {(s["task"], s["length"]) for s in report["skipped"]} == {("niah_single_passkey", 128),
-                                                                     ("niah_multikey_number", 128)}  # fmt: skip
+    assert {(s["task"], s["length"]) for s in report["skipped"]} == {
+        ("niah_single_passkey", 128),
+        ("niah_multikey_number", 128),
+    }
     assert all(1 <= s["rank"] <= s["candidates"] == 10 for s in report["scores"])
     assert report["position_bins"][-1]["end"] == 400
     for name in ("heatmap", "length", "position"):
@@ -40,8 +42,13 @@ def test_long_context_suite_writes_scores_plots_and_mlflow_metrics(family, train
     assert "| exact |" in proc.stdout and "| top1 |" in proc.stdout
 
     run = MlflowClient(uri).get_run(json.loads((ckpt.parent.parent / "run.json").read_text())["mlflow_run_id"])
-    for key in ("eval/long_context/all/exact_beyond", "eval/long_context/all/top1_beyond",
-                "eval/long_context/passkey/top1_len400", "eval/long_context/loss_within", "eval/long_context/loss_beyond"):  # fmt: skip
+    for key in (
+        "eval/long_context/all/exact_beyond",
+        "eval/long_context/all/top1_beyond",
+        "eval/long_context/passkey/top1_len400",
+        "eval/long_context/loss_within",
+        "eval/long_context/loss_beyond",
+    ):
         assert run.data.metrics[key] == pytest.approx(report["metrics"][key]), key
     if trained == 128:
         assert "eval/long_context/all/top1_within" in run.data.metrics
