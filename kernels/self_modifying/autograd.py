@@ -22,8 +22,8 @@ import torch
 
 from kernels.titans_memory.autograd import (
     TitansMemoryFunction,
-    _block,
     chunk_coefficients,
+    tile_edge,
     unverified,  # noqa: F401 (the same kernels, the same GPU record)
 )
 from kernels.titans_memory.autograd import unsupported as _unsupported
@@ -51,7 +51,7 @@ def triton_main_memory(
         beta.expand(B, T, H),
         alpha.transpose(1, 2),
         chunk_size,
-        _block(chunk_size),
+        tile_edge(chunk_size),
         read_before_write=True,
     )
     settings = (chunk_size, activation, max_grad_norm, True, dgd, dot_dtype)

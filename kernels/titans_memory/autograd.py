@@ -58,11 +58,11 @@ def unsupported(dtype: torch.dtype, K: int, V: int, depth: int, chunk_size: int)
     width = max(K, V)
     if width > MAX_HEAD_DIM:
         return f"head dims K={K}, V={V} (at most {MAX_HEAD_DIM})"
-    if dtype == torch.float32 and _block(chunk_size) * _block(width) > MAX_FP32_TILE:
+    if dtype == torch.float32 and tile_edge(chunk_size) * tile_edge(width) > MAX_FP32_TILE:
         return (
             f"float32 inputs at chunk_size={chunk_size} with head dim {width} (float32 tiles of more than "
             f"{MAX_FP32_TILE} entries exceed the GPU's shared memory: use bf16 inputs or a chunk of at most "
-            f"{MAX_FP32_TILE // _block(width)})"
+            f"{MAX_FP32_TILE // tile_edge(width)})"
         )
     return None
 
@@ -74,7 +74,7 @@ def unverified(chunk_size: int) -> str | None:
     return f"chunk_size={chunk_size} (above {AUTO_MAX_CHUNK}, the kernels' bf16 dots read shared memory out of bounds on an H200)"
 
 
-def _block(n: int) -> int:
+def tile_edge(n: int) -> int:
     """A tile edge: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(n))
 
@@ -127,9 +127,9 @@ class LaunchShape:
         self.D = hidden if depth == 2 else self.K
         self.D_IN = self.D  # the last layer's input: the hidden layer (depth 2) or the key (depth 1)
         self.C, self.NC = chunk_size, triton.cdiv(self.T, chunk_size)
-        self.BC = _block(chunk_size)
-        self.BK, self.BV = _block(self.K), _block(self.V)
-        self.BD = min(32, _block(self.D_IN))  # 32: the backward's shared memory at chunk 64, K = 128
+        self.BC = tile_edge(chunk_size)
+        self.BK, self.BV = tile_edge(self.K), tile_edge(self.V)
+        self.BD = min(32, tile_edge(self.D_IN))  # 32: the backward's shared memory at chunk 64, K = 128
         self.DP = triton.cdiv(self.D_IN, self.BD) * self.BD
 
     def settings(
@@ -309,7 +309,7 @@ class TitansMemoryFunction(torch.autograd.Function):
 @torch.compiler.disable
 def triton_titans_memory(q, k, v, theta, eta, alpha, state: MemoryState, *, chunk_size, activation, max_grad_norm):
     """The Triton backend, with the reference backend's contract (y in v's dtype, the state in float32)."""
-    coefs = chunk_coefficients(theta, eta, 1 - alpha, chunk_size, _block(chunk_size))
+    coefs = chunk_coefficients(theta, eta, 1 - alpha, chunk_size, tile_edge(chunk_size))
     L = len(state.weights)
     settings = (chunk_size, activation, max_grad_norm, False, False)
     y, *final = TitansMemoryFunction.apply(settings, q, k, v, *coefs, *state.weights, *state.momentum)
