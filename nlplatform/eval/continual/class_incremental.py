@@ -1,5 +1,5 @@
-"""Class-incremental intent classification with a generative head: the second continual-learning protocol (spec
-§7.5, in the manner of the paper's CLINC / Banking77 / DBpedia experiments).
+"""Class-incremental intent classification with a generative head: the second continual-learning protocol (in
+the manner of the paper's CLINC / Banking77 / DBpedia experiments, Nested Learning arXiv Fig. 6).
 
 The classes arrive in tasks (``intents.TASKS``: three intents each). Stage ``i`` fine-tunes the model on task ``i``'s
 training utterances written as text, ``"<utterance>\\nintent: <label><eot>"``, with the same fine-tuning loop as the

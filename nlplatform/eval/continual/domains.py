@@ -1,5 +1,5 @@
 """The domain protocol of the continual suite: text domains learned one after the other, every domain's held-out
-perplexity measured after each stage (spec §7.5).
+perplexity measured after each stage (after Nested Learning's continual-learning experiments, arXiv Fig. 8).
 
 Domains are text the platform has offline, in the eval data (``make eval-data``), each split by document into
 training (80%) and held-out (20%) parts: ``encyclopedia`` (BoolQ's Wikipedia passages), ``howto`` (HellaSwag's

@@ -1,4 +1,4 @@
-"""A synthetic intent-classification set for class-incremental learning (spec §7.5, in the manner of CLINC-150 and
+"""A synthetic intent-classification set for class-incremental learning (Nested Learning arXiv Fig. 6, in the manner of CLINC-150 and
 Banking77, which the platform cannot download at run time).
 
 Fifteen intents in five *tasks* of three (``TASKS``: banking, travel, home, food, work). Each intent has a handful of
