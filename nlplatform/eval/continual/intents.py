@@ -1,5 +1,5 @@
-"""A synthetic intent-classification set for class-incremental learning (Nested Learning arXiv Fig. 6, in the manner of CLINC-150 and
-Banking77, which the platform cannot download at run time).
+"""A synthetic intent-classification set for class-incremental learning (Nested Learning arXiv Fig. 6, in the manner of
+CLINC-150 and Banking77, which the platform cannot download at run time).
 
 Fifteen intents in five *tasks* of three (``TASKS``: banking, travel, home, food, work). Each intent has a handful of
 utterance templates with slots (amounts, names, cities, days, ...) and a label that is plain text, so a language

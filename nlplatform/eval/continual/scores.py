@@ -1,4 +1,5 @@
-"""Continual-learning scores from a stage-by-domain result matrix (the forgetting measures behind Nested Learning arXiv Fig. 6 and 8).
+"""Continual-learning scores from a stage-by-domain result matrix (the forgetting measures behind Nested Learning arXiv
+Fig. 6 and 8).
 
 ``R[i][j]`` is the score on domain ``j`` after training stage ``i`` (stage ``i`` trains on domain ``i``), for
 ``T`` stages and domains. With ``higher_is_better`` (accuracy) the usual definitions apply; for losses or

@@ -1,6 +1,7 @@
 """``nlplatform eval CHECKPOINT --suite continual``: learn a sequence of domains or classes, measure what is forgotten.
 
-Two protocols (after Nested Learning's continual-learning experiments, arXiv Fig. 6 and 8), each starting from the checkpoint's weights (``--protocol``, both by default):
+Two protocols (after Nested Learning's continual-learning experiments, arXiv Fig. 6 and 8), each starting from the
+checkpoint's weights (``--protocol``, both by default):
 
 **domains** (``domains.py``). Stage ``i`` fine-tunes the model on text domain ``i`` for ``stage_steps`` optimizer
 steps; after every stage (and once before the first) the model's loss is measured on the held-out part of every domain

@@ -1,9 +1,9 @@
 """``nlplatform eval CHECKPOINT --suite commonsense|smoke|extended``: lm-eval in process on a checkpoint, results
 beside it and in MLflow (``nlplatform/eval/report.py``).
 
-The paper-style row (the columns of NeurIPS Table 1 / arXiv Table 2): held-out corpus word perplexity (our stand-in for WikiText), LAMBADA perplexity
-and accuracy, PIQA, HellaSwag acc_norm, WinoGrande, ARC-e, ARC-c acc_norm, SIQA, BoolQ, and Avg = the mean of the
-eight accuracies.
+The paper-style row (the columns of NeurIPS Table 1 / arXiv Table 2): held-out corpus word perplexity (our stand-in for
+WikiText), LAMBADA perplexity and accuracy, PIQA, HellaSwag acc_norm, WinoGrande, ARC-e, ARC-c acc_norm, SIQA, BoolQ,
+and Avg = the mean of the eight accuracies.
 """
 
 from __future__ import annotations

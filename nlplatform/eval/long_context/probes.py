@@ -1,4 +1,5 @@
-"""Long-context probes: RULER-style needle-in-a-haystack (S-NIAH) and plain passkey retrieval (Nested Learning arXiv §9.2, Table 1).
+"""Long-context probes: RULER-style needle-in-a-haystack (S-NIAH) and plain passkey retrieval (Nested Learning arXiv
+§9.2, Table 1).
 
 A probe is a prompt of exactly ``length`` tokens: filler text with one or more *needles* (sentences that carry a
 key and a value) at controlled depths, then a question whose answer is the value(s). Everything is built in token

@@ -1,4 +1,5 @@
-"""Scoring long-context probes and loss by position, for any family of the platform (Nested Learning arXiv §9.2, Table 1 and Fig. 10).
+"""Scoring long-context probes and loss by position, for any family of the platform (Nested Learning arXiv §9.2,
+Table 1 and Fig. 10).
 
 Each probe's prompt is read once (``nlplatform/eval/reader.py``); each candidate answer and the greedy answer then
 continue from a copy of the model's state after it.
@@ -98,8 +99,9 @@ def _mean(values: list[float] | None) -> float:
 
 def loss_by_position(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, int]:
     """Mean next-token loss at every position of ``windows`` [N, T + 1] (token t predicted from tokens < t): how well
-    a model uses its context as it grows (the paper's context-usage figure, arXiv Fig. 10). Returns ([T], the number of windows left out because some of
-    their losses are not finite: a memory that blew up on a long window would otherwise turn the whole curve NaN)."""
+    a model uses its context as it grows (the paper's context-usage figure, arXiv Fig. 10). Returns ([T], the number of
+    windows left out because some of their losses are not finite: a memory that blew up on a long window would otherwise
+    turn the whole curve NaN)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
