@@ -30,7 +30,7 @@ export TRITON_CACHE_DIR        := $(CURDIR)/.cache/triton
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup export postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-fast test-kernels lint format ui tracking-server bench bench-kernels clean
+.PHONY: help setup export postgres browser screenshots data eval-data train eval sweep leaderboard compare compare-optimizers test test-fast test-kernels lint format ui tracking-server bench bench-kernels bench-train clean
 
 help: ## list the targets
 	@echo "nlplatform make targets (RECIPE=$(RECIPE)):"
@@ -119,11 +119,12 @@ tracking-server: $(STAMP) ## serve MLflow on $(MLFLOW_HOST):$(MLFLOW_PORT) over 
 
 ui: tracking-server ## the MLflow UI of sqlite:///mlruns.db on http://127.0.0.1:5000 (the tracking server, on one machine)
 
-bench: $(STAMP) ## run every benchmark script in bench/ (results under bench/results/)
+bench: $(STAMP) ## run every benchmark: bench/bench_*.py, then the op benchmarks (results under bench/results/)
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+	@echo "== python -m bench.ops"; $(PY) -m bench.ops
 
-bench-kernels: $(STAMP) ## time the delta-rule and Titans memory ops (Triton, reference) against fla, SDPA, titans-pytorch; fwd and fwd+bwd (ARGS="--ops titans_memory ...")
-	$(PY) bench/bench_kernels.py $(ARGS)
+bench-kernels: $(STAMP) ## the op benchmarks (bench/ops/): delta rule and Titans memory, Triton and reference against fla, SDPA, titans-pytorch (ARGS="--ops titans_memory ...")
+	$(PY) -m bench.ops $(ARGS)
 
 bench-train: $(STAMP) ## tokens/s, peak memory, MFU of a training step per family (GPU: 340m, T=2K/4K/8K, bf16; resumable; ARGS=...)
 	$(PY) bench/bench_train_step.py $(ARGS)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One pass over the GPU checks, in order of value, each step bounded by its own time limit so that a short loan of
-# a GPU machine always brings back what finished (the defaults add up to about 11 minutes):
+# a GPU machine always brings back what finished (the defaults add up to about 12 minutes):
 #
 #   0. memcheck  compute-sanitizer over one small Titans-memory and HOPE main-memory call per shape that has crashed a
 #                GPU (bench/gpu_memcheck.py): the kernel and source line of an illegal access
 #   1. kernels   the GPU kernel tests (pytest -m gpu tests/kernels): Triton vs the fp32 reference at the paper widths
 #   2. train     bench_train_step.py: Transformer++ and HOPE at 340m, T = 4096, eager (then the other families)
-#   3. kbench    bench_kernels.py: Titans memory, then the delta rule, against titans-pytorch and fla when importable
+#   3. kbench    python -m bench.ops: Titans memory, then the delta rule, against titans-pytorch and fla when
+#                importable
 #   4. hope340m  a few dozen steps of recipes/hope/340m.yaml on one GPU under bf16-mixed through the real command
 #                line, then a resume from its last checkpoint for a few more steps
 #
@@ -72,8 +73,8 @@ train() {  # the headline pair first, each case written as soon as it is measure
 }
 
 kbench() {
-  $PY bench/bench_kernels.py --ops titans_memory --repeats 5 --out "$OUT" &&
-    $PY bench/bench_kernels.py --ops delta_rule --repeats 5 --out "$OUT"
+  $PY -m bench.ops --ops titans_memory --repeats 5 --out "$OUT" &&
+    $PY -m bench.ops --ops delta_rule --repeats 5 --out "$OUT"
 }
 
 hope340m() {  # the real training path: bf16-mixed, one GPU, batch 1 x 4096 (batch 2 ran out of an H200's 140 GB),
@@ -98,7 +99,7 @@ for s in "${steps[@]}"; do
     memcheck) step memcheck 150 memcheck ;;
     kernels) step kernels 200 kernels ;;
     train) step train 100 train ;;
-    kbench) step kbench 80 kbench ;;
+    kbench) step kbench 120 kbench ;;
     hope340m) step hope340m 120 hope340m ;;
     *) echo "unknown step: $s (memcheck, kernels, train, kbench, hope340m)" >&2; exit 2 ;;
   esac

@@ -2,7 +2,7 @@
 
 The warp counts come from compiling every kernel for sm_90 (H100) at BT = 64, K = V = 128 in bf16 and reading
 ptxas' register and spill report: at 4 warps the [64, 64] and [64, 128] register tiles spill, at 8 they fit or
-nearly so. They are a starting point, not a tuned result (see bench/bench_kernels.py for measured speed).
+nearly so. They are a starting point, not a tuned result (see bench/ops/delta_rule.py for measured speed).
 """
 
 from __future__ import annotations

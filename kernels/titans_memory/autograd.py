@@ -29,7 +29,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHUNK = 64  # the [C, C] score and coefficient tiles live in registers
 MAX_HEAD_DIM = 128  # K and V are one register tile each (the hidden width D is tiled: any D)
 # float32 inputs multiply float32 tiles, twice the shared memory of half ones: a [C, K] tile of more than 4096 entries
-# (chunk 64 with K or V above 64) takes the backward past an H100's 227 KiB (bench/kernel_build.py measures it)
+# (chunk 64 with K or V above 64) takes the backward past an H100's 227 KiB (kernels/tools/build.py measures it)
 MAX_FP32_TILE = 4096
 # Up to this many chunks the forward keeps every chunk-start state for the backward; beyond it, only those of every
 # R-th chunk (R = ceil(sqrt(NC))), and the backward recomputes one segment of R chunks at a time: about 2 sqrt(NC)
@@ -37,7 +37,7 @@ MAX_FP32_TILE = 4096
 KEEP_ALL_CHUNKS = 16
 DEPTHS = (1, 2)
 # Chunks above this stay on the reference under backend="auto": on an H200 (Triton 3.6) the kernels at chunk 64 hit
-# an illegal memory access, in a bf16 Titans training step and in bench_kernels' forward + backward, while HOPE's
+# an illegal memory access, in a bf16 Titans training step and in the op benchmark's forward + backward (bench/ops/titans_memory.py), while HOPE's
 # main memory at chunk 16 trained (bench/results/gpu-check-NVIDIA_H200.md). compute-sanitizer names an out-of-bounds
 # *shared*-memory read inside the half-precision dots (PREC "bf16", forward and backward kernels); the same shape with
 # float32 tiles (PREC "ieee") runs clean, and the CPU interpreter, which checks every global access against the
@@ -140,7 +140,7 @@ class LaunchShape:
         residual: bool = False,
         dgd: bool = False,
     ) -> dict:
-        """The kernels' compile-time arguments and launch settings (bench/kernel_build.py builds with these too)."""
+        """The kernels' compile-time arguments and launch settings (kernels/tools/build.py builds with these too)."""
         return dict(
             H=self.H,
             K=self.K,

@@ -1,4 +1,5 @@
-"""Shared by the benchmark tests: the bench scripts are files, not a package, so they are loaded by path."""
+"""Shared by the benchmark tests: the bench/bench_*.py scripts are files, not a package, so they are loaded by path
+(the op benchmarks are modules, ``bench.ops.<op>``, imported as such)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 @pytest.fixture
 def load_bench(monkeypatch):
-    """``load_bench("bench_kernels")``: the script ``bench/<name>.py`` as a fresh module (its ``main`` runs in
+    """``load_bench("bench_train_step")``: the script ``bench/<name>.py`` as a fresh module (its ``main`` runs in
     process)."""
     monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their sibling `common`
 

@@ -1,34 +1,36 @@
 """Build every Triton kernel (delta rule, Titans memory) for an H100 (sm_90) without a GPU, and report its resources.
 
-    python bench/kernel_build.py [--quick]
+    python -m kernels.tools.build [--quick] [--out DIR]
 
 Triton compiles ahead of time for a named target with its bundled ptxas, so this checks that the kernels lower to
 GPU code (the CPU interpreter does not) and reads, per kernel, the registers per thread, the bytes spilled to the
 stack and the shared memory, at the launch settings the host functions use (tiles from ``kernels/delta_rule/tiling``
 and ``kernels.titans_memory.autograd.LaunchShape``). Registers at 255 with a stack means spills: the first thing to
 look at when a kernel is slow. Shared memory above 227 KiB (232448 bytes) would not launch on an H100. Writes
-bench/results/kernel-build-sm90-triton<major.minor>.json and .md: the figures are the compiler's, so each Triton
-version gets its own file (run it from a venv with the GPU machines' Triton to see what they will build);
-``--quick`` builds one variant and writes nothing (for the tests).
-Must run without TRITON_INTERPRET (the interpreter replaces the compiler); the script refuses otherwise.
+bench/results/kernel-build-sm90-triton<major.minor>.json and .md (``--out`` another folder): the figures are the
+compiler's, so each Triton version gets its own file (run it from a venv with the GPU machines' Triton to see what
+they will build); ``--quick`` builds one variant of each op and writes nothing (for the tests). Needs only torch and
+triton. Must run without TRITON_INTERPRET (the interpreter replaces the compiler); it refuses otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+# The kernel modules below are decorated at import time: under the interpreter they would not compile.
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("kernel_build.py: unset TRITON_INTERPRET (the interpreter cannot build GPU code)")
+    sys.exit("kernels.tools.build: unset TRITON_INTERPRET (the interpreter cannot build GPU code)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import write_results  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -43,6 +45,7 @@ from kernels.titans_memory.autograd import LaunchShape  # noqa: E402
 from kernels.titans_memory.chunk_kernels import titans_memory_bwd_kernel, titans_memory_fwd_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # pointer arguments that are float32 whatever the input dtype (gates, their cumsum, T, gradients kept in fp32)
 FP32 = {"beta", "g", "gc", "A", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dbeta", "dgc", "dg"}
@@ -63,14 +66,26 @@ def launches(BT: int, K: int, V: int, gated: bool, state: bool) -> list[tuple]:
     w = num_warps(BT)
     return [
         (prepare_wy_repr_fwd_kernel, chunk, w, 3, set(), none_g),
-        (chunk_gated_delta_rule_fwd_h_kernel, {**seq, "USE_INITIAL_STATE": state, "STORE_FINAL_STATE": state},
-         w, 1, set(), none_g | none_state),
+        (
+            chunk_gated_delta_rule_fwd_h_kernel,
+            {**seq, "USE_INITIAL_STATE": state, "STORE_FINAL_STATE": state},
+            w,
+            1,
+            set(),
+            none_g | none_state,
+        ),
         (chunk_fwd_o_kernel, chunk, w, 3, set(), none_g),
-        (chunk_gated_delta_rule_bwd_dhu_kernel,
-         {**seq, "USE_INITIAL_STATE": state, "USE_FINAL_STATE_GRADIENT": state}, w, 2, set(), none_g | none_state),
+        (
+            chunk_gated_delta_rule_bwd_dhu_kernel,
+            {**seq, "USE_INITIAL_STATE": state, "USE_FINAL_STATE_GRADIENT": state},
+            w,
+            2,
+            set(),
+            none_g | none_state,
+        ),
         (chunk_bwd_dqkwg_kernel, chunk, w, 3, set(), none_g),
         (prepare_wy_repr_bwd_kernel, chunk, w, 3, {"dv"}, none_g),
-    ]  # fmt: skip
+    ]
 
 
 def titans_launches(dtype: str, chunk: int, K: int, hidden: int | None, hope: bool = False) -> list[tuple]:
@@ -120,19 +135,31 @@ def build(kernel, constexprs: dict, warps: int, stages: int, fp32_extra: set, no
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one variant of each op (bf16, the 340m shapes); no files")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, set to silence its warning
-    # (op, dtype, chunk, launches, widths, variant)
+    # delta rule: (op, dtype, chunk, K = V, gated, initial and final state)
     variants = [("delta_rule", "bf16", 64, 128, True, True)]
     # dtype, chunk, K = V, hidden (None: depth 1), HOPE's main memory: the 340m Titans and HOPE memories first
     memory = [("bf16", 64, 128, 512, False), ("bf16", 16, 128, 128, True)]
     if not args.quick:
-        variants += [("delta_rule", "bf16", 64, 128, False, False), ("delta_rule", "bf16", 64, 64, True, True),
-                     ("delta_rule", "bf16", 32, 128, True, True), ("delta_rule", "fp16", 64, 128, True, True),
-                     ("delta_rule", "fp32", 64, 128, True, True)]  # fmt: skip
-        memory += [("bf16", 16, 128, 512, False), ("bf16", 64, 64, 256, False), ("bf16", 64, 128, None, False),
-                   ("fp16", 64, 128, 512, False), ("fp32", 32, 128, 512, False), ("fp32", 64, 64, 256, False),
-                   ("fp32", 16, 128, 128, True), ("bf16", 16, 128, None, True)]  # fmt: skip
+        variants += [
+            ("delta_rule", "bf16", 64, 128, False, False),
+            ("delta_rule", "bf16", 64, 64, True, True),
+            ("delta_rule", "bf16", 32, 128, True, True),
+            ("delta_rule", "fp16", 64, 128, True, True),
+            ("delta_rule", "fp32", 64, 128, True, True),
+        ]
+        memory += [
+            ("bf16", 16, 128, 512, False),
+            ("bf16", 64, 64, 256, False),
+            ("bf16", 64, 128, None, False),
+            ("fp16", 64, 128, 512, False),
+            ("fp32", 32, 128, 512, False),
+            ("fp32", 64, 64, 256, False),
+            ("fp32", 16, 128, 128, True),
+            ("bf16", 16, 128, None, True),
+        ]
     jobs = []
     for _, dtype, BT, D, gated, state in variants:
         variant = ("gated" if gated else "ungated") + (" + state" if state else "")
@@ -155,8 +182,10 @@ def main() -> None:
         )
     if args.quick:
         return
-    lines = ["| op | dtype | chunk | widths | variant | kernel | warps | stages | registers | spill bytes | shared bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| op | dtype | chunk | widths | variant | kernel | warps | stages | registers | spill bytes | shared bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['dtype']} | {r['chunk_size']} | {r['widths']} | {r['variant']} | {r['kernel']} | "
@@ -165,16 +194,28 @@ def main() -> None:
     note = (
         f"Built with triton {triton.__version__} for sm_90 without a GPU (ptxas from the triton wheel). Delta rule: "
         "H = 16, K = V. Titans memory: H = 8, gelu, clipping on; D is the hidden width of a depth-2 memory; the HOPE "
-        "rows add the residual self-generated target and exact DGD (a triangular solve per chunk and layer); HOPE's op hands the kernels float32 tensors, so there the "
-        "dtype is the model's, which sets how the tiles are multiplied. Registers "
-        "per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per program (an H100 launches "
-        "at most 232448 bytes). The fp32 rows use IEEE products, i.e. FMA loops rather than tensor cores: ptxas "
+        "rows add the residual self-generated target and exact DGD (a triangular solve per chunk and layer); HOPE's "
+        "op hands the kernels float32 tensors, so there the dtype is the model's, which sets how the tiles are "
+        "multiplied. Registers per thread (255 is the ceiling), stack bytes spilled per thread, shared memory per "
+        "program (an H100 launches at most 232448 bytes). The fp32 rows use IEEE products, i.e. FMA loops rather than tensor cores: ptxas "
         "builds the largest of them at 32 registers with a deep stack (its own choice, no register cap is set), so "
         "fp32 inputs are the exact path, not the fast one; training runs bf16."
     )
-    meta = {"triton": triton.__version__, "target": "cuda sm_90"}
     version = ".".join(triton.__version__.split(".")[:2])
-    write_results("kernel-build", f"sm90-triton{version}", meta, rows, lines, note)
+    write_results(args.out, f"sm90-triton{version}", rows, lines, note)
+
+
+def write_results(folder: Path, label: str, rows: list[dict], lines: list[str], note: str) -> None:
+    """``kernel-build-<label>.json`` and ``.md`` in the layout of the benchmarks' results (bench/common.py, which
+    this package does not import: kernels/ needs only torch and triton)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"device": label, "torch": torch.__version__, "platform": platform.platform()}
+    meta |= {"triton": triton.__version__, "target": "cuda sm_90"}
+    path = folder / f"kernel-build-{label}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = "\n".join(lines)
+    path.with_suffix(".md").write_text(f"Device: {label}, torch {torch.__version__}\n\n{table}\n\n{note}\n")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
