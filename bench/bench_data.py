@@ -214,12 +214,22 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, "-c", PREPARE, str(corpora[mb]), str(root), spec, str(num_proc)]
                 out, peak = run_sampled(cmd, env)
                 result = json.loads(out.strip().splitlines()[-1])
-                row = {"corpus_mb": mb, "tokenizer": name, "num_proc": num_proc, "seconds": result["seconds"],
-                       "tokens": result["tokens"], "tokens_per_s": result["tokens"] / result["seconds"],
-                       "peak_rss_gib": peak / 2**30, "folder": result["folder"]}  # fmt: skip
+                row = {
+                    "corpus_mb": mb,
+                    "tokenizer": name,
+                    "num_proc": num_proc,
+                    "seconds": result["seconds"],
+                    "tokens": result["tokens"],
+                    "tokens_per_s": result["tokens"] / result["seconds"],
+                    "peak_rss_gib": peak / 2**30,
+                    "folder": result["folder"],
+                }
                 rows.append(row)
-                print(f"{mb} MB {name} num_proc={num_proc}: {row['tokens_per_s']:,.0f} tokens/s, "
-                      f"{row['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
+                print(
+                    f"{mb} MB {name} num_proc={num_proc}: {row['tokens_per_s']:,.0f} tokens/s, "
+                    f"{row['peak_rss_gib']:.2f} GiB",
+                    flush=True,
+                )
     largest = next(r for r in rows if r["corpus_mb"] == sizes[-1] and r["tokenizer"] == "bytes")
     reading = loader_rate(Path(largest["folder"]), 200)
 
@@ -231,15 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        table.append(f"| {r['corpus_mb']} MB | {r['tokenizer']} | {r['num_proc']} | {r['tokens']:,} | "
-                     f"{r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_gib']:.2f} |")  # fmt: skip
+        table.append(
+            f"| {r['corpus_mb']} MB | {r['tokenizer']} | {r['num_proc']} | {r['tokens']:,} | "
+            f"{r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_gib']:.2f} |"
+        )
     bpe_name = f"bpe-{BPE_VOCAB}"
     notes = []
     for tok in ("bytes", bpe_name):
         memory = rate(sizes[-1], tok, 2)["peak_rss_gib"] / rate(sizes[0], tok, 2)["peak_rss_gib"]
         speedup = rate(sizes[-1], tok, 2)["tokens_per_s"] / rate(sizes[-1], tok, 1)["tokens_per_s"]
-        notes.append(f"{tok}: peak RSS {sizes[-1]} MB / {sizes[0]} MB = {memory:.2f}x (2 processes); "
-                     f"2 processes / 1 = {speedup:.2f}x tokens/s on the {sizes[-1]} MB corpus")  # fmt: skip
+        notes.append(
+            f"{tok}: peak RSS {sizes[-1]} MB / {sizes[0]} MB = {memory:.2f}x (2 processes); "
+            f"2 processes / 1 = {speedup:.2f}x tokens/s on the {sizes[-1]} MB corpus"
+        )
     per_worker = rate(sizes[-1], bpe_name, 2)["tokens_per_s"] / 2
     hours = 30e9 / (per_worker * 64) / 3600
     notes.append(f"BPE trained once beforehand on at most 32 MB of the {sizes[0]} MB corpus: {bpe_seconds:.1f} s.")
@@ -260,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Projection: 30B BPE tokens on a 64-core node at this machine's {per_worker:,.0f} tokens/s per worker (the "
         f"2-process rate halved), assuming 64 workers scale linearly and the disk keeps up: {hours:.1f} h."
     )
-    meta = {"sizes_mb": list(sizes), "bpe_vocab": BPE_VOCAB, "bpe_training_s": bpe_seconds, "conversion": converted,
-            **reading}  # fmt: skip
+    meta = {
+        "sizes_mb": list(sizes),
+        "bpe_vocab": BPE_VOCAB,
+        "bpe_training_s": bpe_seconds,
+        "conversion": converted,
+        **reading,
+    }
     write_results("data", f"cpu-{psutil.cpu_count()}cores", meta, rows, table, "\n\n".join(notes), folder=args.out)
     return 0
 

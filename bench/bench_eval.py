@@ -49,8 +49,9 @@ def _model(family: str, preset: str, overrides: dict) -> torch.nn.Module:
 
 def bench_one(family: str, preset: str, args, device: str, overrides: dict | None = None) -> dict:
     model = _model(family, preset, overrides or {})
-    lm = NLPlatformLM(model=model, tokenizer=Tokenizer(), max_length=args.max_length, batch_size=args.batch_size,
-                      device=device)  # fmt: skip
+    lm = NLPlatformLM(
+        model=model, tokenizer=Tokenizer(), max_length=args.max_length, batch_size=args.batch_size, device=device
+    )
     rng = random.Random(0)
     pairs = []
     for _ in range(args.requests // 4):
@@ -81,15 +82,22 @@ def bench_one(family: str, preset: str, args, device: str, overrides: dict | Non
 def rolling_long(family: str, preset: str, overrides: dict, tokens: int, max_length: int, device: str) -> dict:
     """One document of ``tokens`` tokens through ``loglikelihood_rolling``, once (a fresh process: its peak RSS is
     this document's)."""
-    lm = NLPlatformLM(model=_model(family, preset, overrides), tokenizer=Tokenizer(), max_length=max_length,
-                      batch_size=1, device=device)  # fmt: skip
+    lm = NLPlatformLM(
+        model=_model(family, preset, overrides),
+        tokenizer=Tokenizer(),
+        max_length=max_length,
+        batch_size=1,
+        device=device,
+    )
     doc = _text(random.Random(tokens), tokens)
     warm = [Instance("loglikelihood_rolling", {}, (_text(random.Random(0), 2 * max_length),), 0)]
     lm.loglikelihood_rolling(warm, disable_tqdm=True)  # first calls (allocator, lazy set-up) apart from the timing
     seconds = median_seconds(
         lambda: lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)], disable_tqdm=True),
-        1, device, warmup=0,
-    )  # fmt: skip
+        1,
+        device,
+        warmup=0,
+    )
     return {"seconds": seconds, "tokens_per_sec": tokens / seconds, "peak_gib": peak_mem_gib(device)}
 
 
@@ -116,8 +124,11 @@ def generation(family: str, preset: str, overrides: dict, prompt_tokens: int, ne
         for _ in range(new_tokens):
             logits, state = model.step(logits[:, -1:].argmax(-1), state)
         t2 = time.perf_counter()
-    return {"prefill_tokens_per_sec": prompt_tokens / (t1 - t0), "decode_tokens_per_sec": new_tokens / (t2 - t1),
-            "decode_peak_gib": peak_mem_gib(device)}  # fmt: skip
+    return {
+        "prefill_tokens_per_sec": prompt_tokens / (t1 - t0),
+        "decode_tokens_per_sec": new_tokens / (t2 - t1),
+        "decode_peak_gib": peak_mem_gib(device),
+    }
 
 
 def bench_long(args, device: str, device_name: str) -> None:
@@ -136,12 +147,16 @@ def bench_long(args, device: str, device_name: str) -> None:
         for n in lengths:
             r = in_child(rolling_long, family, args.preset, overrides, n, args.max_length, device, threads=threads)
             row[f"rolling_{n}"] = r
-            print(f"{label:>16}: {n:>6} tokens: " + (r.get("error") or f"{r['tokens_per_sec']:8,.0f} tokens/s, "
-                                                          f"peak {r['peak_gib']:.2f} GiB"), flush=True)  # fmt: skip
+            print(
+                f"{label:>16}: {n:>6} tokens: "
+                + (r.get("error") or f"{r['tokens_per_sec']:8,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB"),
+                flush=True,
+            )
         f = in_child(full_forward, family, args.preset, overrides, min(lengths), device, threads=threads)
         row["forward"] = f
-        g = in_child(generation, family, args.preset, overrides, args.prompt_tokens, args.new_tokens, device,
-                     threads=threads)  # fmt: skip
+        g = in_child(
+            generation, family, args.preset, overrides, args.prompt_tokens, args.new_tokens, device, threads=threads
+        )
         row["generation"] = g
         print(f"{label:>16}: generation: {g}", flush=True)
         rows.append(row)
@@ -170,11 +185,23 @@ def bench_long(args, device: str, device_name: str) -> None:
             f"{fwd['tokens_per_sec'] / a['tokens_per_sec']:.2f}" if "error" not in a and "error" not in fwd else "-"
         )
         g = r["generation"]
-        gen = (["error"] * 3 if "error" in g else
-               [f"{g['prefill_tokens_per_sec']:,.0f}", f"{g['decode_tokens_per_sec']:,.1f}", f"{g['decode_peak_gib']:.2f}"])  # fmt: skip
+        gen = (
+            ["error"] * 3
+            if "error" in g
+            else [
+                f"{g['prefill_tokens_per_sec']:,.0f}",
+                f"{g['decode_tokens_per_sec']:,.1f}",
+                f"{g['decode_peak_gib']:.2f}",
+            ]
+        )
         mode = "state carried" if r["recurrent"] else f"windows of {args.max_length}"
-        lines.append(f"| {r['model']} | {mode} | " + " | ".join(cells) + f" | {time_ratio} | {rss_ratio} | {step_ratio} | "
-                     + " | ".join(gen) + " |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {mode} | "
+            + " | ".join(cells)
+            + f" | {time_ratio} | {rss_ratio} | {step_ratio} | "
+            + " | ".join(gen)
+            + " |"
+        )
     note = (
         f"{args.preset} presets (random init), byte tokenizer (one token per character), max_length {args.max_length}; "
         f"each cell one run in a fresh process (peak GiB: that process's peak resident memory, model and interpreter "

@@ -57,8 +57,9 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def speed_row(name: str, family: str, overrides: dict, *, seq_len: int, batch: int, steps: int, warmup: int,
-              device: str) -> dict:  # fmt: skip
+def speed_row(
+    name: str, family: str, overrides: dict, *, seq_len: int, batch: int, steps: int, warmup: int, device: str
+) -> dict:
     """One speed row, in a child process: forward + backward + AdamW step of a tiny model."""
     torch.manual_seed(0)
     cfg = registry.model_config(family, "tiny", vocab_size=SPEED_VOCAB, **overrides)
@@ -142,13 +143,21 @@ def against_baseline(checkout: Path, repeats: int, *, device: str, threads: int,
             out.append({"row": name, "baseline": rev, "error": failed[0]})
             continue
         t, b = [r["tokens_per_sec"] for r in this], [r["tokens_per_sec"] for r in base]
-        row = {"row": name, "baseline": rev, "this_runs": t, "baseline_runs": b,
-               "this_tokens_per_sec": statistics.median(t), "baseline_tokens_per_sec": statistics.median(b),
-               "this_peak_gib": max(r["peak_mem_gib"] for r in this),
-               "baseline_peak_gib": max(r["peak_mem_gib"] for r in base)}  # fmt: skip
+        row = {
+            "row": name,
+            "baseline": rev,
+            "this_runs": t,
+            "baseline_runs": b,
+            "this_tokens_per_sec": statistics.median(t),
+            "baseline_tokens_per_sec": statistics.median(b),
+            "this_peak_gib": max(r["peak_mem_gib"] for r in this),
+            "baseline_peak_gib": max(r["peak_mem_gib"] for r in base),
+        }
         row["ratio"] = row["this_tokens_per_sec"] / row["baseline_tokens_per_sec"]
-        print(f"{name} against {rev}: {row['this_tokens_per_sec']:,.0f} vs {row['baseline_tokens_per_sec']:,.0f} "
-              f"tokens/s, {row['ratio']:.3f}x")  # fmt: skip
+        print(
+            f"{name} against {rev}: {row['this_tokens_per_sec']:,.0f} vs {row['baseline_tokens_per_sec']:,.0f} "
+            f"tokens/s, {row['ratio']:.3f}x"
+        )
         out.append(row)
     return out
 
@@ -252,8 +261,12 @@ def main() -> None:
     parser.add_argument("--scale-layers", type=int, default=None, help="layers of the scale rows (CPU: 2, CUDA: 20)")
     parser.add_argument("--scale-seq-len", type=int, default=None, help="T of the scale rows (default 4096)")
     parser.add_argument("--scale-steps", type=int, default=None, help="timed scale steps (CPU: 1, no warm-up; CUDA: 3)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="a checkout of another revision: its HOPE speed rows are timed in the same run")  # fmt: skip
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of another revision: its HOPE speed rows are timed in the same run",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="with --baseline: alternating runs per tree and row")
     args = parser.parse_args()
     device, label = device_and_label()
@@ -265,8 +278,18 @@ def main() -> None:
     speed = []
     for name, family, overrides in SPEED_ROWS:
         steps, warmup = (max(10, args.steps), 2) if family == "transformer" else (args.steps, 1)
-        r = in_child(speed_row, name, family, overrides, seq_len=args.seq_len, batch=args.batch, steps=steps,
-                     warmup=warmup, device=device, threads=threads)  # fmt: skip
+        r = in_child(
+            speed_row,
+            name,
+            family,
+            overrides,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            steps=steps,
+            warmup=warmup,
+            device=device,
+            threads=threads,
+        )
         r = {"row": name, "family": family, "overrides": overrides, **r}
         if "error" in r:
             print(f"{name:>26}: {r['error']}")
@@ -278,8 +301,15 @@ def main() -> None:
         speed.append(r)
     versus = []
     if args.baseline is not None:
-        versus = against_baseline(args.baseline, args.repeats, seq_len=args.seq_len, batch=args.batch,
-                                  steps=args.steps, device=device, threads=threads)  # fmt: skip
+        versus = against_baseline(
+            args.baseline,
+            args.repeats,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            steps=args.steps,
+            device=device,
+            threads=threads,
+        )
     base = speed[0].get("tokens_per_sec")
     for r in speed:
         r["ratio_to_transformer"] = r["tokens_per_sec"] / base if base and "tokens_per_sec" in r else None
@@ -310,16 +340,24 @@ def main() -> None:
         )
     lines += ["", f"**{goal_line}**"]
     if versus:
-        lines += ["", f"## This tree against revision {versus[0]['baseline']} (`--baseline`)", "",
-                  f"Each HOPE row timed {args.repeats} times on each tree, alternating, each time in a fresh process "
-                  f"({args.steps} timed steps after 1 warm-up); medians of those runs.", "",
-                  "| row | this tree tokens/s (runs) | baseline tokens/s (runs) | this / baseline | peak GiB this / "
-                  "baseline |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## This tree against revision {versus[0]['baseline']} (`--baseline`)",
+            "",
+            f"Each HOPE row timed {args.repeats} times on each tree, alternating, each time in a fresh process "
+            f"({args.steps} timed steps after 1 warm-up); medians of those runs.",
+            "",
+            "| row | this tree tokens/s (runs) | baseline tokens/s (runs) | this / baseline | peak GiB this / "
+            "baseline |",
+            "|---|---|---|---|---|",
+        ]
         for r in versus:
             runs = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
-            lines.append(f"| {r['row']} | {r['this_tokens_per_sec']:,.0f} ({runs(r['this_runs'])}) | "
-                         f"{r['baseline_tokens_per_sec']:,.0f} ({runs(r['baseline_runs'])}) | {r['ratio']:.3f}x | "
-                         f"{r['this_peak_gib']:.2f} / {r['baseline_peak_gib']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {r['row']} | {r['this_tokens_per_sec']:,.0f} ({runs(r['this_runs'])}) | "
+                f"{r['baseline_tokens_per_sec']:,.0f} ({runs(r['baseline_runs'])}) | {r['ratio']:.3f}x | "
+                f"{r['this_peak_gib']:.2f} / {r['baseline_peak_gib']:.2f} |"
+            )
     if "gflop_per_step" in hope and "gflop_per_step" in speed[0]:
         bound = speed[0]["gflop_per_step"] / hope["gflop_per_step"]
         efficiency = hope["gflop_per_sec"] / speed[0]["gflop_per_sec"]
@@ -338,8 +376,16 @@ def main() -> None:
     scale_steps, scale_warmup = (args.scale_steps or 1, 0) if cpu else (args.scale_steps or 3, 1)
     if not args.skip_scale:
         for learning in (True, False):
-            r = in_child(scale_row, learning, n_layers=scale_layers, seq_len=scale_len, steps=scale_steps,
-                         warmup=scale_warmup, device=device, threads=threads)  # fmt: skip
+            r = in_child(
+                scale_row,
+                learning,
+                n_layers=scale_layers,
+                seq_len=scale_len,
+                steps=scale_steps,
+                warmup=scale_warmup,
+                device=device,
+                threads=threads,
+            )
             kind = "learning" if learning else "frozen"
             r = {"row": f"HOPE {SCALE_PRESET} widths, {scale_layers} layers ({kind})", "learning": learning, **r}
             if "error" in r:
@@ -419,7 +465,7 @@ def main() -> None:
             "vocab": SCALE_VOCAB,
             "steps": scale_steps,
             "warmup": scale_warmup,
-        },  # fmt: skip
+        },
     }
     rows = [{"table": "speed", **r} for r in speed] + [{"table": "scale", **r} for r in scale]
     rows += [{"table": "baseline", **r} for r in versus]

@@ -106,8 +106,9 @@ def counting_triton_calls(device: str):
             setattr(module, fn, real)
 
 
-def bench_one(name: str, preset: str, *, seq_len: int, batch: int, steps: int, vocab: int, device: str,
-              compile_model: bool) -> dict:  # fmt: skip
+def bench_one(
+    name: str, preset: str, *, seq_len: int, batch: int, steps: int, vocab: int, device: str, compile_model: bool
+) -> dict:
     torch.manual_seed(0)
     cfg = registry.model_config(name, preset, vocab_size=vocab)
     model = registry.build_model(cfg).to(device)
@@ -149,8 +150,10 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         if r.get("oom") or r.get("error"):
-            lines.append(f"| {r['family']} | {r['preset']} | | {r['seq_len']}x{r['batch']} | {r['compile']} | | "
-                         f"{r.get('error', 'out of memory')} | | | |")  # fmt: skip
+            lines.append(
+                f"| {r['family']} | {r['preset']} | | {r['seq_len']}x{r['batch']} | {r['compile']} | | "
+                f"{r.get('error', 'out of memory')} | | | |"
+            )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         lines.append(
@@ -168,21 +171,28 @@ def ratio_note(rows: list[dict]) -> str:
     eager = [r for r in rows if "tokens_per_sec" in r and not r["compile"]]
     top = max((r["batch"] * r["seq_len"] for r in eager), default=0)
     groups = {
-        "equal tokens per step": {(r["family"], r["seq_len"]): r["tokens_per_sec"] for r in eager
-                                  if r["batch"] * r["seq_len"] == top},
+        "equal tokens per step": {
+            (r["family"], r["seq_len"]): r["tokens_per_sec"] for r in eager if r["batch"] * r["seq_len"] == top
+        },
         "batch 1": {(r["family"], r["seq_len"]): r["tokens_per_sec"] for r in eager if r["batch"] == 1},
-    }  # fmt: skip
+    }
     fast = groups["equal tokens per step"]
-    parts = [f"T={t}: {fast['hope', t] / fast['transformer', t]:.0%}" for (f, t) in sorted(fast)
-             if f == "transformer" and ("hope", t) in fast]  # fmt: skip
+    parts = [
+        f"T={t}: {fast['hope', t] / fast['transformer', t]:.0%}"
+        for (f, t) in sorted(fast)
+        if f == "transformer" and ("hope", t) in fast
+    ]
     lines = ["HOPE / Transformer++ tokens/s (eager): " + ", ".join(parts)] if parts else []
     for label, group in groups.items():
         lengths = sorted({t for _, t in group})
         if len(lengths) < 2:
             continue
         lo, hi = lengths[0], lengths[-1]
-        scaling = [f"{f} {group[f, hi] / group[f, lo]:.2f}" for f in dict.fromkeys(f for f, _ in group)
-                   if (f, lo) in group and (f, hi) in group]  # fmt: skip
+        scaling = [
+            f"{f} {group[f, hi] / group[f, lo]:.2f}"
+            for f in dict.fromkeys(f for f, _ in group)
+            if (f, lo) in group and (f, hi) in group
+        ]
         if scaling:
             lines.append(f"tokens/s at T={hi} / at T={lo}, {label} (eager): " + ", ".join(scaling))
     return "\n\n".join(lines)
@@ -229,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if case_key(row) in done:
             continue
         case = f"{family:>16} T={seq_len:<5} x{batch:<3} compile={compiled!s:<5}"
-        kwargs = dict(seq_len=seq_len, batch=batch, steps=args.steps, vocab=args.vocab, device=device,
-                      compile_model=compiled)  # fmt: skip
+        kwargs = dict(
+            seq_len=seq_len, batch=batch, steps=args.steps, vocab=args.vocab, device=device, compile_model=compiled
+        )
         try:
             if gpu or args.in_process:
                 row |= bench_one(family, args.preset, **kwargs)
@@ -248,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["mfu"] = row["tokens_per_sec"] * row["flops_per_token"] / (peak * 1e12)
             print(f"{case}: {row['tokens_per_sec']:>10,.0f} tokens/s  {row['peak_mem_gib']:6.2f} GiB")
         rows.append(row)
-        meta = {"preset": args.preset, "tokens_per_step": args.tokens_per_step, "peak_bf16_tflops": peak,
-                "dtype": "bf16 autocast" if gpu else "fp32"}  # fmt: skip
+        meta = {
+            "preset": args.preset,
+            "tokens_per_step": args.tokens_per_step,
+            "peak_bf16_tflops": peak,
+            "dtype": "bf16 autocast" if gpu else "fp32",
+        }
         write_results(name, device_name, meta, rows, table(rows), ratio_note(rows), args.out)  # resumable
     return 0
 

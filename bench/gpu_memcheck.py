@@ -54,8 +54,9 @@ def main() -> None:
     init = [(torch.randn(H, a, b, device=dev) * 0.05).requires_grad_() for a, b in zip(dims, dims[1:])]
     if args.op == "titans":
         state = initial_memory_state(init, B)
-        y, _ = titans_memory(q, k, v, *gates, state, chunk_size=args.chunk, activation="gelu", max_grad_norm=1.0,
-                             backend="triton")  # fmt: skip
+        y, _ = titans_memory(
+            q, k, v, *gates, state, chunk_size=args.chunk, activation="gelu", max_grad_norm=1.0, backend="triton"
+        )
     else:
         from kernels.self_modifying.autograd import triton_main_memory
 
@@ -64,9 +65,20 @@ def main() -> None:
         beta = torch.full((B, 1, H), 0.5, device=dev)
         w = [x.expand(B, 1, *x.shape) for x in init]
         y, *_ = triton_main_memory(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), eta, keep, beta, w, [torch.zeros_like(x) for x in w],
-            chunk_size=args.chunk, dgd=True, activation="gelu", max_grad_norm=None, dot_dtype=dtype,
-        )  # fmt: skip
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            eta,
+            keep,
+            beta,
+            w,
+            [torch.zeros_like(x) for x in w],
+            chunk_size=args.chunk,
+            dgd=True,
+            activation="gelu",
+            max_grad_norm=None,
+            dot_dtype=dtype,
+        )
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"{args.op} forward ok: {vars(args)}", flush=True)

@@ -43,8 +43,11 @@ KEEP_IF_WORSE = 0.02  # a rail stays if removing it worsens the val loss by more
 def _hope(eta_max: float, clip: float | None, momentum: float) -> tuple[str, str, list[str]]:
     """A HOPE row with its three rails set explicitly (the recipe's defaults may move)."""
     name = f"hope: eta_max {eta_max}, {'no clip' if clip is None else f'clip {clip}'}, momentum {momentum}"
-    keys = [f"model.eta_max={eta_max}", f"model.memory_max_grad_norm={'null' if clip is None else clip}",
-            f"model.memory_momentum_init={momentum}"]  # fmt: skip
+    keys = [
+        f"model.eta_max={eta_max}",
+        f"model.memory_max_grad_norm={'null' if clip is None else clip}",
+        f"model.memory_momentum_init={momentum}",
+    ]
     return name, "hope", keys
 
 
@@ -66,10 +69,21 @@ def train_row(name: str, family: str, overrides: list[str], *, steps: int, work:
     peak resident set comes from wait4."""
     out = work / name.replace(" ", "_").replace(",", "").replace(":", "")
     out.mkdir(parents=True)
-    args = [sys.executable, "-m", "nlplatform", "train", str(code / "recipes" / family / "tiny.yaml"), *overrides,
-            f"trainer.max_steps={steps}", "data.batch_size=8", "data.seq_len=256", "trainer.enable_progress_bar=false",
-            f"output_dir={out / 'runs'}", f"tracking.tracking_uri=sqlite:///{out / 'mlruns.db'}",
-            "tracking.experiment=rails"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "nlplatform",
+        "train",
+        str(code / "recipes" / family / "tiny.yaml"),
+        *overrides,
+        f"trainer.max_steps={steps}",
+        "data.batch_size=8",
+        "data.seq_len=256",
+        "trainer.enable_progress_bar=false",
+        f"output_dir={out / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{out / 'mlruns.db'}",
+        "tracking.experiment=rails",
+    ]
     env = {
         "NLPLATFORM_CACHE": str(ROOT / ".cache" / "nlplatform"),
         "HF_DATASETS_OFFLINE": "1",
@@ -82,8 +96,14 @@ def train_row(name: str, family: str, overrides: list[str], *, steps: int, work:
     with open(out / "stdout", "w") as so, open(out / "stderr", "w") as se:
         proc = subprocess.Popen(args, cwd=out, env=env, stdout=so, stderr=se)
         _, status, usage = os.wait4(proc.pid, 0)
-    row = {"row": name, "family": family, "overrides": overrides, "wall_s": time.time() - t0,
-           "peak_rss_gib": usage.ru_maxrss / 2**20, "exit_code": os.waitstatus_to_exitcode(status)}  # fmt: skip
+    row = {
+        "row": name,
+        "family": family,
+        "overrides": overrides,
+        "wall_s": time.time() - t0,
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+        "exit_code": os.waitstatus_to_exitcode(status),
+    }
     lines = (out / "stdout").read_text().strip().splitlines()
     summary = Path(lines[-1]) / "summary.json" if lines else None
     if row["exit_code"] != 0 or summary is None or not summary.is_file():
@@ -117,11 +137,22 @@ def verdicts(rows: list[dict]) -> list[str]:
         return None if r is None or "error" in r or r.get("val_loss") is None else r["val_loss"]
 
     pairs = [  # (rail, row with the rail, row without it)
-        ("inner-gradient clip 1.0", "hope: eta_max 0.3, clip 1.0, momentum 0.5", "hope: eta_max 0.3, no clip, momentum 0.5"),
-        ("eta_max 0.1 (against 0.3)", "hope: eta_max 0.1, no clip, momentum 0.5", "hope: eta_max 0.3, no clip, momentum 0.5"),
-        ("momentum starting at 0.5 (against 0.9)", "hope: eta_max 0.3, no clip, momentum 0.5",
-         "hope: eta_max 0.3, no clip, momentum 0.9"),
-    ]  # fmt: skip
+        (
+            "inner-gradient clip 1.0",
+            "hope: eta_max 0.3, clip 1.0, momentum 0.5",
+            "hope: eta_max 0.3, no clip, momentum 0.5",
+        ),
+        (
+            "eta_max 0.1 (against 0.3)",
+            "hope: eta_max 0.1, no clip, momentum 0.5",
+            "hope: eta_max 0.3, no clip, momentum 0.5",
+        ),
+        (
+            "momentum starting at 0.5 (against 0.9)",
+            "hope: eta_max 0.3, no clip, momentum 0.5",
+            "hope: eta_max 0.3, no clip, momentum 0.9",
+        ),
+    ]
     out = []
     for rail, on, off in pairs:
         if on not in by or off not in by:  # --rows left one of the pair out: nothing to say about this rail
@@ -129,13 +160,17 @@ def verdicts(rows: list[dict]) -> list[str]:
         a, b = loss(on), loss(off)
         if a is None or b is None:
             failed = off if b is None else on
-            out.append(f"- {rail}: {failed!r} did not finish ({by.get(failed, {}).get('error', 'not run')})"
-                       + (" -> keep it (removing it diverges)" if b is None and a is not None else ""))  # fmt: skip
+            out.append(
+                f"- {rail}: {failed!r} did not finish ({by.get(failed, {}).get('error', 'not run')})"
+                + (" -> keep it (removing it diverges)" if b is None and a is not None else "")
+            )
             continue
         worse = (b - a) / a
         keep = worse > KEEP_IF_WORSE
-        out.append(f"- {rail}: val loss {a:.4f} with it, {b:.4f} without ({100 * worse:+.1f}%) -> "
-                   + ("keep it" if keep else "drop it"))  # fmt: skip
+        out.append(
+            f"- {rail}: val loss {a:.4f} with it, {b:.4f} without ({100 * worse:+.1f}%) -> "
+            + ("keep it" if keep else "drop it")
+        )
     return out
 
 
@@ -143,8 +178,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rows", default=None, help="row names separated by ';' (default: all)")
-    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another revision: its default "
-                        "tiny HOPE trains as one more row")  # fmt: skip
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of another revision: its default tiny HOPE trains as one more row",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="run the list this many times, round-robin")
     parser.add_argument("--name", default="hope-rails", help="the results files' name")
     args = parser.parse_args()
@@ -154,8 +193,9 @@ def main() -> None:
     chosen = ROWS if args.rows is None else [r for r in ROWS if r[0] in args.rows.split(";")]
     runs = [(name, family, overrides, ROOT) for name, family, overrides in chosen]
     if args.baseline is not None:
-        rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()  # fmt: skip
+        rev = subprocess.run(
+            ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         runs.insert(0, (f"hope at {rev}: eta_max 0.1, clip 1.0, momentum 0.5", "hope", [], args.baseline.resolve()))
     done: dict[str, list[dict]] = {name: [] for name, *_ in runs}
     with tempfile.TemporaryDirectory(prefix="hope-rails-") as tmp:
@@ -163,8 +203,9 @@ def main() -> None:
             for name, family, overrides, code in runs:
                 r = train_row(name, family, overrides, steps=args.steps, work=Path(tmp) / str(repeat), code=code)
                 done[name].append(r)
-                shown = r.get("error") or (f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f}), "
-                                           f"{r['tokens_per_sec']:,.0f} tokens/s")  # fmt: skip
+                shown = r.get("error") or (
+                    f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f}), {r['tokens_per_sec']:,.0f} tokens/s"
+                )
                 print(f"{name:>48}: {shown}, {r['wall_s']:.0f} s, peak {r['peak_rss_gib']:.2f} GiB", flush=True)
     rows = [merged(results) for results in done.values()]
     table = [
@@ -175,25 +216,45 @@ def main() -> None:
     ]
     for r in rows:
         if "error" in r:
-            table.append(f"| {r['row']} | diverged or failed: {r['error']} | | | | | {r['wall_s']:.0f} | "
-                         f"{r['peak_rss_gib']:.2f} |")  # fmt: skip
+            table.append(
+                f"| {r['row']} | diverged or failed: {r['error']} | | | | | {r['wall_s']:.0f} | "
+                f"{r['peak_rss_gib']:.2f} |"
+            )
             continue
         runs = r.get("tokens_per_sec_runs", [])
         speed = f"{r['tokens_per_sec']:,.0f}" + (f" ({', '.join(f'{x:,.0f}' for x in runs)})" if len(runs) > 1 else "")
-        table.append(f"| {r['row']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['unigram_ppl']:.2f} | "
-                     f"{r['train_loss']:.4f} | {speed} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} |")  # fmt: skip
+        table.append(
+            f"| {r['row']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['unigram_ppl']:.2f} | "
+            f"{r['train_loss']:.4f} | {speed} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} |"
+        )
     rails = verdicts(rows)
     if rails:
-        table += ["", f"Rails (kept only if removing one diverges or worsens the val loss by more than "
-                  f"{100 * KEEP_IF_WORSE:.0f}%):", "", *rails]  # fmt: skip
-    note = ("Each row is one `nlplatform train` run in a fresh process, one after another"
-            + (f", the whole list {args.repeats} times round-robin (tokens/s and wall s: medians)" if args.repeats > 1
-               else "")
-            + "; tokens/s is the run's own training throughput (summary.json), peak RSS the process's (wait4). Same "
-            "seed and data order for every row. The CPU is a shared 2-core machine: read tokens/s within one run of "
-            "this script.")  # fmt: skip
-    meta = {"steps": args.steps, "batch": 8, "seq_len": 256, "threads": torch.get_num_threads(),
-            "keep_if_worse": KEEP_IF_WORSE, "repeats": args.repeats}  # fmt: skip
+        table += [
+            "",
+            f"Rails (kept only if removing one diverges or worsens the val loss by more than "
+            f"{100 * KEEP_IF_WORSE:.0f}%):",
+            "",
+            *rails,
+        ]
+    note = (
+        "Each row is one `nlplatform train` run in a fresh process, one after another"
+        + (
+            f", the whole list {args.repeats} times round-robin (tokens/s and wall s: medians)"
+            if args.repeats > 1
+            else ""
+        )
+        + "; tokens/s is the run's own training throughput (summary.json), peak RSS the process's (wait4). Same "
+        "seed and data order for every row. The CPU is a shared 2-core machine: read tokens/s within one run of "
+        "this script."
+    )
+    meta = {
+        "steps": args.steps,
+        "batch": 8,
+        "seq_len": 256,
+        "threads": torch.get_num_threads(),
+        "keep_if_worse": KEEP_IF_WORSE,
+        "repeats": args.repeats,
+    }
     write_results(args.name, label, meta, rows, table, note)
 
 

@@ -39,6 +39,7 @@ def _run(bench, out: Path, families: str) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_cases_run_in_priority_order_and_a_second_call_resumes(bench, tmp_path):
     first = _run(bench, tmp_path, "deltanet,transformer")
     # the middle length first, Transformer++ before the others; batch keeps tokens per step at 64

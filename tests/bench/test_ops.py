@@ -27,6 +27,7 @@ def no_peer(monkeypatch):
     monkeypatch.setattr(titans_memory, "peer_version", lambda: (None, "not installed (test)"))
 
 
+@pytest.mark.slow
 def test_a_cpu_run_times_the_pytorch_contestants_of_both_ops_each_in_its_own_file(tmp_path, no_peer):
     assert ops.main([*TINY, "--out", str(tmp_path)]) == 0
     memory, table = _results(tmp_path, "kernels_titans_memory")
@@ -62,6 +63,7 @@ def test_a_cpu_run_times_the_pytorch_contestants_of_both_ops_each_in_its_own_fil
     assert "| 1x16x1x8 | ungated | fwd | - | " in table and f" | - | {delta_rule.fmt_ms(sdpa_fwd)} | - |" in table
 
 
+@pytest.mark.slow
 def test_ops_picks_which_files_are_written_and_bad_options_exit_2(tmp_path, no_peer):
     assert ops.main([*TINY, "--ops", "titans_memory", "--out", str(tmp_path)]) == 0
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["kernels_titans_memory"] * 2
@@ -84,6 +86,7 @@ class PeerStandIn(torch.nn.Module):
         return self.layer(x), None
 
 
+@pytest.mark.slow
 def test_titans_memory_gpu_columns_become_ratios_or_error_rows(tmp_path, monkeypatch):
     """Where a GPU runs all three contestants. Stand-ins keep it quick and independent of the Triton kernel and of
     titans-pytorch: "triton" runs the reference on the depth-2 memory and runs out of memory on the depth-1 one
@@ -119,6 +122,7 @@ def test_titans_memory_gpu_columns_become_ratios_or_error_rows(tmp_path, monkeyp
     assert "titans-pytorch stand-in is NeuralMemory" in table and memory["meta"]["errors"] == 3
 
 
+@pytest.mark.slow
 def test_the_titans_pytorch_peer_runs_every_pass(tmp_path):
     """The real peer, where it is installed: its forward, backward and AdamW step at two heads (its per-head initial
     weights are a stride-0 view until the benchmark gives each head its own copy)."""
@@ -131,6 +135,7 @@ def test_the_titans_pytorch_peer_runs_every_pass(tmp_path):
     assert memory["meta"]["titans_pytorch_version"]
 
 
+@pytest.mark.slow
 def test_delta_rule_gpu_columns_become_ratios_or_error_rows(tmp_path, monkeypatch):
     """Stand-ins for the GPU contestants: "triton" runs the reference on the gated variant and runs out of memory on
     the ungated one; "fla" is the reference behind fla's keyword interface (with its head_first flag)."""

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS = 10  # six delta-rule kernels, the Titans memory's forward and backward as Titans and as HOPE run them
 
 
+@pytest.mark.slow
 def test_every_kernel_builds_for_sm90_and_reports_its_registers_within_an_h100s_shared_memory(tmp_path):
     """``python -m kernels.tools.build --quick`` compiles the ten kernel variants with Triton's bundled ptxas and
     reads their resources; the quick form writes no results files."""
