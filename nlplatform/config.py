@@ -102,7 +102,7 @@ class OptimConfig:
     # also what a recipe's rate becomes when the command line switches to another optimizer (``recipe.py``)
     lr: float | None = None
     weight_decay: float = 0.1  # decoupled decay on matrices only (never on norms, biases or embeddings)
-    beta1: float = 0.9  # first-moment decay (the momentum level of Adam, spec §1.4)
+    beta1: float = 0.9  # first-moment decay (the momentum level of Adam, Nested Learning arXiv App. B)
     beta2: float = 0.95  # second-moment decay; 0.95 is the usual LM-pretraining choice
     eps: float = 1e-8
     warmup_steps: int = 50  # linear warm-up from 0 to lr, in optimizer steps

@@ -1,10 +1,10 @@
-"""Levels: the platform's spine (Nested Learning, spec §2).
+"""Levels: the platform's spine (Nested Learning arXiv §3.2-3.3).
 
 A model is a set of nested optimisation problems, each updated at its own frequency. Every model declares its
 levels through ``model.levels()``; a level is a group of parameters or fast state with
 
 - ``chunk_size`` C, in tokens: how many tokens it sees between two of its updates, and its only frequency setting.
-  The frequency shown is derived as in the paper (spec §2, CMS §7.1): ``f = C_max / C`` within a model, so the
+  The frequency shown is derived as in the paper (arXiv §3.2-3.3, CMS §7.1): ``f = C_max / C`` within a model, so the
   slowest level has f = 1.
 - ``scope``: ``in_context`` levels hold fast state updated inside ``forward`` and reset at every training window
   (C < data.seq_len); ``persistent`` levels are module parameters updated by the outer optimizer.
@@ -63,7 +63,7 @@ def resolved_chunk(level: Level, tokens_per_step: int) -> int:
 
 
 def frequencies(levels: Sequence[Level], tokens_per_step: int) -> dict[str, float]:
-    """``f = C_max / C`` for every level (spec §2): the slowest level has frequency 1."""
+    """``f = C_max / C`` for every level (arXiv §3.2-3.3): the slowest level has frequency 1."""
     chunks = {lv.name: resolved_chunk(lv, tokens_per_step) for lv in levels}
     c_max = max(chunks.values())
     return {name: c_max / c for name, c in chunks.items()}

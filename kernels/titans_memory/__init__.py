@@ -1,5 +1,5 @@
 """The Titans neural long-term memory: a deep MLP memory trained online, token by token, by gradient descent with
-momentum and forgetting (Titans Eq. 13-15; spec §5.1), in its chunkwise-parallel form.
+momentum and forgetting (Titans §3.1, Eq. 13-15), in its chunkwise-parallel form.
 
 ``titans_memory`` is the public op; ``reference`` holds the token-by-token rule with autograd gradients (the ground
 truth) and the chunkwise form it runs. The math is in README.md beside this file.

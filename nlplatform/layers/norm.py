@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """``RMSNorm(x) * silu(gate)``, in fp32: the output gate of Gated DeltaNet (applied per head, spec §6.3)."""
+    """``RMSNorm(x) * silu(gate)``, in fp32: the output gate of Gated DeltaNet (per head; Gated DeltaNet
+    Fig. 1)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         y = self.normed_fp32(x)

@@ -1,16 +1,16 @@
-"""DeltaNet and Gated DeltaNet (spec §6): linear-attention memories trained online by the delta rule.
+"""DeltaNet and Gated DeltaNet (Yang et al., 2024 and 2025): linear-attention memories trained online by the delta rule.
 
 Each layer keeps, per head, a matrix memory ``S`` [K, V]. At every token it takes one gradient step of size
 ``beta_t`` on ``||S^T k_t - v_t||^2`` (DeltaNet); Gated DeltaNet first decays the memory by a data-dependent
 ``alpha_t = exp(g_t)`` with Mamba2's parameterisation. Read-out: ``o_t = S_t^T q_t``. In Nested Learning terms
-(spec §1.6) the memory is an in-context level updated at every token (chunk 1), nested inside the persistent level
-of the weights that produce q, k, v, beta and alpha. ``model.chunk_size`` is only the tiling of the exact chunkwise
-algorithm in ``kernels.delta_rule``: a speed setting that does not change the model.
+(Nested Learning arXiv §5) the memory is an in-context level updated at every token (chunk 1), nested inside the
+persistent level of the weights that produce q, k, v, beta and alpha. ``model.chunk_size`` is only the tiling of the
+exact chunkwise algorithm in ``kernels.delta_rule``: a speed setting that does not change the model.
 
-Layer (spec §6.3, FLA's DeltaNet / GatedDeltaNet layers): q, k, v projections -> causal short conv (width 4) ->
-SiLU -> L2-normalised q and k; beta = sigmoid(W_b x) (x2 with negative eigenvalues allowed); the delta rule per head;
-per-head RMSNorm of the output (times silu(W_g x) with the output gate, Gated DeltaNet's default); output
-projection. Blocks are Llama-style: ``x + mixer(norm(x))``, ``x + swiglu(norm(x))``.
+Layer (Gated DeltaNet Fig. 1, FLA's DeltaNet / GatedDeltaNet layers): q, k, v projections -> causal short conv (width 4)
+-> SiLU -> L2-normalised q and k; beta = sigmoid(W_b x) (x2 with negative eigenvalues allowed); the delta rule per head;
+per-head RMSNorm of the output (times silu(W_g x) with the output gate, Gated DeltaNet's default); output projection.
+Blocks are Llama-style: ``x + mixer(norm(x))``, ``x + swiglu(norm(x))``.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class DeltaNetMixer(nn.Module):
         if self.conv is not None:
             self.conv.reset_parameters()
         self.o_norm.reset_parameters()
-        if self.cfg.gated:  # Mamba2's decay init (spec §6.1); no weight decay on either (1-d parameters)
+        if self.cfg.gated:  # Mamba2's decay init (Gated DeltaNet §2); no weight decay on either (1-d parameters)
             cfg = self.cfg
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, cfg.a_init_max).log())
             log_dt = torch.rand_like(self.dt_bias) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))

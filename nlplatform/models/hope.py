@@ -1,7 +1,7 @@
 """HOPE (arXiv §8.3, Eq. 94-97): self-modifying Titans followed by a Continuum Memory System, and Hope-Attention.
 
-Block (pre-norm, spec §10): ``x + mixer(norm(x))`` then the CMS chain ``x + MLP_l(norm_l(x))`` per level
-(``nlplatform.layers.cms``). The mixer is
+Block (pre-norm, the Titans / Transformer++ layout; the paper gives no HOPE block diagram): ``x + mixer(norm(x))`` then
+the CMS chain ``x + MLP_l(norm_l(x))`` per level (``nlplatform.layers.cms``). The mixer is
 
 - ``hope``: **self-modifying Titans** (Eq. 83-93; ``kernels.self_modifying``). Per head, residual 2-layer MLP
   memories ``M_k, M_v, M_eta, M_alpha`` generate the keys, values, inner learning rate and retention from the
@@ -52,8 +52,8 @@ VARIANTS = ("hope", "attention")
 
 @dataclass
 class HopeConfig(DecoderConfig):
-    """Sizes and switches of a HOPE model; the defaults are the ``tiny`` preset's. Paper gaps (spec §9) are filled
-    with the defaults listed in docs/PAPER_COMPLIANCE.md."""
+    """Sizes and switches of a HOPE model; the defaults are the ``tiny`` preset's. What the paper leaves open is
+    filled with the defaults listed in docs/PAPER_COMPLIANCE.md."""
 
     variant: str = "hope"  # hope (self-modifying Titans -> CMS) | attention (Hope-Attention: softmax attention -> CMS)
     n_heads: int = 4  # heads of the self-modifying memories (and of attention in Hope-Attention)
@@ -604,7 +604,7 @@ class Hope(DecoderLM):
 
 
 # Tiny: 4 layers of 256 (per head residual memories 64 -> 64 -> 64). Paper sizes follow Titans' presets (the paper
-# gives no HOPE architecture, spec §9): CMS in-context at 512 tokens, persistent levels at 1M and 16M tokens (the
+# gives no HOPE architecture): CMS in-context at 512 tokens, persistent levels at 1M and 16M tokens (the
 # backbone figure's frequencies), memory chunks 16 and 64, a 4K window.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=256, n_layers=4, n_heads=4),

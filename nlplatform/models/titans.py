@@ -1,4 +1,5 @@
-"""Titans (spec §5): a neural long-term memory, a deep MLP trained online inside the forward pass, in four variants.
+"""Titans (Titans: Learning to Memorize at Test Time, §3-4): a neural long-term memory, a deep MLP trained online inside
+the forward pass, in four variants.
 
 The memory (``kernels.titans_memory``; Titans Eq. 13-18): per head an MLP ``M`` without biases, depth
 ``memory_depth`` (1 = a linear matrix memory), written at every token by one step of gradient descent with momentum
@@ -426,7 +427,7 @@ class Titans(DecoderLM):
 
 
 # Tiny: 4 layers of 256 like the other families (memory MLPs of 64 -> 256 -> 64 per head). Paper sizes follow the
-# Transformer++ widths and depths (Titans' own layer counts are not published, spec §5.3).
+# Transformer++ widths and depths (Titans' own layer counts are not published: Titans §5.1 gives sizes only).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=256, n_layers=4, n_heads=4),
     "340m": dict(d_model=1024, n_layers=20, n_heads=8, attn_heads=16, window=512, memory_chunk_size=64),

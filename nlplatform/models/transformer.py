@@ -1,4 +1,4 @@
-"""Transformer++: the Llama-style attention baseline (spec §6.5).
+"""Transformer++: the Llama-style attention baseline of the Titans and Gated DeltaNet papers.
 
 Pre-norm blocks ``x + attn(norm(x))``, ``x + swiglu(norm(x))`` with RMSNorm, rotary position embeddings, no biases,
 causal SDPA attention (optionally grouped-query), a final RMSNorm and an LM head, optionally tied to the token

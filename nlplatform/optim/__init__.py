@@ -2,9 +2,11 @@
 
 - ``adamw``: torch's AdamW (the default).
 - ``momentum``: generalised momentum, ``m <- alpha m - lr P(g)`` (``optim.precondition``: none or adam), and
-  ``delta_momentum``: its L2-regression form with a gradient-dependent decay (``momentum.py``; spec §1.2-1.3).
-- ``dmgd``: Deep Momentum GD, a learned MLP memory per tensor whose output is the update (``dmgd.py``; spec §1.3).
-- ``muon``: torch's Muon; ``m3``: Multi-scale Momentum Muon (``muon.py``; spec §1.3, §3.3 Alg. 1).
+  ``delta_momentum``: its L2-regression form with a gradient-dependent decay (``momentum.py``; Nested Learning arXiv
+  §4.2-4.4).
+- ``dmgd``: Deep Momentum GD, a learned MLP memory per tensor whose output is the update (``dmgd.py``; arXiv
+  §4.4, Eq. 50).
+- ``muon``: torch's Muon; ``m3``: Multi-scale Momentum Muon (``muon.py``; arXiv §4.4, §7.2 Alg. 1).
 
 Parameter rule: the orthogonalising optimizers (muon, m3) take the 2-D hidden matrices only; embeddings, the output
 head, norms and biases go to AdamW with the same learning rate and schedule. The others take every parameter.

@@ -1,5 +1,5 @@
-"""Deep Momentum Gradient Descent, DMGD (spec §1.3; arXiv Eq. 50, NeurIPS Eq. 23): the momentum is a learned MLP
-memory of the gradient stream, and its output is the update.
+"""Deep Momentum Gradient Descent, DMGD (Nested Learning arXiv §4.4, Eq. 50; NeurIPS Eq. 23): the momentum is a learned
+MLP memory of the gradient stream, and its output is the update.
 
 The paper gives the form ``W <- W + m(u)``, ``m <- alpha m - eta grad L2(m; u)`` with ``u`` the gradient, and leaves
 the memory's architecture and inner objective open. The platform's choice, per parameter tensor:

@@ -1,4 +1,4 @@
-"""Momentum as an associative memory of gradients (spec §1.2-1.3; arXiv §4.2-4.4, Eq. 33, 46-49).
+"""Momentum as an associative memory of gradients (Nested Learning arXiv §4.2-4.4, Eq. 33, 46-49).
 
 Momentum is a memory one level below the weights: it compresses the gradient stream, and the weights read it.
 
@@ -8,7 +8,7 @@ Momentum is a memory one level below the weights: it compresses the gradient str
 
   ``alpha`` is the memory's forget gate. ``P`` is the value the memory associates with each gradient: the identity
   (plain heavy-ball momentum, the paper's dot-product memory) or Adam's diagonal second-moment preconditioner
-  ``P(g) = g / (sqrt(v_hat) + eps)`` with ``v <- beta2 v + (1 - beta2) g^2`` (spec §1.4: Adam's moments as optimal
+  ``P(g) = g / (sqrt(v_hat) + eps)`` with ``v <- beta2 v + (1 - beta2) g^2`` (arXiv App. B: Adam's moments as optimal
   element-wise memories).
 
 - **Delta momentum**, arXiv Eq. 48-49: the dot-product objective replaced by an L2 regression, whose gradient step
@@ -17,7 +17,7 @@ Momentum is a memory one level below the weights: it compresses the gradient str
       m <- m (alpha I - decay_lr * g_hat^T g_hat) - lr * P(g)
 
   The printed equations have no step size on the decay term; a literal gradient step on the L2 objective has one
-  (spec §1.3), so it is explicit here as ``decay_lr``. ``g_hat = g / ||g||_F`` by default (``normalize=True``): then
+  (arXiv §4.4), so it is explicit here as ``decay_lr``. ``g_hat = g / ||g||_F`` by default (``normalize=True``): then
   the eigenvalues of ``g_hat^T g_hat`` lie in [0, 1] and the decay factor stays within [alpha - decay_lr, alpha],
   inside [0, 1) whenever 0 <= decay_lr <= alpha < 1. Matrices are read as ``[rows, -1]``; for a vector or scalar
   ``g_hat^T g_hat`` is the number ``||g_hat||^2``.

@@ -1,5 +1,5 @@
-"""Orthogonalising optimizers: Muon (torch's) and Multi-scale Momentum Muon, M3 (spec §1.3, §3.3; arXiv Eq. 42-44,
-Alg. 1).
+"""Orthogonalising optimizers: Muon (torch's) and Multi-scale Momentum Muon, M3 (Nested Learning arXiv §4.4, §7.2; Eq.
+42-44, Alg. 1).
 
 Muon is momentum with a non-linear read-out (arXiv Eq. 52): ``W <- W - lr * NewtonSchulz(m)``. The platform uses
 ``torch.optim.Muon`` itself, with ``adjust_lr_fn="match_rms_adamw"`` so that an AdamW learning rate carries over.

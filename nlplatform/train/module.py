@@ -3,7 +3,7 @@
 It owns the next-token loss, the metrics, the optimizer with its schedule, and the outer loop of the nested levels:
 Lightning keeps its automatic optimization (so gradient accumulation, clipping and data-parallel all-reduce work as
 usual) and ``on_before_optimizer_step`` hands the finished gradients to the ``LevelScheduler``, which holds back the
-gradients of persistent levels that are not due yet (spec §2, arXiv Eq. 71).
+gradients of persistent levels that are not due yet (Nested Learning arXiv §3.2-3.3, Eq. 71).
 """
 
 from __future__ import annotations

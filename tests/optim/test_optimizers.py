@@ -51,7 +51,8 @@ def test_momentum_first_two_steps_follow_m_alpha_minus_lr_g():
 
 
 def test_preconditioned_momentum_stores_adams_normalised_gradient_as_its_value():
-    """With precondition=adam, P(g) = g / (sqrt(v_hat) + eps), v = beta2 v + (1 - beta2) g^2 (spec §1.3-1.4)."""
+    """With precondition=adam, P(g) = g / (sqrt(v_hat) + eps), v = beta2 v + (1 - beta2) g^2 (Nested Learning arXiv §4.4
+    and App. B)."""
     lr, a, b2, eps = 0.1, 0.9, 0.95, 1e-8
     w1, w2 = two_steps(GeneralizedMomentum, P0, [G1, G2], lr=lr, momentum=a, precondition="adam", beta2=b2, eps=eps)
     v1 = (1 - b2) * G1**2
@@ -209,7 +210,8 @@ def test_m3_printed_sum_form_follows_algorithm_1_step_by_step():
 
 
 def test_m3_slow_momentum_changes_exactly_every_slow_every_steps():
-    """slow_every=3: the slow momentum is updated at steps 4 and 7 (with the sums of steps 1-3 and 4-6), never between."""
+    """slow_every=3: the slow momentum is updated at steps 4 and 7 (with the sums of steps 1-3 and 4-6), never
+    between."""
     p = torch.nn.Parameter(P0.clone())
     opt = M3([p], lr=0.01, slow_every=3)
     changed, before = [], torch.zeros_like(P0)
@@ -251,8 +253,8 @@ TOY = {  # optimizer -> settings for 200 steps on psi from (-3.5, 2)
 def test_every_optimizer_decreases_the_papers_toy_objective(name):
     """From (r, theta) = (-3.5, 2), held as a 1x2 matrix so the orthogonalising optimizers apply, 200 steps bring
     psi below a tenth of its start (263). Learning rates differ per optimizer (normalised updates need larger
-    ones: muon and m3 step by an orthogonalised, unit-scale direction). For delta momentum the gradient is normalised in the decay, so
-    alpha - decay_lr * g^T g stays in [0.4, 0.9]."""
+    ones: muon and m3 step by an orthogonalised, unit-scale direction). For delta momentum the gradient is normalised in
+    the decay, so alpha - decay_lr * g^T g stays in [0.4, 0.9]."""
     x = torch.nn.Parameter(torch.tensor([[-3.5, 2.0]]))
     cfg = OptimConfig(name=name, weight_decay=0.0, warmup_steps=0, **TOY[name])
     opt = build_optimizer([{"params": [x], "weight_decay": 0.0}], cfg)
