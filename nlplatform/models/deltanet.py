@@ -147,7 +147,7 @@ class DeltaNetMixer(nn.Module):
         if self.conv is not None:
             self.conv.reset_parameters()
         self.o_norm.reset_parameters()
-        if self.cfg.gated:  # Mamba2's decay init (Gated DeltaNet §2); no weight decay on either (1-d parameters)
+        if self.cfg.gated:  # Mamba2's decay init, as in FLA's GatedDeltaNet; no weight decay on either (1-d)
             cfg = self.cfg
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, cfg.a_init_max).log())
             log_dt = torch.rand_like(self.dt_bias) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))

@@ -525,9 +525,10 @@ def test_memory_gates_and_rails_start_as_documented():
 
 
 def test_queries_keys_and_memory_inputs_are_unit_norm_after_a_causal_width_4_conv(monkeypatch):
-    """Eq. 97 and §8.3: the memories' inputs x~, the queries q and (static ablation) the keys reach the op L2-normalised
-    per head, after a causal depthwise convolution of width 4 (whose output at t depends on inputs t-3 .. t only);
-    generated keys are normalised inside the op (tests/kernels/test_self_modifying_paper.py's loop does the same)."""
+    """arXiv Eq. 97 and §8.3: the memories' inputs x~, the queries q and (static ablation) the keys reach the op
+    L2-normalised per head, after a causal depthwise convolution of width 4 (whose output at t depends on inputs
+    t-3 .. t only); generated keys are normalised inside the op (tests/kernels/test_self_modifying_paper.py's loop
+    does the same)."""
     seen = []
     real = hope_module.self_modifying_titans
 

@@ -43,9 +43,9 @@ def test_levels_are_logged_with_their_chunks_scopes_and_update_counts(family_run
 
 @needs_corpus
 def test_level_stacking_from_a_trained_transformer_reproduces_it_then_trains(trained_run, tmp_path):
-    """Ad-hoc level stacking (§7.3): a Hope-Attention with one CMS level as wide as a trained Transformer++'s MLP,
-    stacked from its checkpoint, computes the same logits; with two levels (one in-context) both start from that MLP;
-    `model.stack_from` starts a training run from it, and a missing checkpoint is refused with exit code 2."""
+    """Ad-hoc level stacking (arXiv §7.3): a Hope-Attention with one CMS level as wide as a trained Transformer++'s
+    MLP, stacked from its checkpoint, computes the same logits; with two levels (one in-context) both start from that
+    MLP; `model.stack_from` starts a training run from it, and a missing checkpoint is refused with exit code 2."""
     import torch
 
     from nlplatform.checkpoint import load_checkpoint
