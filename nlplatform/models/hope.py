@@ -45,7 +45,7 @@ from nlplatform.layers import Attention, GatedRMSNorm, GrowingKVCache, RMSNorm, 
 from nlplatform.layers.cms import CMS, CMS_VARIANTS, FastState
 from nlplatform.levels import Level
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
-from nlplatform.validate import positive
+from nlplatform.validate import one_of, positive
 
 VARIANTS = ("hope", "attention")
 
@@ -98,8 +98,7 @@ class HopeConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        one_of("model", "variant", self.variant, VARIANTS)
         positive(
             "model",
             n_heads=self.n_heads,
@@ -135,8 +134,7 @@ class HopeConfig(DecoderConfig):
                 f"model.memory_chunk_size ({self.memory_chunk_size}) and model.projection_chunk_size "
                 f"({self.projection_chunk_size}) must divide one another"
             )
-        if self.cms_variant not in CMS_VARIANTS:
-            raise ConfigError(f"model.cms_variant must be one of {', '.join(CMS_VARIANTS)}, got {self.cms_variant!r}")
+        one_of("model", "cms_variant", self.cms_variant, CMS_VARIANTS)
         chunks = list(self.cms_chunk_sizes)
         if any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chunks):
             raise ConfigError(f"model.cms_chunk_sizes must be positive token counts, got {chunks}")

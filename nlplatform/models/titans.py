@@ -49,7 +49,7 @@ from nlplatform.errors import ConfigError
 from nlplatform.layers import Attention, GatedRMSNorm, KVCache, RMSNorm, ShortConv
 from nlplatform.levels import Level
 from nlplatform.models.base import DecoderConfig, DecoderLM, ModelSpec, check_kernel_backend
-from nlplatform.validate import positive
+from nlplatform.validate import one_of, positive
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 
@@ -77,8 +77,7 @@ class TitansConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        one_of("model", "variant", self.variant, VARIANTS)
         positive(
             "model",
             n_heads=self.n_heads,

